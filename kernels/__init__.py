@@ -1,0 +1,1 @@
+"""Kernels: `reference` (plain torch, the numerical definition of every op) and accelerated variants."""

@@ -1,0 +1,47 @@
+"""Ops built from PyTorch's own fused kernels (SDPA, grouped GEMM, fused RMSNorm): fast on any device.
+
+Each function keeps the signature and numerics of its namesake in mixtral.kernels.reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from mixtral.kernels import reference
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """SDPA (flash / memory-efficient / CPU fused) with grouped KV heads handled inside the kernel."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@functools.cache
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs here for this dtype (absent on the CPU before 2.10; bf16-only on older GPUs)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(4, 16, device=device_type, dtype=dtype)
+        w = torch.ones(2, 16, 16, device=device_type, dtype=dtype)
+        offs = torch.tensor([2, 4], device=device_type, dtype=torch.int32)
+        torch._grouped_mm(x, w, offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """One grouped GEMM over contiguous row segments; falls back to a loop of mm where unsupported."""
+    if grouped_mm_supported(x.device.type, x.dtype):
+        return torch._grouped_mm(x, w, offs=offs)
+    return reference.grouped_mm(x, w, offs)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fused RMSNorm in fp32, cast back before the weight as transformers does."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)

@@ -1,0 +1,81 @@
+"""Plain-torch reference of every backend op: the definition all backends are checked against.
+
+Shapes follow one convention everywhere: attention tensors are [batch, heads, seq, head_dim];
+token tensors for the experts are flat [tokens, hidden].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention with grouped KV heads.
+
+    q [B, Hq, S, D]; k, v [B, Hkv, T, D] with Hq a multiple of Hkv; mask: bool, True where a query
+    may attend, broadcastable to [B, Hq, S, T]; causal=True only when S == T (aligned at 0).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        s, t = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(s, t, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Row-segment g of x (rows offs[g-1]:offs[g]) times w[g]. x [N, K], w [G, K, M], offs [G] int32."""
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end] @ w[g]
+        start = end
+    return out
+
+
+def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort token-expert pairs by expert (stable, so token order is kept within an expert).
+
+    x [T, H], expert_ids [T, k] -> (rows [T*k, H] grouped by expert, order [T*k] indices into the
+    flattened pairs, counts [E] int64 tokens per expert).
+    """
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return x[order // expert_ids.shape[1]], order, counts
+
+
+def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Inverse of permute, summing each token's k expert outputs weighted by weights [T, k] (fp32 sum)."""
+    tokens, k = weights.shape
+    unsorted = torch.empty_like(rows).index_copy_(0, order, rows)
+    combined = (unsorted.view(tokens, k, -1).float() * weights.float().unsqueeze(-1)).sum(dim=1)
+    return combined.to(rows.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back before the weight, as transformers does."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half layout (HF checkpoints). x [B, H, S, D]; cos, sin [S, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, where gate is the first half of the last dimension and up the second."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

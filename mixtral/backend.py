@@ -1,0 +1,185 @@
+"""The backend contract: pluggy hookspecs, the Backend object, its op table and the registry.
+
+Backends register once through the `mixtral` entry-point group; the model copies the chosen
+functions out of `Backend.ops` when it is built, so no plugin dispatch happens per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pluggy
+import torch
+
+from mixtral.errors import MixtralError
+
+hookspec = pluggy.HookspecMarker("mixtral")
+hookimpl = pluggy.HookimplMarker("mixtral")
+
+AUTO_ORDER = ("cuda", "xla", "hpu", "npu", "cpu")
+DISPATCHERS = ("dropless", "capacity", "capacity_bins")
+
+
+class Hookspecs:
+    @hookspec
+    def mixtral_register_backends(self, register: Callable[["Backend"], None]) -> None:
+        """Call register(backend) once for each backend this plugin provides."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    dynamic_shapes: bool = True
+    spmd: bool = False
+    preferred_dispatcher: str = "dropless"
+    fused_ops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op table; each field has the signature of its namesake in mixtral.kernels.reference."""
+
+    attention: Callable[..., torch.Tensor]
+    grouped_mm: Callable[..., torch.Tensor]
+    permute: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    unpermute: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]
+    rope: Callable[..., torch.Tensor]
+    swiglu: Callable[..., torch.Tensor]
+
+    @classmethod
+    def reference(cls, **overrides: Callable[..., Any]) -> "Ops":
+        """The reference table, with some ops replaced by faster or vendor versions."""
+        from mixtral.kernels import reference
+
+        table = {name: getattr(reference, name) for name in cls.__dataclass_fields__}
+        table.update(overrides)
+        return cls(**table)
+
+
+@dataclass
+class Backend:
+    """A device family: what it is, whether it is usable here, and its op table.
+
+    Subclasses override `probe` (availability) and `build_ops` (imports vendor libraries lazily).
+    """
+
+    name: str
+    device_type: str
+    dist_backend: str
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    install_hint: str = ""
+
+    def probe(self) -> Availability:
+        return Availability(True)
+
+    def build_ops(self) -> Ops:
+        return Ops.reference()
+
+    @functools.cached_property
+    def availability(self) -> Availability:
+        try:
+            return self.probe()
+        except Exception as exc:  # a broken vendor install is "unavailable", never a crash
+            return Availability(False, f"probe failed: {type(exc).__name__}: {exc}")
+
+    @functools.cached_property
+    def ops(self) -> Ops:
+        return self.build_ops()
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing, benchmarks)."""
+
+    def mark_step(self) -> None:
+        """End of a step for lazy-graph backends (XLA, Gaudi lazy mode); a no-op for eager ones."""
+
+    def memory_stats(self) -> dict[str, int]:
+        return {}
+
+
+def module_available(module: str, hint: str) -> Availability:
+    """Availability from an import probe: the reason names the missing package and how to install it."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return Availability(False, f"python package '{module}' is not importable ({exc}); {hint}")
+    return Availability(True)
+
+
+class Registry:
+    """Every registered backend, loaded from entry points once."""
+
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager("mixtral")
+        self.manager.add_hookspecs(Hookspecs)
+        self._backends: dict[str, Backend] | None = None
+
+    def load_entry_points(self) -> None:
+        self.manager.load_setuptools_entrypoints("mixtral")
+
+    def register_plugin(self, plugin: object) -> None:
+        """Register an in-process plugin (a module or object with hookimpls)."""
+        self.manager.register(plugin)
+        self._backends = None
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        if self._backends is None:
+            found: dict[str, Backend] = {}
+
+            def register(backend: Backend) -> None:
+                if backend.name in found:
+                    raise MixtralError(f"two plugins register a backend named '{backend.name}'")
+                found[backend.name] = backend
+
+            self.manager.hook.mixtral_register_backends(register=register)
+            self._backends = found
+        return self._backends
+
+    def get(self, name: str = "auto") -> Backend:
+        """The named backend, or the first available one in AUTO_ORDER; unusable ones fail with their reason."""
+        backends = self.backends
+        if name == "auto":
+            for candidate in [*AUTO_ORDER, *sorted(set(backends) - set(AUTO_ORDER))]:
+                if candidate in backends and backends[candidate].availability.ok:
+                    return backends[candidate]
+            raise MixtralError("no backend is available; run `mixtral-run backends` to see why")
+        if name not in backends:
+            raise MixtralError(f"unknown backend '{name}'; registered backends: {', '.join(sorted(backends))}")
+        backend = backends[name]
+        if not backend.availability.ok:
+            raise MixtralError(f"backend '{name}' is not available here: {backend.availability.reason}")
+        return backend
+
+
+@functools.cache
+def registry() -> Registry:
+    reg = Registry()
+    reg.load_entry_points()
+    return reg
+
+
+def get_backend(name: str = "auto") -> Backend:
+    return registry().get(name)
+
+
+def add_backend_argument(parser) -> None:
+    """The --backend flag every command takes."""
+    parser.add_argument("--backend", default="auto",
+                        help="backend name (see `mixtral-run backends`) or 'auto' (first available of "
+                             + ", ".join(AUTO_ORDER) + ")")
+
+
+def all_backends() -> Iterable[Backend]:
+    return registry().backends.values()

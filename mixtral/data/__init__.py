@@ -1,0 +1,1 @@
+"""Data: Mixtral's tokenizer, Megatron-compatible indexed datasets, preprocessing and the training loader."""

@@ -1,0 +1,52 @@
+"""Grouped-query attention with rotary embeddings, an optional sliding window and a KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixtral.backend import Ops
+from mixtral.config import ModelConfig
+from mixtral.model.kv_cache import KVCache
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.attend, self.rope = ops.attention, ops.rope
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)
+        out = self.attend(q, k, v, mask=mask, causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def attention_mask(start: int, seq: int, kv_len: int, window: int | None,
+                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(mask, causal) for queries at start..start+seq over keys 0..kv_len: the cheapest exact form."""
+    if window is None or kv_len <= window:
+        if start == 0 and seq == kv_len:
+            return None, True
+        if seq == 1:
+            return None, False
+    q_pos = torch.arange(start, start + seq, device=device).unsqueeze(1)
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed, False

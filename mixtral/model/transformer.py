@@ -1,0 +1,134 @@
+"""The Mixtral decoder: embedding, blocks of (RMSNorm, attention, RMSNorm, MoE), final norm, lm head.
+
+Parameter names follow transformers' MixtralForCausalLM (without the `model.` prefix), so the
+HF mapping is a rename. The ops come from a backend, resolved once here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixtral.backend import Backend, Ops
+from mixtral.config import ModelConfig
+from mixtral.model.attention import Attention, attention_mask
+from mixtral.model.kv_cache import KVCache
+from mixtral.model.moe import MoE, load_balancing_loss, router_z_loss
+from mixtral.model.rope import rope_tables
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None          # ce + aux coefficient * aux (+ z coefficient * z)
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    tokens_per_expert: torch.Tensor | None = None  # [layers, experts] int64, for load metrics
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.norm = eps, ops.rms_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.weight, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.self_attn = Attention(config, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.mlp = MoE(config, ops)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                mask: torch.Tensor | None, causal: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, causal)
+        moe_out, routing, counts = self.mlp(self.post_attention_layernorm(x))
+        return x + moe_out, routing.logits, counts
+
+
+class Mixtral(nn.Module):
+    def __init__(self, config: ModelConfig, backend: Backend | Ops | None = None,
+                 z_loss_coef: float = 0.0) -> None:
+        super().__init__()
+        ops = backend if isinstance(backend, Ops) else (backend.ops if backend else Ops.reference())
+        self.config, self.z_loss_coef = config, z_loss_coef
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh training init: normal(0, std) matrices, unit norms (transformers' initializer_range)."""
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
+                     device: torch.device | None = None) -> None:
+        """Allocate a static KV cache in every layer for generation up to max_len positions."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
+        c = self.config
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start: int = 0,
+                last_only: bool = False) -> ModelOutput:
+        """tokens [B, S] at positions start..start+S; targets [B, S] (IGNORE_INDEX skipped) give the losses.
+
+        last_only computes logits for the final position only (generation prefill).
+        """
+        seq = tokens.shape[1]
+        has_cache = self.layers[0].self_attn.kv_cache is not None
+        kv_len = start + seq if has_cache else seq
+        if start + seq > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        mask, causal = attention_mask(start if has_cache else 0, seq, kv_len, self.config.sliding_window, tokens.device)
+        x = self.embed_tokens(tokens)
+        cos = self.rope_cos[start:start + seq].to(x.dtype)
+        sin = self.rope_sin[start:start + seq].to(x.dtype)
+        router_logits, counts = [], []
+        for layer in self.layers:
+            x, logits, layer_counts = layer(x, cos, sin, start, mask, causal)
+            router_logits.append(logits)
+            counts.append(layer_counts)
+        x = self.norm(x[:, -1:] if last_only else x)
+        out = ModelOutput(logits=F.linear(x, self.output_weight()), tokens_per_expert=torch.stack(counts))
+        if targets is not None:
+            self._losses(out, targets, router_logits)
+        return out
+
+    def _losses(self, out: ModelOutput, targets: torch.Tensor, router_logits: list[torch.Tensor]) -> None:
+        c = self.config
+        out.ce_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
+                                      ignore_index=IGNORE_INDEX)
+        out.aux_loss = load_balancing_loss(router_logits, c.num_local_experts, c.num_experts_per_tok)
+        out.loss = out.ce_loss + c.router_aux_loss_coef * out.aux_loss
+        if self.z_loss_coef:
+            out.z_loss = router_z_loss(router_logits)
+            out.loss = out.loss + self.z_loss_coef * out.z_loss
