@@ -146,6 +146,21 @@ class ModelConfig:
 REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_local_experts", "num_experts_per_tok")
 
+@dataclass(frozen=True)
+class MoEConfig:
+    """How tokens reach experts, and the router's losses: the recipe's `moe` section, field for field."""
+
+    dispatcher: str = "dropless"           # dropless | capacity | capacity_bins
+    aux_loss_coeff: float | None = None    # None: the model config's router_aux_loss_coef
+    z_loss_coeff: float = 0.0
+
+    def __post_init__(self) -> None:
+        from mixtral.backend import DISPATCHERS
+
+        if self.dispatcher not in DISPATCHERS:
+            raise MixtralError(f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}")
+
+
 # Public numbers of mistralai/Mixtral-8x7B-v0.1 and Mixtral-8x22B-v0.1 config.json.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=384, num_hidden_layers=4,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.backend import Backend, Ops
-from mixtral.config import ModelConfig
+from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.kv_cache import KVCache
 from mixtral.model.moe import MoE, load_balancing_loss, router_z_loss
@@ -59,10 +59,11 @@ class Block(nn.Module):
 
 class Mixtral(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend | Ops | None = None,
-                 z_loss_coef: float = 0.0) -> None:
+                 moe: MoEConfig | None = None) -> None:
         super().__init__()
         ops = backend if isinstance(backend, Ops) else (backend.ops if backend else Ops.reference())
-        self.config, self.z_loss_coef = config, z_loss_coef
+        self.config, self.moe = config, moe or MoEConfig()
+        self.aux_loss_coeff = config.router_aux_loss_coef if self.moe.aux_loss_coeff is None else self.moe.aux_loss_coeff
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, ops) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
@@ -128,7 +129,7 @@ class Mixtral(nn.Module):
         out.ce_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
                                       ignore_index=IGNORE_INDEX)
         out.aux_loss = load_balancing_loss(router_logits, c.num_local_experts, c.num_experts_per_tok)
-        out.loss = out.ce_loss + c.router_aux_loss_coef * out.aux_loss
-        if self.z_loss_coef:
+        out.loss = out.ce_loss + self.aux_loss_coeff * out.aux_loss
+        if self.moe.z_loss_coeff:
             out.z_loss = router_z_loss(router_logits)
-            out.loss = out.loss + self.z_loss_coef * out.z_loss
+            out.loss = out.loss + self.moe.z_loss_coeff * out.z_loss
