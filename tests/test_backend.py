@@ -1,0 +1,139 @@
+"""The backend contract: registration through pluggy, auto selection, honest availability, op resolution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mixtral.backend import AUTO_ORDER, Availability, Backend, Ops, Registry, get_backend, hookimpl, registry
+from mixtral.errors import MixtralError
+from mixtral.kernels import reference
+from mixtral.model import Mixtral
+from tests.conftest import small_config
+
+
+def test_builtin_backends_register_through_entry_points() -> None:
+    names = set(registry().backends)
+    assert {"cpu", "cuda", "hpu", "npu", "xla"} <= names
+    cpu = registry().backends["cpu"]
+    assert (cpu.device_type, cpu.dist_backend, cpu.availability.ok) == ("cpu", "gloo", True)
+
+
+def test_unavailable_backends_say_why() -> None:
+    for name in ("hpu", "npu", "xla"):
+        backend = registry().backends[name]
+        if backend.availability.ok:
+            continue  # a machine that really has the hardware
+        assert "not importable" in backend.availability.reason and "install" in backend.availability.reason
+        with pytest.raises(MixtralError, match=f"backend '{name}' is not available here"):
+            get_backend(name)
+
+
+def test_auto_picks_first_available_in_order() -> None:
+    first = next(n for n in AUTO_ORDER if registry().backends[n].availability.ok)
+    assert get_backend("auto").name == first
+
+
+def test_unknown_backend_lists_the_registered_ones() -> None:
+    with pytest.raises(MixtralError, match="unknown backend 'nope'; registered backends: .*cpu"):
+        get_backend("nope")
+
+
+def test_broken_probe_is_unavailable_not_a_crash() -> None:
+    class Broken(Backend):
+        def probe(self) -> Availability:
+            raise OSError("driver exploded")
+
+    b = Broken(name="broken", device_type="cpu", dist_backend="gloo")
+    assert not b.availability.ok and "driver exploded" in b.availability.reason
+
+
+class CountingPlugin:
+    """A third-party plugin whose backend counts calls to its ops, proving the model runs through them."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def counted(self, name: str):
+        def op(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return getattr(reference, name)(*args, **kwargs)
+        return op
+
+    @hookimpl
+    def mixtral_register_backends(self, register) -> None:
+        plugin = self
+
+        class Counting(Backend):
+            def build_ops(self) -> Ops:
+                return Ops(**{name: plugin.counted(name) for name in Ops.__dataclass_fields__})
+
+        register(Counting(name="counting", device_type="cpu", dist_backend="gloo"))
+
+
+def test_in_process_plugin_runs_the_model_through_its_ops() -> None:
+    reg = Registry()
+    reg.load_entry_points()
+    plugin = CountingPlugin()
+    reg.register_plugin(plugin)
+    backend = reg.get("counting")
+    config = small_config()
+    model = Mixtral(config, backend).eval()
+    model.init_weights()
+    expected = Mixtral(config).eval()
+    expected.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, config.vocab_size, (2, 7))
+    torch.testing.assert_close(model(tokens).logits, expected(tokens).logits, rtol=1e-5, atol=1e-6)
+    layers = config.num_hidden_layers
+    assert plugin.calls["attention"] == layers and plugin.calls["grouped_mm"] == 2 * layers
+    assert plugin.calls["rms_norm"] == 2 * layers + 1 and plugin.calls["rope"] == 2 * layers
+    assert plugin.calls["permute"] == plugin.calls["unpermute"] == plugin.calls["swiglu"] == layers
+
+
+def test_duplicate_backend_names_are_rejected() -> None:
+    reg = Registry()
+    reg.load_entry_points()
+
+    class Dup:
+        @hookimpl
+        def mixtral_register_backends(self, register) -> None:
+            register(Backend(name="cpu", device_type="cpu", dist_backend="gloo"))
+
+    reg.register_plugin(Dup())
+    with pytest.raises(MixtralError, match="two plugins register a backend named 'cpu'"):
+        reg.backends
+
+
+def test_installed_third_party_package_registers_through_entry_points(tmp_path) -> None:
+    """A separate distribution installed on sys.path registers via the `mixtral` entry-point group."""
+    pkg = tmp_path / "site"
+    (pkg / "mixtral_backend_demo").mkdir(parents=True)
+    (pkg / "mixtral_backend_demo" / "__init__.py").write_text(textwrap.dedent("""
+        from mixtral.backend import Backend, hookimpl
+
+        @hookimpl
+        def mixtral_register_backends(register):
+            register(Backend(name="demo", device_type="cpu", dist_backend="gloo"))
+    """))
+    dist = pkg / "mixtral_backend_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mixtral-backend-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mixtral]\ndemo = mixtral_backend_demo\n")
+    code = "from mixtral.backend import get_backend; print(get_backend('demo').name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(pkg), "PATH": "/usr/bin:/bin"}, check=True)
+    assert out.stdout.strip() == "demo"
+
+
+def test_backends_command_prints_the_table(capsys) -> None:
+    from mixtral.cli import main
+
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu   yes" in out and "--backend auto selects:" in out
+    assert main(["backends", "--backend", "nope"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
