@@ -35,9 +35,15 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     return True
 
 
+def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm runs for this dtype here and both operands' rows are 16-byte aligned (its rule)."""
+    aligned = (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[-1] * w.element_size()) % 16 == 0
+    return aligned and grouped_mm_supported(x.device.type, x.dtype)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """One grouped GEMM over contiguous row segments; falls back to a loop of mm where unsupported."""
-    if grouped_mm_supported(x.device.type, x.dtype):
+    """One grouped GEMM over contiguous row segments; falls back to a loop of mm where it cannot run."""
+    if grouped_mm_runs(x, w):
         return torch._grouped_mm(x, w, offs=offs)
     return reference.grouped_mm(x, w, offs)
 
