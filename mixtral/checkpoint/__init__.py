@@ -1,0 +1,1 @@
+"""Checkpoints: HF safetensors directories in and out (hf), native sharded checkpoints."""

@@ -1,0 +1,225 @@
+"""HF Mixtral directories in and out: config.json plus safetensors (one file or shards with an index).
+
+Both tensor layouts load with no conversion step: the original per-expert names
+(`block_sparse_moe.experts.J.w1/w2/w3`) and the fused ones transformers 5 keeps in memory
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`). Saves use the original names, which every
+transformers version reads. Tensors are read one at a time, so loading holds one copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mixtral.backend import Backend, Ops, get_backend
+from mixtral.config import ModelConfig, MoEConfig
+from mixtral.errors import MixtralError
+from mixtral.model import Mixtral
+from mixtral.model.rope import rope_tables
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.model"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # a buffer some old exports saved; recomputed here
+
+Index = tuple  # an index into one of our parameters: () for all of it, (j, slice) for a piece
+
+
+def hf_layout(name: str, shape: torch.Size) -> list[tuple[str, Index]]:
+    """The original HF tensors that make up our parameter `name`, each with its index into it."""
+    prefix = "" if name == "lm_head.weight" else "model."
+    base = prefix + name.replace(".mlp.", ".block_sparse_moe.")
+    if name.endswith(".experts.gate_up_proj"):
+        base, ffn = base.removesuffix("gate_up_proj"), shape[1] // 2
+        layout = []
+        for j in range(shape[0]):  # gate_up_proj[j] = [w1; w3]
+            layout += [(f"{base}{j}.w1.weight", (j, slice(0, ffn))), (f"{base}{j}.w3.weight", (j, slice(ffn, None)))]
+        return layout
+    if name.endswith(".experts.down_proj"):
+        base = base.removesuffix("down_proj")
+        return [(f"{base}{j}.w2.weight", (j,)) for j in range(shape[0])]
+    return [(base, ())]
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Our parameter names and shapes for this config, from a model built on the meta device."""
+    with torch.device("meta"):
+        model = Mixtral(config)
+    return {name: param.shape for name, param in model.named_parameters()}
+
+
+def model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise MixtralError(f"{path}: model directory not found; pass a directory holding an HF Mixtral "
+                           f"checkpoint ({CONFIG} and *.safetensors)")
+    return path
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF Mixtral directory, from its config.json."""
+    return ModelConfig.from_json(model_dir(path) / CONFIG)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a directory: the shards its index names, or model.safetensors."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise MixtralError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc}); "
+                               f"download or save the checkpoint again") from None
+        for name in files:
+            if not (path / name).is_file():
+                raise MixtralError(f"{index}: shard '{name}' is missing from {path}; download it again "
+                                   f"(every shard the index lists is needed)")
+        return [path / name for name in files]
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    raise MixtralError(f"{path}: neither {SINGLE} nor {INDEX} is here; an HF Mixtral directory needs its "
+                       f"safetensors weights (pickled .bin weights are never read)")
+
+
+def load_hf_state_dict(path: str | Path, config: ModelConfig, dtype: torch.dtype | None = None,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Our parameters from an HF directory, shape-checked against config; dtype None keeps the file's."""
+    path = model_dir(path)
+    shapes = parameter_shapes(config)
+    pieces = {hf: (name, index) for name, shape in shapes.items() for hf, index in hf_layout(name, shape)}
+    state: dict[str, torch.Tensor] = {}
+    found: set[str] = set()
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    if key in pieces:
+                        name, index = pieces[key]
+                        covers = [key]
+                    elif key.removeprefix("model.") in shapes:  # transformers 5's fused in-memory names
+                        name, index = key.removeprefix("model."), ()
+                        covers = [hf for hf, _ in hf_layout(name, shapes[name])]
+                    elif key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    else:
+                        raise MixtralError(f"{file}: unexpected tensor '{key}'; the weights do not match "
+                                           f"{CONFIG} (another layer or expert count?): use the matching config")
+                    expected = torch.empty(shapes[name], device="meta")[index].shape
+                    got = torch.Size(f.get_slice(key).get_shape())
+                    if got != expected:
+                        raise MixtralError(f"{file}: tensor '{key}' has shape {list(got)} but {CONFIG} implies "
+                                           f"{list(expected)}; the weights do not match the config: use the "
+                                           f"config.json saved with these weights")
+                    tensor = f.get_tensor(key)
+                    if name not in state:
+                        state[name] = torch.empty(shapes[name], dtype=dtype or tensor.dtype, device=device)
+                    state[name][index].copy_(tensor)
+                    found.update(covers)
+        except SafetensorError as exc:
+            raise MixtralError(f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
+                               f"download or save it again") from None
+    missing = [hf for hf in pieces if hf not in found]
+    if missing:
+        raise MixtralError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
+                           f"checkpoint is incomplete or saved for another config: download or save it again")
+    return state
+
+
+def load_hf_model(path: str | Path, backend: Backend | Ops | str | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  moe: MoEConfig | None = None) -> Mixtral:
+    """A ready Mixtral (eval mode) from an HF directory; built on the meta device, so weights exist once."""
+    config = read_hf_config(path)
+    state = load_hf_state_dict(path, config, dtype=dtype, device=device)
+    with torch.device("meta"):
+        model = Mixtral(config, get_backend(backend) if isinstance(backend, str) else backend, moe)
+    model.load_state_dict(state, strict=False, assign=True)  # every parameter (checked); buffers below
+    model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_position_embeddings,
+                                                 config.rope_theta, device=torch.device(device))
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:  # routing state (capacity bins, expert bias): starts at zero, not in HF files
+                setattr(module, name, torch.zeros_like(buffer, device=device))
+    return model.eval()
+
+
+def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Consecutive groups of tensor indices, each under max_bytes (a larger tensor gets its own shard)."""
+    shards: list[list[int]] = [[]]
+    total = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and total + size > max_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(i)
+        total += size
+    return shards
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """A temporary sibling of path to fill; on success it replaces path, on failure path is untouched."""
+    if path.exists() and not path.is_dir():
+        raise MixtralError(f"{path}: exists and is not a directory; choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = tmp.with_name(tmp.name + ".old")
+        if path.exists():
+            path.rename(old)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            if old.exists():
+                old.rename(path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_hf(model: Mixtral, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
+            dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None) -> None:
+    """Write an HF directory (original tensor names, shards + index when large, config.json) atomically."""
+    path = Path(path)
+    dtype = dtype or model.output_weight().dtype
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise MixtralError(f"{tokenizer_path}: tokenizer file not found; pass the model's tokenizer.model")
+    state = {name: p.detach() for name, p in model.named_parameters()}  # weights only: no routing state
+    layout = [(hf, name, index) for name, tensor in state.items() for hf, index in hf_layout(name, tensor.shape)]
+    sizes = [math.prod(state[name][index].shape) * dtype.itemsize for _, name, index in layout]
+    shards = plan_shards(sizes, max_shard_bytes)
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(len(shards))]
+    with atomic_directory(path) as tmp:
+        weight_map = {}
+        for file, shard in zip(names, shards):
+            tensors = {}
+            for i in shard:
+                hf, name, index = layout[i]
+                tensors[hf] = state[name][index].to(device="cpu", dtype=dtype, copy=True)
+                weight_map[hf] = file
+            save_file(tensors, tmp / file, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        config = model.config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)

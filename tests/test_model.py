@@ -1,0 +1,120 @@
+"""Model-level behaviour: forced routing (zero-token experts, all tokens on one), CPU ops vs reference, KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import small_config
+
+from mixtral.backend import Ops, get_backend
+from mixtral.config import ModelConfig
+from mixtral.model import IGNORE_INDEX, Mixtral
+
+OPS = {"reference": Ops.reference, "cpu": lambda: get_backend("cpu").ops}
+
+
+def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def random_model(config: ModelConfig, ops: Ops) -> Mixtral:
+    model = Mixtral(config, ops).eval()
+    model.init_weights(std=0.15)
+    return model
+
+
+@torch.no_grad()
+def force_routing(model: Mixtral, scores: list[float]) -> None:
+    """Every token of every layer ranks the experts by `scores`.
+
+    Hidden feature 0 is a positive constant for all tokens (set in the embedding; attention and the
+    experts never write it), and each router reads only that feature, scaled by the scores.
+    """
+    model.embed_tokens.weight[:, 0] = 3.0
+    for layer in model.layers:
+        layer.self_attn.o_proj.weight[0] = 0.0
+        layer.mlp.experts.down_proj[:, 0] = 0.0
+        layer.post_attention_layernorm.weight[0] = 1.0
+        layer.mlp.gate.weight.zero_()
+        layer.mlp.gate.weight[:, 0] = torch.tensor(scores)
+
+
+def dense_moe(mlp, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Every expert on every token, weighted by the renormalised top-k probabilities: the plain definition."""
+    probs = torch.softmax(mlp.gate(x).float(), dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(probs.shape[-1]):
+        gate, up = (x @ mlp.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ mlp.experts.down_proj[e].T
+        out += y * (weights * (ids == e)).sum(-1, keepdim=True)
+    return out
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_forced_routing_zero_token_experts_and_one_expert_taking_all(ops, top_k):
+    config = small_config(num_local_experts=6, num_experts_per_tok=top_k)
+    model = random_model(config, OPS[ops]())
+    force_routing(model, [2.0, 1.0, -1.0, -1.5, -2.0, -2.5])  # experts 0 (and 1) take every token
+    batch, seq = 2, 9
+    tokens = torch.randint(0, config.vocab_size, (batch, seq))
+    targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), IGNORE_INDEX)], dim=1)
+    out = model(tokens, targets)
+
+    expected = torch.tensor([batch * seq] * top_k + [0] * (6 - top_k))
+    assert torch.equal(out.tokens_per_expert, expected.expand(config.num_hidden_layers, -1))
+    out.loss.backward()
+    for layer in model.layers:
+        grads = layer.mlp.experts.gate_up_proj.grad, layer.mlp.experts.down_proj.grad
+        for grad in grads:
+            assert torch.isfinite(grad).all()
+            assert (grad[top_k:] == 0).all() and (grad[:top_k].abs().sum((1, 2)) > 0).all()
+
+    x = torch.randn(batch * seq, config.hidden_size)
+    x[:, 0] = x[:, 0].abs() + 0.5
+    mlp = model.layers[0].mlp
+    with torch.no_grad():
+        assert rel(mlp(x.view(batch, seq, -1))[0].view_as(x), dense_moe(mlp, x, top_k)) <= 1e-5
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_tokens_per_expert_sum_to_tokens_times_k(top_k):
+    config = small_config(num_local_experts=5, num_experts_per_tok=top_k, num_hidden_layers=3)
+    model = random_model(config, get_backend("cpu").ops)
+    tokens = torch.randint(0, config.vocab_size, (3, 7))
+    counts = model(tokens).tokens_per_expert
+    assert counts.shape == (3, 5)
+    assert torch.equal(counts.sum(-1), torch.full((3,), 3 * 7 * top_k))
+
+
+@pytest.mark.parametrize("sizes", [dict(), dict(hidden_size=44, intermediate_size=38, head_dim=14)],
+                         ids=["aligned", "odd"])
+def test_cpu_ops_match_reference(sizes):
+    config = small_config(**sizes)
+    reference = random_model(config, Ops.reference())
+    cpu = Mixtral(config, get_backend("cpu")).eval()
+    cpu.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, config.vocab_size, (2, 11))
+    targets = torch.cat([tokens[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    ours, ref = cpu(tokens, targets), reference(tokens, targets)
+    assert rel(ours.logits, ref.logits) <= 1e-5
+    assert abs(ours.loss.item() - ref.loss.item()) <= 1e-5
+    assert torch.equal(ours.tokens_per_expert, ref.tokens_per_expert)
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("window", [None, 4])
+def test_kv_cache_decoding_matches_full_forward(ops, window):
+    config = small_config(sliding_window=window)
+    model = random_model(config, OPS[ops]())
+    tokens = torch.randint(0, config.vocab_size, (2, 14))
+    with torch.no_grad():
+        full = model(tokens).logits
+        model.setup_caches(batch=2, max_len=32)
+        steps = [model(tokens[:, :6]).logits]  # prefill longer than the window
+        steps += [model(tokens[:, t:t + 1], start=t).logits for t in range(6, 14)]
+        model.clear_caches()
+    assert rel(torch.cat(steps, dim=1), full) <= 1e-5
