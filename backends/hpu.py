@@ -1,8 +1,75 @@
-"""The Intel Gaudi backend (habana_frameworks): imported lazily, HCCL collectives, capacity bins by default."""
+"""The Intel Gaudi backend (habana_frameworks): fused SDPA / RMSNorm / RoPE, lazy mode or torch.compile, HCCL.
+
+The adapters below translate our op contract (mixtral.kernels.reference) into Habana's fused kernels. They
+take the vendor kernel as their first argument, so tests run them on the CPU against tests/vendor_sim.py.
+Sources: habana_frameworks.torch.hpex.kernels (FusedSDPA.py, RotaryPosEmbeddingHelper.py) and
+hpex.normalization (FusedRMSNorm.py) as published in HabanaAI/gaudi-pytorch-bridge, and
+https://docs.habana.ai/en/latest/PyTorch/Python_Packages.html (hpex kernels), Runtime_Flags.html (PT_HPU_LAZY_MODE).
+Grouped GEMM, permute / unpermute and SwiGLU stay the reference ops: the default capacity-bins dispatcher
+runs the experts as a static-shape batched matmul, which the graph compiler fuses on its own.
+"""
 
 from __future__ import annotations
 
-from mixtral.backend import Availability, Backend, Capabilities, hookimpl, module_available
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
+
+COMPILE_BACKEND = "hpu_backend"  # torch.compile backend registered by habana_frameworks
+
+
+def attention(fused_sdpa: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None, *,
+              softmax_mode: str = "None", recompute: bool | None = True) -> torch.Tensor:
+    """FusedSDPA.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, softmax_mode, recompute_mode).
+
+    Same layout [B, H, S, D] and bool-mask polarity (True = attend) as torch SDPA; GQA is handled inside the
+    kernel. The mask is made 4-D and expanded over [S, T]; causal and a mask together become one mask.
+    softmax_mode "None" is the exact softmax ("fast" trades accuracy); recompute=True is the flash-style
+    variant that recomputes the probabilities in backward instead of storing them.
+    """
+    s, t = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        if causal:
+            mask = mask & torch.ones(s, t, dtype=torch.bool, device=q.device).tril()
+            causal = False
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(-1, -1, s, t)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return fused_sdpa(q, k, v, mask, 0.0, causal, scale, softmax_mode, recompute)
+
+
+def rms_norm(fused_rms_norm: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """FusedRMSNorm.apply(data_in, gamma, eps): normalises and scales by gamma in one kernel (fp32 inside)."""
+    return fused_rms_norm(x, weight.to(x.dtype), eps)
+
+
+def rope(rope_helper: Callable[..., torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
+         sin: torch.Tensor) -> torch.Tensor:
+    """RotaryPosEmbeddingHelperV1.apply(p, cos, sin, offset): BLOCKWISE mode is rotate-half.
+
+    cos / sin [S, D] become [1, 1, S, D] to match x [B, H, S, D], and x's dtype: the helper promotes
+    everything to fp32 when any input is fp32, which would change the output dtype.
+    """
+    return rope_helper(x, cos[None, None].to(x.dtype), sin[None, None].to(x.dtype), 0)
+
+
+def make_ops(fused_sdpa: Any, fused_rms_norm: Any, rope_helper: Any, recompute: bool | None = True) -> Ops:
+    """The HPU op table from the three Habana autograd Functions (real ones, or simulations in tests)."""
+    return Ops.reference(attention=functools.partial(attention, fused_sdpa.apply, recompute=recompute),
+                         rms_norm=functools.partial(rms_norm, fused_rms_norm.apply),
+                         rope=functools.partial(rope, rope_helper.apply))
+
+
+def lazy_mode() -> bool:
+    """PT_HPU_LAZY_MODE=1 selects the legacy lazy mode (graphs cut at mark_step); 0, the default, is eager + compile."""
+    return os.environ.get("PT_HPU_LAZY_MODE", "0") == "1"
 
 
 class HPUBackend(Backend):
@@ -16,9 +83,35 @@ class HPUBackend(Backend):
             return Availability(False, "habana_frameworks is installed but no Gaudi device is visible")
         return Availability(True)
 
+    def build_ops(self) -> Ops:
+        from habana_frameworks.torch.hpex.kernels import (
+            FusedSDPA,
+            RotaryPosEmbeddingHelperV1,
+        )
+        from habana_frameworks.torch.hpex.normalization import FusedRMSNorm
+
+        return make_ops(FusedSDPA, FusedRMSNorm, RotaryPosEmbeddingHelperV1)
+
+    def mark_step(self) -> None:
+        """In lazy mode, run the accumulated graph (after backward and after the optimizer step)."""
+        if lazy_mode():
+            import habana_frameworks.torch.core as htcore
+
+            htcore.mark_step()
+
+    def compile(self, module: nn.Module) -> nn.Module:
+        """The eager-mode alternative to lazy mode: torch.compile with Habana's graph backend."""
+        return torch.compile(module, backend=COMPILE_BACKEND)
+
+    def synchronize(self) -> None:
+        import habana_frameworks.torch.hpu as hthpu
+
+        hthpu.synchronize()
+
 
 @hookimpl
 def mixtral_register_backends(register) -> None:
     register(HPUBackend(name="hpu", device_type="hpu", dist_backend="hccl",
-                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins"),
+                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins",
+                                                  fused_ops=("FusedSDPA", "FusedRMSNorm", "RotaryPosEmbeddingHelperV1")),
                         install_hint="install Intel Gaudi's PyTorch stack (habana-torch-plugin) from the Intel Gaudi software release"))
