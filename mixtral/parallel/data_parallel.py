@@ -1,0 +1,60 @@
+"""Data parallelism: DDP-style `replicate` (ZeRO 0) or FSDP2 `fully_shard` as the distributed optimizer.
+
+The recipe's `parallel.zero` maps to FSDP2 as closely as FSDP2 allows (it always keeps parameters
+sharded between steps and gives the optimizer sharded state):
+  0  replicate (DDP): everything whole on every rank, gradients all-reduced (mean) every backward.
+  1  fully_shard(reshard_after_forward=False) and gradient sync only on the last micro-batch
+     (`microbatch_sync`): full gradients accumulate locally, one reduce-scatter per step (ZeRO-1).
+  2  fully_shard(reshard_after_forward=False): gradients reduce-scattered every micro-batch (ZeRO-2).
+  3  fully_shard(reshard_after_forward=True): parameters also re-gathered for backward (ZeRO-3).
+Each decoder block is its own FSDP unit, the root holds the embedding, final norm and lm head.
+
+Gradients are averaged over the data ranks, so each rank's loss must be the mean over its own
+micro-batch: the result equals one process averaging the same micro-batches' losses (gradient
+accumulation). Cross-entropy then equals the concatenated batch's token mean whenever every rank has
+the same number of counted targets; the load-balancing loss is per micro-batch (Megatron's default).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from mixtral.errors import MixtralError
+
+ZERO_LEVELS = (0, 1, 2, 3)
+
+
+def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, tp_enabled: bool = False) -> nn.Module:
+    """Wrap model for data parallelism over dp_mesh (1-D: dp, or dp and cp flattened) at a ZeRO level."""
+    if zero not in ZERO_LEVELS:
+        raise MixtralError(f"parallel.zero must be one of {ZERO_LEVELS}, got {zero!r}")
+    if zero == 0:
+        if tp_enabled:
+            raise MixtralError("parallel.zero=0 (DDP replicate) does not compose with tensor parallelism; "
+                               "set parallel.zero to 1, 2 or 3 (FSDP2) when parallel.tp > 1")
+        from torch.distributed._composable.replicate import replicate
+
+        return replicate(model, device_mesh=dp_mesh)
+    reshard = zero == 3
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+
+
+def microbatch_sync(model: nn.Module, zero: int, last: bool) -> None:
+    """Call before each micro-batch's backward: ZeRO-1 reduces gradients only on the last one."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(last or zero != 1)
+
+
+def mean_over(value: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The mean of a detached scalar (a loss for logging) over the ranks of a 1-D mesh."""
+    out = value.detach().clone()
+    if mesh.size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=mesh.get_group())
+        out /= mesh.size()
+    return out

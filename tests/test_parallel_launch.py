@@ -1,0 +1,64 @@
+"""Fail fast: when one rank raises or dies, every rank exits non-zero within 60 s, naming the failed rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from dist_utils import host_store, rank_env
+
+from mixtral.errors import MixtralError
+from mixtral.parallel import init_distributed
+
+WORKER = """
+import os, sys, torch, torch.distributed as dist
+from mixtral.parallel import fail_fast, init_distributed
+
+info = init_distributed("cpu", timeout_s=20)
+
+def main():
+    if info.rank == {bad}:
+        if {kill}:
+            os._exit(9)  # killed: no chance to report
+        raise RuntimeError("injected failure")
+    dist.all_reduce(torch.ones(1))  # the peers wait here for the failed rank
+
+sys.exit(fail_fast(main))
+"""
+
+
+def launch(world: int, bad: int, kill: bool = False) -> tuple[list[int], list[str], float]:
+    """Start world ranks running WORKER; returns exit codes, stderr texts and the seconds until all exited."""
+    store = host_store(world)
+    code = WORKER.format(bad=bad, kill=kill)
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **rank_env(r, world, store.port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    errs = [p.communicate(timeout=90)[1] for p in procs]
+    return [p.returncode for p in procs], errs, time.monotonic() - start
+
+
+@pytest.mark.parametrize("bad", [0, 1])  # rank 0 too: the store lives with the launcher, as under torchrun
+def test_a_raising_rank_stops_every_rank_naming_it(bad: int) -> None:
+    codes, errs, seconds = launch(2, bad)
+    assert all(c != 0 for c in codes), codes
+    assert seconds < 60
+    assert f"rank {bad} failed: rank {bad}: RuntimeError: injected failure" in errs[bad]
+    peer = 1 - bad
+    assert f"rank {peer}: stopping because rank {bad}: RuntimeError: injected failure" in errs[peer], errs[peer]
+
+
+def test_a_killed_rank_stops_every_rank() -> None:
+    """Nobody can publish for a killed rank: the peer reports its broken collective (torchrun names the dead one)."""
+    codes, errs, seconds = launch(2, 1, kill=True)
+    assert codes[1] == 9 and codes[0] != 0 and seconds < 60
+    assert "rank 0 failed: rank 0: RuntimeError: " in errs[0] and "by peer" in errs[0]  # closed or reset
+
+
+def test_missing_torchrun_environment_is_a_user_error(monkeypatch) -> None:
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(MixtralError, match="MASTER_PORT are not set; launch with `torchrun --nproc-per-node N"):
+        init_distributed("cpu")
