@@ -1,0 +1,533 @@
+"""Will a layout fit, and how fast will it run: memory per device, a step-time cost model, a layout search.
+
+Memory per device (bytes) is estimated for every pipeline stage and the busiest stage is reported.
+P_d, P_e: the stage's dense parameters (attention, norms, router, embedding on the first stage, lm head
+on the last) divided by tp, and its expert parameters divided by ep x etp. Dense ones are replicated over
+the dp x cp ranks, experts over edp = dp x cp x tp / (ep x etp) ranks: those are the groups ZeRO shards over.
+  training   bytes per parameter  weights / gradients / optimizer (AdamW m, v and, under bf16_master,
+             the fp32 master copy):  fp32 and bf16 (autocast over fp32 parameters) 4 / 4 / 8,
+             bf16_master 2 / 4 / 12 (Megatron --bf16: fp32 main grads and master weights).
+             zero >= 1 divides the optimizer row by the group size (the distributed optimizer), zero >= 2
+             also the gradients, zero 3 also the weights, plus a working set of two gathered layers'
+             weights and one layer's gradients.
+  inference  weights only, 4 bytes (fp32) or 2 (bf16), plus the KV cache:
+             2 (k, v) x layers per stage x max(1, kv heads / tp) x head_dim x seq_len x micro_batch x 2 bytes.
+Activations, a = 2 bytes (4 under fp32), per micro-batch, per layer, with T = micro_batch x seq_len / cp
+tokens per rank, t = T / tp under sequence parallelism (else T), t_moe = min(T, t x etp) tokens entering
+the rank's experts and r = top_k x t_moe x pad expert rows (pad: 1 dropless, the capacity factor, 1.5 for
+capacity bins, the typical bin above the balanced load):
+  attention  a x (2 h t + T (2 n_heads + 2 n_kv) head_dim / tp)    norm in/out; q, k, v, output (flash: no T^2)
+  moe        a x (2 h t + r (2 h + 3 F / etp)) + 8 t_moe E          norm in/out; expert in, gate_up, swiglu, out; router
+  input      a x h t                                                the residual stream kept by checkpointing
+  none: attention + moe per layer; full: input per layer plus one layer recomputed (attention + moe);
+  selective (every other block, as the trainer does): half the layers full, half input only, plus one layer;
+  moe (Gaudi --moe-layer-recompute): attention + input per layer plus one moe block recomputed.
+  Stage i of a 1F1B pipeline holds min(pp - i, micro-batches) micro-batches in flight; the last stage adds
+  the logits T x vocab / tp x (a + 4) (fp32 for the cross-entropy).
+A reserve of 8% of the device's memory stands for the runtime context, communication buffers and
+allocator slack.
+
+Step time (training) = compute + tp + cp + ep + pp + dp, nothing overlapped (an upper bound):
+  compute    FLOPs per device (ModelConfig.flops_per_token, expert FLOPs times pad, plus one more forward
+             for what checkpointing recomputes) / (peak x mfu)
+  tp         4 collectives (all-gather / reduce-scatter, forward and backward) per layer per micro-batch for
+             attention, 4 more for experts when etp > 1, each (tp - 1) / tp x T h a bytes
+  cp         ring attention: 3 passes (forward k, v; backward k, v and their gradients) of (cp - 1) x T x
+             2 n_kv head_dim x a bytes per layer per micro-batch
+  ep         4 all-to-alls per layer per micro-batch of top_k x t x h x a x pad x (ep - 1) / ep bytes
+             (allgather dispatcher: all-gather then reduce-scatter of (ep x etp - 1) x t x h x a bytes)
+  pp         bubble (compute + tp + cp + ep) x (pp - 1) / m (idle share (pp - 1) / (m + pp - 1) of the step)
+             plus 2 point-to-point activation sends per micro-batch
+  dp         per group of g ranks, (g - 1) / g of: zero 0 an all-reduce of the gradients (2x), zero 1 a
+             reduce-scatter of gradients and an all-gather of weights once per step, zero 2 the reduce-scatter
+             every micro-batch, zero 3 also two weight all-gathers per micro-batch
+A group's bandwidth is the device's intra-node figure when its ranks lie inside one link domain (ranks
+are laid out (pp, dp, cp, tp), tp innermost, experts (pp, edp, ep, etp)), else the inter-node figure.
+The device table below writes down each assumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mixtral.config import ModelConfig
+from mixtral.errors import MixtralError
+
+GiB = 2 ** 30
+RESERVE = 0.08            # share of device memory kept for the runtime, communication buffers, fragmentation
+BINS_PAD = 1.5            # capacity bins: expected expert-input padding (the bin above the balanced load)
+CHECKPOINTING = ("none", "selective", "moe", "full")
+MODES = ("train", "inference")
+EP_COMMS = ("all_to_all", "allgather")
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator as the estimates see it; figures are public datasheet numbers or stated assumptions."""
+
+    name: str
+    label: str
+    backend: str          # the mixtral backend that drives it
+    memory_gib: float     # HBM per device
+    peak_tflops: float    # dense bf16
+    mfu: float            # share of peak a tuned MoE run reaches (the anchors: Megatron 47%, MaxText 55%, MindSpeed 32%)
+    intra_gbs: float      # GB/s per device for collectives inside a link domain (NVLink, RoCE scale-up, HCCS, ICI)
+    inter_gbs: float      # GB/s per device across link domains (InfiniBand / Ethernet NICs, DCN)
+    link_domain: int      # devices sharing the fast links
+    per_host: int         # devices per node (host)
+
+
+def _host_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+
+
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("h100", "NVIDIA H100 SXM 80 GB", "cuda", 80, 989, 0.45, 360, 45, 8, 8),        # NVLink4 450 GB/s, 400 Gb/s IB per GPU
+    Device("gaudi2", "Intel Gaudi 2 96 GB", "hpu", 96, 432, 0.40, 230, 33, 8, 8),          # 21 / 3 x 100 GbE RoCE per HPU
+    Device("910b", "Huawei Ascend 910B 64 GB", "npu", 64, 313, 0.32, 175, 22, 8, 8),       # HCCS, 200 Gb/s RoCE per NPU
+    Device("v5p", "Google TPU v5p 95 GB", "xla", 95, 459, 0.55, 180, 25, 8960, 4),         # 3D-torus ICI over the pod, DCN
+    Device("cpu", "host CPU (gloo)", "cpu", round(_host_memory_gib(), 1), 1, 0.3, 5, 1, 64, 64),
+)}
+BACKEND_DEVICE = {d.backend: d.name for d in DEVICES.values()}
+
+
+def get_device(name: str) -> Device:
+    if name not in DEVICES:
+        raise MixtralError(f"unknown device type '{name}'; choose one of: {', '.join(DEVICES)}")
+    return DEVICES[name]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything the estimates need besides the model and the device: the layout and the batch."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    etp: int = 1
+    sp: bool = False
+    zero: int = 1
+    micro_batch: int = 1
+    global_batch: int = 1
+    seq_len: int = 2048
+    precision: str = "bf16_master"
+    checkpointing: str = "none"
+    dispatcher: str = "dropless"
+    capacity_factor: float | None = None
+    ep_comm: str = "all_to_all"
+    mode: str = "train"
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def edp(self) -> int:
+        return self.dp * self.cp * self.tp // (self.ep * self.etp)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step on each rank (1 for inference)."""
+        return max(1, self.global_batch // (self.micro_batch * self.dp)) if self.mode == "train" else 1
+
+    @property
+    def pad(self) -> float:
+        """Expert rows per routed token pair: padding to capacity or to a bin."""
+        return {"capacity": self.capacity_factor or 1.0, "capacity_bins": BINS_PAD}.get(self.dispatcher, 1.0)
+
+    @property
+    def layout(self) -> str:
+        dims = "".join(f"{d}{getattr(self, d)}" for d in ("dp", "tp", "pp", "cp", "ep", "etp"))
+        return dims + ("+sp" if self.sp and self.tp > 1 else "")
+
+    def replace(self, **changes: Any) -> Workload:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_recipe(cls, recipe, pending: dict[str, Any] | None = None) -> Workload:
+        """The recipe's layout; `pending` holds the keys the recipe schema does not have yet (see pending_keys)."""
+        pending = pending or {}
+        p, moe = recipe.parallel, recipe.moe
+        return cls(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, zero=p.zero,
+                   micro_batch=recipe.batch.micro_batch, global_batch=recipe.batch.global_batch,
+                   seq_len=recipe.seq_len, precision=recipe.precision,
+                   checkpointing=pending.get("activation_checkpointing", recipe.activation_checkpointing),
+                   dispatcher=moe.dispatcher, capacity_factor=moe.capacity_factor,
+                   ep_comm=pending.get("moe.ep_comm", "all_to_all"), mode=pending.get("mode", "train"))
+
+
+_PENDING = re.compile(r"^#\s*schema-pending:\s*([\w.]+)=(.*?)\s*(?:#.*)?$")
+
+
+def pending_keys(path: str | Path) -> dict[str, Any]:
+    """`# schema-pending: key=value` comment lines of a recipe file: vendor settings the recipe schema cannot
+    express yet. The planner reads mode, hardware.device, hardware.devices, hardware.nodes, moe.ep_comm and
+    activation_checkpointing from them; tests check that the schema still rejects each one."""
+    import yaml
+
+    found = {}
+    for line in Path(path).read_text().splitlines():
+        match = _PENDING.match(line.strip())
+        if match:
+            found[match.group(1)] = yaml.safe_load(match.group(2))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    device: Device
+    stage: int                       # the busiest pipeline stage
+    rows: tuple[tuple[str, float], ...]   # (what, bytes) for that stage, reserve included
+
+    @property
+    def total(self) -> float:
+        return sum(b for _, b in self.rows)
+
+    @property
+    def capacity(self) -> float:
+        return self.device.memory_gib * GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def table(self) -> str:
+        lines = [f"memory per device, pipeline stage {self.stage} (the busiest), on {self.device.label}:"]
+        lines += [f"  {what:<30} {b / GiB:9.2f} GiB" for what, b in self.rows]
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  {'total':<30} {self.total / GiB:9.2f} GiB of {self.device.memory_gib:g} GiB: {verdict}")
+        return "\n".join(lines)
+
+
+def stage_parameters(config: ModelConfig, w: Workload, stage: int) -> tuple[int, int]:
+    """(dense, expert) parameters one rank of the pipeline stage holds, after tp and ep x etp sharding."""
+    h, e = config.hidden_size, config.num_local_experts
+    layers = config.num_hidden_layers // w.pp
+    attention = h * config.head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
+    dense = layers * (attention // w.tp + 2 * h + h * e)
+    vocab = config.vocab_size * h // w.tp
+    if stage == 0:
+        dense += vocab
+    if stage == w.pp - 1:
+        dense += h + (vocab if not config.tie_word_embeddings or w.pp > 1 else 0)
+    expert = layers * e * 3 * h * config.intermediate_size // (w.ep * w.etp)
+    return dense, expert
+
+
+def _act_bytes(w: Workload) -> int:
+    return 4 if w.precision == "fp32" else 2
+
+
+def layer_activations(config: ModelConfig, w: Workload) -> dict[str, float]:
+    """Saved bytes per layer per micro-batch: attention, moe, and the input kept under checkpointing."""
+    a, h, f = _act_bytes(w), config.hidden_size, config.intermediate_size
+    T = w.micro_batch * w.seq_len / w.cp
+    t = T / w.tp if w.sp else T
+    t_moe = min(T, t * w.etp)
+    rows = config.num_experts_per_tok * t_moe * w.pad
+    heads = 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
+    return {"attention": a * (2 * h * t + T * heads / w.tp),
+            "moe": a * (2 * h * t + rows * (2 * h + 3 * f / w.etp)) + 8 * t_moe * config.num_local_experts,
+            "input": a * h * t}
+
+
+def _stage_activations(config: ModelConfig, w: Workload, stage: int) -> float:
+    layers = config.num_hidden_layers // w.pp
+    act = layer_activations(config, w)
+    whole = act["attention"] + act["moe"]
+    if w.mode == "inference":
+        return whole  # one layer's prefill working set; nothing is kept for a backward pass
+    per_layer = {"none": layers * whole,
+                 "full": layers * act["input"] + whole,
+                 "selective": (layers // 2) * whole + (layers - layers // 2) * act["input"] + whole,
+                 "moe": layers * (act["attention"] + act["input"]) + act["moe"]}[w.checkpointing]
+    in_flight = min(w.pp - stage, w.micro_batches)
+    return in_flight * per_layer
+
+
+def estimate_memory(config: ModelConfig, w: Workload, device: Device) -> MemoryEstimate:
+    """Bytes per device for the busiest pipeline stage (see the module docstring for every formula)."""
+    if w.checkpointing not in CHECKPOINTING:
+        raise MixtralError(f"activation_checkpointing '{w.checkpointing}' is unknown; choose one of: "
+                           f"{', '.join(CHECKPOINTING)}")
+    if w.mode not in MODES:
+        raise MixtralError(f"mode '{w.mode}' is unknown; choose one of: {', '.join(MODES)}")
+    best = None
+    for stage in range(w.pp):
+        rows = _stage_rows(config, w, device, stage)
+        estimate = MemoryEstimate(device, stage, tuple(rows))
+        if best is None or estimate.total > best.total:
+            best = estimate
+    return best
+
+
+def _stage_rows(config: ModelConfig, w: Workload, device: Device, stage: int) -> list[tuple[str, float]]:
+    dense, expert = stage_parameters(config, w, stage)
+    groups = (w.dp * w.cp, w.edp)
+    T = w.micro_batch * w.seq_len / w.cp
+    if w.mode == "inference":
+        weight = 4 if w.precision == "fp32" else 2
+        kv_heads = max(1, config.num_key_value_heads // w.tp)
+        kv = 2 * (config.num_hidden_layers // w.pp) * kv_heads * config.head_dim * T * 2
+        rows = [("weights", (dense + expert) * weight), ("KV cache", kv),
+                ("activations (one layer prefill)", _stage_activations(config, w, stage))]
+    else:
+        weight, grad, state = (2, 4, 12) if w.precision == "bf16_master" else (4, 4, 8)
+
+        def sharded(per_param: int, level: int) -> float:
+            return sum(n * per_param / (g if w.zero >= level else 1) for n, g in zip((dense, expert), groups))
+
+        rows = [("weights", sharded(weight, 3)), ("gradients", sharded(grad, 2)),
+                ("optimizer states", sharded(state, 1))]
+        if w.zero == 3:
+            layers = config.num_hidden_layers // w.pp
+            layer = (dense + expert) / layers
+            rows.append(("ZeRO-3 gathered layers", layer * (2 * weight + grad)))
+        rows.append(("activations", _stage_activations(config, w, stage)))
+        if stage == w.pp - 1:
+            rows.append(("logits", T * config.vocab_size / w.tp * (_act_bytes(w) + 4)))
+    rows.append(("reserve (runtime, buffers)", RESERVE * device.memory_gib * GiB))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- step time
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step by part, and what they imply."""
+
+    parts: dict[str, float]
+    tokens: int
+    devices: int
+    model_flops: float       # per step, without recomputation
+    peak: float              # FLOP/s per device
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def tokens_per_device(self) -> float:
+        return self.tokens / self.total / self.devices
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / self.total / self.devices / self.peak
+
+    def table(self) -> str:
+        lines = ["estimated step time (cost model, nothing overlapped):"]
+        lines += [f"  {k:<30} {v:9.3f} s" for k, v in self.parts.items()]
+        lines.append(f"  {'total':<30} {self.total:9.3f} s  ({self.tokens_per_device:,.0f} tokens/s/device, "
+                     f"MFU {self.mfu:.1%})")
+        return "\n".join(lines)
+
+
+def _bandwidth(device: Device, span: int) -> float:
+    """Bytes/s per device for a group whose ranks spread over `span` consecutive ranks."""
+    return (device.intra_gbs if span <= device.link_domain else device.inter_gbs) * 1e9
+
+
+def step_time(config: ModelConfig, w: Workload, device: Device) -> StepTime:
+    """The documented cost model (module docstring) for one training step."""
+    a, h, k = _act_bytes(w), config.hidden_size, config.num_experts_per_tok
+    layers, m = config.num_hidden_layers // w.pp, w.micro_batches
+    tokens = w.global_batch * w.seq_len
+    expert_fwd = 2 * k * 3 * h * config.intermediate_size * config.num_hidden_layers
+    model_flops = config.flops_per_token(w.seq_len) * tokens
+    recompute = {"none": 0.0, "selective": 0.5, "full": 1.0, "moe": 0.0}[w.checkpointing]
+    flops = model_flops / 3 * (3 + recompute) + tokens * expert_fwd * (3 * (w.pad - 1) + (w.checkpointing == "moe"))
+    parts = {"compute": flops / w.world_size / (device.peak_tflops * 1e12 * device.mfu)}
+
+    T = w.micro_batch * w.seq_len / w.cp
+    t = T / w.tp if w.sp else T
+    per_layer_mb = layers * m
+    tp_ops = 4 * (1 + (w.etp > 1))
+    parts["tp"] = (per_layer_mb * tp_ops * (w.tp - 1) / w.tp * T * h * a / _bandwidth(device, w.tp)
+                   if w.tp > 1 else 0.0)
+    kv = 2 * config.num_key_value_heads * config.head_dim
+    parts["cp"] = per_layer_mb * 3 * (w.cp - 1) * T * kv * a / _bandwidth(device, w.cp * w.tp)
+    group = w.ep * w.etp
+    if w.ep_comm == "allgather":
+        ep_bytes = 4 * (group - 1) * t * h * a if group > 1 else 0.0
+    else:
+        ep_bytes = 4 * k * t * h * a * w.pad * (w.ep - 1) / w.ep
+    parts["ep"] = per_layer_mb * ep_bytes / _bandwidth(device, group)
+    work = sum(parts.values())
+    p2p = 2 * m * t * h * a / _bandwidth(device, w.world_size) if w.pp > 1 else 0.0
+    parts["pp bubble + sends"] = work * (w.pp - 1) / m + p2p
+    parts["dp"] = _dp_time(config, w, device)
+    return StepTime(parts, tokens, w.world_size, model_flops, device.peak_tflops * 1e12)
+
+
+def _dp_time(config: ModelConfig, w: Workload, device: Device) -> float:
+    weight, grad = (2, 4) if w.precision == "bf16_master" else (4, 4)
+    m = w.micro_batches
+    seconds = 0.0
+    for params, g in zip(stage_parameters(config, w, 0), (w.dp * w.cp, w.edp)):
+        if g == 1:
+            continue
+        per_step = {0: 2 * grad, 1: grad + weight, 2: m * grad + weight, 3: m * (grad + 2 * weight)}[w.zero]
+        seconds += params * per_step * (g - 1) / g / _bandwidth(device, w.dp * w.cp * w.tp)
+    return seconds
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+def check_layout(config: ModelConfig, w: Workload, devices: int | None = None) -> None:
+    """World size and every divisibility rule (ParallelDims), the batch and the sequence length."""
+    from mixtral.parallel.dims import ParallelDims
+
+    dims = ParallelDims(dp=w.dp, tp=w.tp, pp=w.pp, cp=w.cp, ep=w.ep, etp=w.etp, sp=w.sp,
+                        world_size=devices or w.world_size)
+    dims.validate_model(config, w.seq_len)
+    if w.seq_len > config.max_position_embeddings:
+        raise MixtralError(f"seq_len {w.seq_len} exceeds the model's max_position_embeddings "
+                           f"({config.max_position_embeddings}); lower seq_len or raise "
+                           f"model.max_position_embeddings")
+    if w.ep_comm not in EP_COMMS:
+        raise MixtralError(f"moe.ep_comm '{w.ep_comm}' is unknown; choose one of: {', '.join(EP_COMMS)}")
+
+
+def check_dispatcher(dispatcher: str, backend_name: str) -> None:
+    """Static-shape backends (SPMD, graph mode) need a dispatcher whose expert inputs have fixed shapes."""
+    from mixtral.backend import registry
+
+    backends = registry().backends
+    if backend_name not in backends:
+        raise MixtralError(f"recipe key 'backend': unknown backend '{backend_name}'; registered backends: "
+                           f"{', '.join(sorted(backends))}")
+    caps = backends[backend_name].capabilities
+    if dispatcher == "dropless" and (caps.spmd or not caps.dynamic_shapes):
+        why = "an SPMD backend compiles one static program" if caps.spmd else "it runs static-shape graphs"
+        raise MixtralError(f"recipe key 'moe.dispatcher': 'dropless' gives data-dependent shapes, which backend "
+                           f"'{backend_name}' cannot run ({why}); set moe.dispatcher=capacity with "
+                           f"moe.capacity_factor=1.25, or moe.dispatcher=capacity_bins "
+                           f"(its preferred one is {caps.preferred_dispatcher})")
+
+
+def _fix_candidates(config: ModelConfig, w: Workload) -> list[tuple[str, Workload]]:
+    """Single changes that keep the device count and lower memory, most cost-effective first."""
+    out = []
+    if w.mode == "train":
+        stronger = [m for m in ("selective", "full") if CHECKPOINTING.index(m) > CHECKPOINTING.index(w.checkpointing)]
+        out += [(f"activation_checkpointing={mode}", w.replace(checkpointing=mode)) for mode in stronger]
+        if w.zero < 3 and w.dp * w.cp > 1:
+            out.append((f"parallel.zero={w.zero + 1}", w.replace(zero=w.zero + 1)))
+    if w.micro_batch > 1 and w.micro_batch % 2 == 0:
+        out.append((f"batch.micro_batch={w.micro_batch // 2}", w.replace(micro_batch=w.micro_batch // 2)))
+    if w.ep * 2 <= config.num_local_experts:
+        out.append((f"parallel.ep={w.ep * 2}", w.replace(ep=w.ep * 2)))
+    if w.dp % 2 == 0:
+        for dim in ("pp", "tp", "cp"):
+            value = getattr(w, dim) * 2
+            extra = " parallel.sp=true" if dim == "tp" and not w.sp else ""
+            changed = w.replace(dp=w.dp // 2, **{dim: value}, **({"sp": True} if extra else {}))
+            out.append((f"parallel.{dim}={value} parallel.dp={w.dp // 2}{extra}", changed))
+    valid = []
+    for text, candidate in out:
+        try:
+            check_layout(config, candidate)
+        except MixtralError:
+            continue
+        if candidate.mode == "train" and candidate.global_batch % (candidate.micro_batch * candidate.dp):
+            continue
+        valid.append((text, candidate))
+    return valid
+
+
+def check_memory(config: ModelConfig, w: Workload, device: Device, what: str = "the layout") -> MemoryEstimate:
+    """The estimate, or a MixtralError naming the largest part and the single changes that make it fit."""
+    estimate = estimate_memory(config, w, device)
+    if estimate.fits:
+        return estimate
+    largest = max(estimate.rows, key=lambda row: row[1])
+    fixes = [f"{text} ({other.total / GiB:.1f} GiB)" for text, candidate in _fix_candidates(config, w)
+             if (other := estimate_memory(config, candidate, device)).fits]
+    if fixes:
+        advice = "change one of: " + "; ".join(fixes[:4])
+    else:
+        grown = [f"parallel.{dim}={getattr(w, dim) * factor} on {w.world_size * factor} devices"
+                 for dim in ("pp", "tp") for factor in (2, 4, 8)
+                 if _fits(config, w.replace(**{dim: getattr(w, dim) * factor}), device)]
+        advice = ("no change on the same devices fits; " + (f"use more devices: {grown[0]}" if grown else
+                  "use more devices") + " (`mixtral-run recipe plan --devices N --device-type ...` lists "
+                  "layouts that fit)")
+    raise MixtralError(f"{what} does not fit on {device.label}: {estimate.total / GiB:.1f} GiB per device "
+                       f"(pipeline stage {estimate.stage}) > {device.memory_gib:g} GiB; the largest part is "
+                       f"{largest[0]} ({largest[1] / GiB:.1f} GiB); {advice}")
+
+
+def _fits(config: ModelConfig, w: Workload, device: Device) -> bool:
+    try:
+        check_layout(config, w)
+    except MixtralError:
+        return False
+    return estimate_memory(config, w, device).fits
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+@dataclass(frozen=True)
+class Plan:
+    workload: Workload
+    memory: MemoryEstimate
+    time: StepTime
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan_layouts(config: ModelConfig, device: Device, devices: int, seq_len: int, global_batch: int,
+                 micro_batch: int = 1, max_tp: int = 8) -> list[Plan]:
+    """Every layout of `devices` that passes the checks and fits, with its cheapest fitting checkpointing and
+    ZeRO level, sorted by estimated step time. SPMD backends (XLA) get FSDP (zero 3) x tensor x expert only."""
+    from mixtral.backend import registry
+
+    caps = registry().backends[device.backend].capabilities
+    dispatcher = caps.preferred_dispatcher
+    factor = 1.25 if dispatcher == "capacity" else None
+    spmd = caps.spmd
+    tps = [t for t in _divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
+           if t <= min(max_tp, device.link_domain)]
+    pps = [1] if spmd else _divisors(config.num_hidden_layers)
+    cps = [1] if spmd else [c for c in (1, 2, 4, 8) if seq_len % c == 0]
+    zeros = (3,) if spmd else (1, 3)
+    plans = []
+    for tp, pp, cp, ep in itertools.product(tps, pps, cps, _divisors(config.num_local_experts)):
+        if devices % (tp * pp * cp):
+            continue
+        dp = devices // (tp * pp * cp)
+        if global_batch % (micro_batch * dp):
+            continue
+        for etp in sorted({1, tp}):
+            base = Workload(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, sp=tp > 1, micro_batch=micro_batch,
+                            global_batch=global_batch, seq_len=seq_len, dispatcher=dispatcher,
+                            capacity_factor=factor)
+            try:
+                check_layout(config, base, devices)
+            except MixtralError:
+                continue
+            best = None
+            for zero, mode in itertools.product(zeros, ("none", "selective", "full")):
+                w = base.replace(zero=zero, checkpointing=mode)
+                memory = estimate_memory(config, w, device)
+                if not memory.fits:
+                    continue
+                plan = Plan(w, memory, step_time(config, w, device))
+                if best is None or plan.time.total < best.time.total:
+                    best = plan
+            if best is not None:
+                plans.append(best)
+    return sorted(plans, key=lambda p: p.time.total)
