@@ -1,0 +1,379 @@
+"""`mixtral-run convert`: move a Mixtral checkpoint between HF, native (DCP) and Megatron torch_dist.
+
+Every format is read through a source that hands out one parameter (or one expert of it) at a time,
+and the DCP writers ask for each box only while writing it, so HF -> native, native <-> Megatron and
+HF -> Megatron hold about one tensor in memory. HF output is written by save_hf from a whole model.
+`--verify` converts the output back to the input's format and compares every stored tensor, then
+compares the logits of a fixed prompt computed from the input and from the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from mixtral.checkpoint import hf
+from mixtral.config import ModelConfig
+from mixtral.errors import MixtralError
+from mixtral.model import Mixtral
+from mixtral.model.rope import rope_tables
+
+# native and megatron import torch.distributed.checkpoint (seconds): loaded inside the functions that use
+# them, so that building the mixtral-run parser stays cheap.
+FORMATS = ("hf", "native", "megatron")
+DTYPE_NAMES = ("bf16", "fp32")
+EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+PROMPT_LEN = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, help="HF directory, native checkpoint (or checkpoints root), "
+                                                       "or Megatron torch_dist directory")
+    parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    for dim in ("tp", "pp", "ep"):
+        parser.add_argument(f"--{dim}", type=int, default=None,
+                            help=f"{dim} degree recorded in a native checkpoint's manifest (checked against the model)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the input's)")
+    parser.add_argument("--config", default=None, help="HF config.json or preset for a Megatron input that has no "
+                                                       "config.json beside it")
+    parser.add_argument("--verify", action="store_true", help="round-trip tensor equality and fixed-prompt logits")
+
+
+class Source(Protocol):
+    """Our parameters of one checkpoint, read on demand."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    shapes: dict[str, torch.Size]  # our parameter names and shapes
+
+    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """Parameter `name`, or its expert slice [1, ...] when expert is given."""
+
+
+# --- HF directories, tensor by tensor -------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+@contextmanager
+def _safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, closed after each use so that no file stays mapped (memory stays one tensor)."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise MixtralError(f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
+                           f"download or save it again") from None
+
+
+class HFSource:
+    """Our parameters from an HF directory, each assembled from its safetensors pieces when asked for."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = hf.model_dir(path)
+        self.config = hf.read_hf_config(self.path)
+        self.shapes = hf.parameter_shapes(self.config)
+        wanted = {key: (name, index) for name, shape in self.shapes.items() for key, index in hf.hf_layout(name, shape)}
+        self.pieces: dict[str, list[tuple[Path, str, tuple]]] = {name: [] for name in self.shapes}
+        self.stored: dict[str, tuple[Path, tuple[int, ...]]] = {}  # every HF tensor read, with its file and shape
+        found: set[str] = set()
+        dtypes: dict[str, str] = {}
+        for file in hf.weight_files(self.path):
+            with _safetensors(file) as handle:
+                header = [(key, handle.get_slice(key)) for key in handle.keys()]
+                header = [(key, torch.Size(s.get_shape()), s.get_dtype()) for key, s in header]
+            for key, shape, dtype in header:
+                if key in wanted:
+                    (name, index), covers = wanted[key], [key]
+                elif key.removeprefix("model.") in self.shapes:  # transformers 5's fused names
+                    name, index = key.removeprefix("model."), ()
+                    covers = [k for k, _ in hf.hf_layout(name, self.shapes[name])]
+                elif key.endswith(hf.IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
+                    continue
+                else:
+                    raise MixtralError(f"{file}: unexpected tensor '{key}'; the weights do not match {hf.CONFIG} "
+                                       f"(another layer or expert count?): use the matching config")
+                expected = torch.empty(self.shapes[name], device="meta")[index].shape
+                if shape != expected:
+                    raise MixtralError(f"{file}: tensor '{key}' has shape {list(shape)} but {hf.CONFIG} implies "
+                                       f"{list(expected)}; the weights do not match the config: use the config.json "
+                                       f"saved with these weights")
+                self.pieces[name].append((file, key, index))
+                self.stored[key] = (file, tuple(shape))
+                found.update(covers)
+                dtypes[name] = dtype
+        missing = [key for key in wanted if key not in found]
+        if missing:
+            raise MixtralError(f"{self.path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
+                               f"checkpoint is incomplete or saved for another config: download or save it again")
+        self.dtype = getattr(torch, SAFETENSORS_DTYPES.get(dtypes["embed_tokens.weight"], "float32"))
+
+    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+        shape = self.shapes[name]
+        out = None
+        for file, key, index in self.pieces[name]:
+            part: tuple = ()
+            if expert is not None:
+                if index == ():
+                    part = (slice(expert, expert + 1),)
+                elif index[0] != expert:
+                    continue
+                else:
+                    index = (0, *index[1:])
+            with _safetensors(file) as handle:
+                tensor = handle.get_slice(key)[part] if part else handle.get_tensor(key)
+            if out is None:
+                out = torch.empty(shape if expert is None else (1, *shape[1:]), dtype=tensor.dtype)
+            out[index].copy_(tensor)
+        return out
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+def detect_format(path: str | Path) -> str:
+    """hf (config.json + safetensors), native (manifest.json or a `latest` link) or megatron (metadata.json)."""
+    from mixtral.checkpoint import megatron, native
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MixtralError(f"{path}: no such checkpoint directory")
+    if megatron.is_megatron(path):
+        return "megatron"
+    if (path / native.MANIFEST).is_file() or (path / native.LATEST).exists():
+        return "native"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise MixtralError(f"{path}: not a checkpoint mixtral-run knows: an HF directory holds config.json and "
+                       f"*.safetensors, a native checkpoint {native.MANIFEST}, a Megatron torch_dist one "
+                       f"{megatron.METADATA}")
+
+
+def open_source(path: str | Path, config: str | None = None) -> tuple[str, Source]:
+    """The format of path and a source reading our parameters from it."""
+    from mixtral.checkpoint import megatron, native
+
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return fmt, HFSource(path)
+    if fmt == "native":
+        return fmt, native.NativeSource(path)
+    model_config = None
+    if config is not None:
+        model_config = ModelConfig.from_json(config) if Path(config).exists() else ModelConfig.preset(config)
+    return fmt, megatron.MegatronSource(path, model_config)
+
+
+def boxes_for(name: str, shape: tuple[int, ...]) -> list:
+    """Native checkpoints from a conversion store experts one by one, everything else whole."""
+    from mixtral.checkpoint.native import whole
+
+    if name.endswith(EXPERT_SUFFIXES):
+        return [((e,) + (0,) * (len(shape) - 1), (1, *shape[1:])) for e in range(shape[0])]
+    return [whole(shape)]
+
+
+def build_model(source: Source, dtype: torch.dtype, round_to: torch.dtype | None = None,
+                on_read: Callable[[int], None] | None = None) -> Mixtral:
+    """A Mixtral holding source's weights in dtype (first rounded to round_to), built without a second copy."""
+    state = {}
+    for name in source.shapes:
+        tensor = source.read(name)
+        if round_to is not None:
+            tensor = tensor.to(round_to)
+        state[name] = tensor.to(dtype)
+        if on_read:
+            on_read(tensor.numel() * tensor.element_size())
+    with torch.device("meta"):
+        model = Mixtral(source.config)
+    model.load_state_dict(state, strict=True, assign=True)
+    c = source.config
+    model.rope_cos, model.rope_sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
+    return model.eval()
+
+
+def _replaceable(path: Path, fmt: str) -> None:
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    try:
+        found = detect_format(path)
+    except MixtralError:
+        found = None
+    if found != fmt:
+        raise MixtralError(f"{path}: exists and is not a {fmt} checkpoint (it would be replaced); choose another "
+                           f"--output or remove it")
+
+
+def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None, layout: dict[str, int] | None = None,
+          extra: dict[str, Any] | None = None, desc: str = "convert") -> None:
+    """Write source's parameters to out in format fmt (dtype None keeps the source's)."""
+    from mixtral.checkpoint import megatron, native
+
+    _replaceable(out, fmt)
+    dtype = dtype or source.dtype
+    total = sum(math.prod(shape) for shape in source.shapes.values()) * dtype.itemsize
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, file=sys.stderr) as bar:
+        if fmt == "native":
+            state = {name: native.LazyTensor(tuple(shape), dtype, boxes_for(name, tuple(shape)),
+                                             lambda box, name=name: source.read(name, _expert_of(name, box)),
+                                             bar.update)
+                     for name, shape in source.shapes.items()}
+            native.save_native(out, state, config=source.config, layout=layout, manifest_extra=extra,
+                               file_per_item=True)
+        elif fmt == "megatron":
+            megatron.save_megatron(out, source.read, source.config, dtype, bar.update)
+        else:
+            model = build_model(source, dtype, on_read=bar.update)
+            hf.save_hf(model, out, dtype=dtype)
+
+
+def _expert_of(name: str, box: tuple) -> int | None:
+    return box[0][0] if name.endswith(EXPERT_SUFFIXES) else None
+
+
+def target_layout(args: argparse.Namespace, config: ModelConfig) -> dict[str, int] | None:
+    """The --tp/--pp/--ep layout for a native output, checked against the model's heads, experts and layers."""
+    from mixtral.parallel.dims import ParallelDims
+
+    given = {dim: getattr(args, dim) for dim in ("tp", "pp", "ep") if getattr(args, dim) is not None}
+    if args.to != "native":
+        if given:
+            raise MixtralError(f"--{next(iter(given))}: a layout is recorded only in a native checkpoint's manifest; "
+                               f"{args.to} output has no layout field (it reshards on load); drop --tp/--pp/--ep")
+        return None
+    layout = {"tp": given.get("tp", 1), "pp": given.get("pp", 1), "ep": given.get("ep", 1)}
+    try:
+        dims = ParallelDims(tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], dp=layout["ep"],
+                            world_size=layout["tp"] * layout["pp"] * layout["ep"])
+        dims.validate_model(config)
+    except MixtralError as exc:
+        raise MixtralError(str(exc).replace("parallel.", "--")) from None
+    return layout
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+@dataclass
+class Stored:
+    """The tensors a checkpoint stores in its own format: canonical key -> (stored key, shape, boxes), and a reader."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...], list]]
+    read: Callable[[str, tuple], torch.Tensor]
+
+
+def stored_tensors(fmt: str, path: Path, config: ModelConfig | None) -> Stored:
+    """Every model tensor of a checkpoint by its own key names, with the boxes it was stored in."""
+    from mixtral.checkpoint import megatron, native
+
+    if fmt == "hf":
+        stored = HFSource(path).stored
+
+        def read_hf(key: str, box: tuple) -> torch.Tensor:
+            with _safetensors(stored[key][0]) as handle:
+                return handle.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(*box))]
+
+        return Stored({key: (key, shape, [native.whole(shape)]) for key, (_, shape) in stored.items()}, read_hf)
+    if fmt == "native":
+        source = native.NativeSource(path)
+        keys = {f"model.{name}": f"model.{name}" for name in source.shapes}
+        metadata, location = source.metadata, source.path
+    else:
+        source = megatron.MegatronSource(path, config)
+        keys, metadata, location = source.keys, source.metadata, source.path
+    tensors = {}
+    for canonical, key in keys.items():
+        md = metadata.state_dict_metadata[key]
+        tensors[canonical] = (key, tuple(md.size), [(tuple(c.offsets), tuple(c.sizes)) for c in md.chunks])
+    return Stored(tensors, lambda key, box: native.read_boxes(location, {key: [box]}, metadata)[key][0])
+
+
+def compare_stored(a: Stored, b: Stored, dtype: torch.dtype) -> tuple[int, float, list[str]]:
+    """Compare a's tensors (cast to dtype) with b's box by box: (tensors compared, max |diff|, problems)."""
+    problems = [f"'{key}' is missing after the round trip" for key in a.tensors if key not in b.tensors]
+    problems += [f"'{key}' appears after the round trip" for key in b.tensors if key not in a.tensors]
+    worst = 0.0
+    count = 0
+    for key, (stored_a, _, boxes) in a.tensors.items():
+        if key not in b.tensors:
+            continue
+        stored_b, shape_b, _ = b.tensors[key]
+        count += 1
+        for offsets, sizes in boxes:
+            sizes = tuple(min(s, dim - o) for o, s, dim in zip(offsets, sizes, shape_b))  # padded vocab rows
+            if min(sizes, default=1) <= 0:
+                continue
+            ta, tb = a.read(stored_a, (offsets, sizes)).to(dtype), b.read(stored_b, (offsets, sizes))
+            if ta.dtype != tb.dtype or ta.shape != tb.shape:
+                problems.append(f"'{key}': {ta.dtype} {list(ta.shape)} became {tb.dtype} {list(tb.shape)}")
+                break
+            diff = (ta.float() - tb.float()).abs().max().item() if ta.numel() else 0.0
+            worst = max(worst, diff)
+            if not bool((ta == tb).all()):
+                problems.append(f"'{key}' differs at box {offsets} (max |diff| {diff:.3g})")
+                break
+    return count, worst, problems
+
+
+def prompt_logits(source: Source, round_to: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 logits of a fixed prompt (the same token ids for every model of a given vocabulary)."""
+    model = build_model(source, torch.float32, round_to)
+    tokens = (torch.arange(PROMPT_LEN) * 7919 + 1) % source.config.vocab_size
+    with torch.no_grad():
+        return model(tokens[None]).logits[0]
+
+
+def verify(in_fmt: str, in_path: Path, out_fmt: str, out_path: Path, dtype: torch.dtype | None,
+           config: str | None) -> bool:
+    """Round-trip tensor equality and fixed-prompt logits; prints a table and returns whether all passed."""
+    in_source = open_source(in_path, config)[1]
+    out_source = open_source(out_path)[1]
+    out_dtype = dtype or in_source.dtype
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".verify-") as tmp:
+        back = Path(tmp) / "roundtrip"
+        write(in_fmt, out_source, back, desc=f"verify {out_fmt} -> {in_fmt}")
+        count, worst, problems = compare_stored(stored_tensors(in_fmt, in_path, in_source.config),
+                                                stored_tensors(in_fmt, back, in_source.config), out_dtype)
+    expected = prompt_logits(in_source, round_to=out_dtype)
+    got = prompt_logits(out_source)
+    logit_diff = (expected - got).abs().max().item()
+    tolerance = 1e-6 * max(1.0, expected.abs().max().item())
+    logits_ok = logit_diff <= tolerance
+    rows = [("check", "compared", "max |diff|", "result"),
+            (f"tensors, {in_fmt} -> {out_fmt} -> {in_fmt}", f"{count} tensors", f"{worst:.3g}",
+             "ok" if not problems else "MISMATCH"),
+            ("logits, fixed prompt (fp32)", f"{PROMPT_LEN}x{expected.shape[-1]}", f"{logit_diff:.3g}",
+             "ok" if logits_ok else f"MISMATCH (> {tolerance:.1g})")]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for problem in problems[:5]:
+        print(f"  {problem}")
+    return not problems and logits_ok
+
+
+def run(args: argparse.Namespace) -> int:
+    src, out = Path(args.input), Path(args.output)
+    a, b = src.resolve(), out.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise MixtralError(f"--output {out} overlaps --input {src}; write the conversion to a separate directory")
+    in_fmt, source = open_source(src, args.config)
+    layout = target_layout(args, source.config)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    write(args.to, source, out, dtype, layout, extra={"converted_from": in_fmt}, desc=f"{in_fmt} -> {args.to}")
+    shown = f", layout {layout}" if layout else ""
+    print(f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})")
+    if args.verify and not verify(in_fmt, src, args.to, out, dtype, args.config):
+        print("verify: the output does not reproduce the input", file=sys.stderr)
+        return 1
+    return 0
