@@ -13,14 +13,12 @@ import argparse
 import math
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from mixtral.checkpoint import hf
@@ -62,84 +60,6 @@ class Source(Protocol):
         """Parameter `name`, or its expert slice [1, ...] when expert is given."""
 
 
-# --- HF directories, tensor by tensor -------------------------------------------------------------
-
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-@contextmanager
-def _safetensors(file: Path) -> Iterator[Any]:
-    """safe_open, closed after each use so that no file stays mapped (memory stays one tensor)."""
-    try:
-        with safe_open(file, framework="pt") as handle:
-            yield handle
-    except SafetensorError as exc:
-        raise MixtralError(f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
-                           f"download or save it again") from None
-
-
-class HFSource:
-    """Our parameters from an HF directory, each assembled from its safetensors pieces when asked for."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = hf.model_dir(path)
-        self.config = hf.read_hf_config(self.path)
-        self.shapes = hf.parameter_shapes(self.config)
-        wanted = {key: (name, index) for name, shape in self.shapes.items() for key, index in hf.hf_layout(name, shape)}
-        self.pieces: dict[str, list[tuple[Path, str, tuple]]] = {name: [] for name in self.shapes}
-        self.stored: dict[str, tuple[Path, tuple[int, ...]]] = {}  # every HF tensor read, with its file and shape
-        found: set[str] = set()
-        dtypes: dict[str, str] = {}
-        for file in hf.weight_files(self.path):
-            with _safetensors(file) as handle:
-                header = [(key, handle.get_slice(key)) for key in handle.keys()]
-                header = [(key, torch.Size(s.get_shape()), s.get_dtype()) for key, s in header]
-            for key, shape, dtype in header:
-                if key in wanted:
-                    (name, index), covers = wanted[key], [key]
-                elif key.removeprefix("model.") in self.shapes:  # transformers 5's fused names
-                    name, index = key.removeprefix("model."), ()
-                    covers = [k for k, _ in hf.hf_layout(name, self.shapes[name])]
-                elif key.endswith(hf.IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
-                    continue
-                else:
-                    raise MixtralError(f"{file}: unexpected tensor '{key}'; the weights do not match {hf.CONFIG} "
-                                       f"(another layer or expert count?): use the matching config")
-                expected = torch.empty(self.shapes[name], device="meta")[index].shape
-                if shape != expected:
-                    raise MixtralError(f"{file}: tensor '{key}' has shape {list(shape)} but {hf.CONFIG} implies "
-                                       f"{list(expected)}; the weights do not match the config: use the config.json "
-                                       f"saved with these weights")
-                self.pieces[name].append((file, key, index))
-                self.stored[key] = (file, tuple(shape))
-                found.update(covers)
-                dtypes[name] = dtype
-        missing = [key for key in wanted if key not in found]
-        if missing:
-            raise MixtralError(f"{self.path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
-                               f"checkpoint is incomplete or saved for another config: download or save it again")
-        self.dtype = getattr(torch, SAFETENSORS_DTYPES.get(dtypes["embed_tokens.weight"], "float32"))
-
-    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
-        shape = self.shapes[name]
-        out = None
-        for file, key, index in self.pieces[name]:
-            part: tuple = ()
-            if expert is not None:
-                if index == ():
-                    part = (slice(expert, expert + 1),)
-                elif index[0] != expert:
-                    continue
-                else:
-                    index = (0, *index[1:])
-            with _safetensors(file) as handle:
-                tensor = handle.get_slice(key)[part] if part else handle.get_tensor(key)
-            if out is None:
-                out = torch.empty(shape if expert is None else (1, *shape[1:]), dtype=tensor.dtype)
-            out[index].copy_(tensor)
-        return out
-
-
 # --- formats -------------------------------------------------------------------------------------
 
 def detect_format(path: str | Path) -> str:
@@ -166,7 +86,7 @@ def open_source(path: str | Path, config: str | None = None) -> tuple[str, Sourc
 
     fmt = detect_format(path)
     if fmt == "hf":
-        return fmt, HFSource(path)
+        return fmt, hf.HFSource(path)
     if fmt == "native":
         return fmt, native.NativeSource(path)
     model_config = None
@@ -277,10 +197,10 @@ def stored_tensors(fmt: str, path: Path, config: ModelConfig | None) -> Stored:
     from mixtral.checkpoint import megatron, native
 
     if fmt == "hf":
-        stored = HFSource(path).stored
+        stored = hf.HFSource(path).stored
 
         def read_hf(key: str, box: tuple) -> torch.Tensor:
-            with _safetensors(stored[key][0]) as handle:
+            with hf.open_safetensors(stored[key][0]) as handle:
                 return handle.get_slice(key)[tuple(slice(o, o + s) for o, s in zip(*box))]
 
         return Stored({key: (key, shape, [native.whole(shape)]) for key, (_, shape) in stored.items()}, read_hf)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -93,48 +94,87 @@ def weight_files(path: Path) -> list[Path]:
                        f"safetensors weights (pickled .bin weights are never read)")
 
 
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+@contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, closed after each use so that no file stays mapped (memory stays one tensor)."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise MixtralError(f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
+                           f"download or save it again") from None
+
+
+class HFSource:
+    """Our parameters from an HF directory, each assembled from its safetensors pieces when asked for."""
+
+    def __init__(self, path: str | Path, config: ModelConfig | None = None) -> None:
+        self.path = model_dir(path)
+        self.config = config or read_hf_config(self.path)
+        self.shapes = parameter_shapes(self.config)
+        wanted = {key: (name, index) for name, shape in self.shapes.items() for key, index in hf_layout(name, shape)}
+        self.pieces: dict[str, list[tuple[Path, str, tuple]]] = {name: [] for name in self.shapes}
+        self.stored: dict[str, tuple[Path, tuple[int, ...]]] = {}  # every HF tensor read, with its file and shape
+        found: set[str] = set()
+        dtypes: dict[str, str] = {}
+        for file in weight_files(self.path):
+            with open_safetensors(file) as handle:
+                header = [(key, handle.get_slice(key)) for key in handle.keys()]
+                header = [(key, torch.Size(s.get_shape()), s.get_dtype()) for key, s in header]
+            for key, shape, dtype in header:
+                if key in wanted:
+                    (name, index), covers = wanted[key], [key]
+                elif key.removeprefix("model.") in self.shapes:  # transformers 5's fused names
+                    name, index = key.removeprefix("model."), ()
+                    covers = [k for k, _ in hf_layout(name, self.shapes[name])]
+                elif key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
+                    continue
+                else:
+                    raise MixtralError(f"{file}: unexpected tensor '{key}'; the weights do not match {CONFIG} "
+                                       f"(another layer or expert count?): use the matching config")
+                expected = torch.empty(self.shapes[name], device="meta")[index].shape
+                if shape != expected:
+                    raise MixtralError(f"{file}: tensor '{key}' has shape {list(shape)} but {CONFIG} implies "
+                                       f"{list(expected)}; the weights do not match the config: use the config.json "
+                                       f"saved with these weights")
+                self.pieces[name].append((file, key, index))
+                self.stored[key] = (file, tuple(shape))
+                found.update(covers)
+                dtypes[name] = dtype
+        missing = [key for key in wanted if key not in found]
+        if missing:
+            raise MixtralError(f"{self.path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
+                               f"checkpoint is incomplete or saved for another config: download or save it again")
+        self.dtype = getattr(torch, SAFETENSORS_DTYPES.get(dtypes["embed_tokens.weight"], "float32"))
+
+    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+        shape = self.shapes[name]
+        out = None
+        for file, key, index in self.pieces[name]:
+            part: tuple = ()
+            if expert is not None:
+                if index == ():
+                    part = (slice(expert, expert + 1),)
+                elif index[0] != expert:
+                    continue
+                else:
+                    index = (0, *index[1:])
+            with open_safetensors(file) as handle:
+                tensor = handle.get_slice(key)[part] if part else handle.get_tensor(key)
+            if out is None:
+                out = torch.empty(shape if expert is None else (1, *shape[1:]), dtype=tensor.dtype)
+            out[index].copy_(tensor)
+        return out
+
+
 def load_hf_state_dict(path: str | Path, config: ModelConfig, dtype: torch.dtype | None = None,
                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Our parameters from an HF directory, shape-checked against config; dtype None keeps the file's."""
-    path = model_dir(path)
-    shapes = parameter_shapes(config)
-    pieces = {hf: (name, index) for name, shape in shapes.items() for hf, index in hf_layout(name, shape)}
-    state: dict[str, torch.Tensor] = {}
-    found: set[str] = set()
-    for file in weight_files(path):
-        try:
-            with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    if key in pieces:
-                        name, index = pieces[key]
-                        covers = [key]
-                    elif key.removeprefix("model.") in shapes:  # transformers 5's fused in-memory names
-                        name, index = key.removeprefix("model."), ()
-                        covers = [hf for hf, _ in hf_layout(name, shapes[name])]
-                    elif key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
-                        continue
-                    else:
-                        raise MixtralError(f"{file}: unexpected tensor '{key}'; the weights do not match "
-                                           f"{CONFIG} (another layer or expert count?): use the matching config")
-                    expected = torch.empty(shapes[name], device="meta")[index].shape
-                    got = torch.Size(f.get_slice(key).get_shape())
-                    if got != expected:
-                        raise MixtralError(f"{file}: tensor '{key}' has shape {list(got)} but {CONFIG} implies "
-                                           f"{list(expected)}; the weights do not match the config: use the "
-                                           f"config.json saved with these weights")
-                    tensor = f.get_tensor(key)
-                    if name not in state:
-                        state[name] = torch.empty(shapes[name], dtype=dtype or tensor.dtype, device=device)
-                    state[name][index].copy_(tensor)
-                    found.update(covers)
-        except SafetensorError as exc:
-            raise MixtralError(f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
-                               f"download or save it again") from None
-    missing = [hf for hf in pieces if hf not in found]
-    if missing:
-        raise MixtralError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
-                           f"checkpoint is incomplete or saved for another config: download or save it again")
-    return state
+    source = HFSource(path, config)
+    return {name: source.read(name).to(dtype=dtype or source.dtype, device=device) for name in source.shapes}
 
 
 def load_hf_model(path: str | Path, backend: Backend | Ops | str | None = None,
