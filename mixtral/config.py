@@ -151,14 +151,43 @@ class MoEConfig:
     """How tokens reach experts, and the router's losses: the recipe's `moe` section, field for field."""
 
     dispatcher: str = "dropless"           # dropless | capacity | capacity_bins
+    capacity_factor: float | None = None   # capacity only: C = ceil(factor * tokens * top_k / experts)
+    capacity_per: str = "batch"            # batch (micro-batch) | sequence (MLPerf: int(seq * top_k / E * cf))
+    drop_policy: str = "position"          # position (first come, GShard) | probs (lowest weight dropped first)
+    pad_to_capacity: bool = True           # static [E, C, H] expert inputs; False: drop and pack
+    capacity_bins: Any = None              # capacity_bins only: a mapping of CapacityBinsConfig options
     aux_loss_coeff: float | None = None    # None: the model config's router_aux_loss_coef
     z_loss_coeff: float = 0.0
+    expert_bias: bool = False              # aux-loss-free balancing (DeepSeek-V3): bias for selection only
+    expert_bias_update_rate: float = 1e-3  # bias += rate * sign(mean load - load) after each step
+    jitter: float | None = None            # router input jitter in training; None: router_jitter_noise
 
     def __post_init__(self) -> None:
         from mixtral.backend import DISPATCHERS
+        from mixtral.model.capacity_bins import CapacityBinsConfig
 
         if self.dispatcher not in DISPATCHERS:
             raise MixtralError(f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}")
+        for name, allowed in (("capacity_per", ("batch", "sequence")), ("drop_policy", ("position", "probs"))):
+            if getattr(self, name) not in allowed:
+                raise MixtralError(f"moe.{name} '{getattr(self, name)}' is unknown; choose one of: {', '.join(allowed)}")
+        if self.dispatcher == "capacity" and (self.capacity_factor is None or self.capacity_factor <= 0):
+            raise MixtralError(f"moe.capacity_factor must be a positive number with dispatcher 'capacity' "
+                               f"(got {self.capacity_factor!r}); MLPerf uses 1.25, and >= experts / top_k never drops")
+        if self.dispatcher != "capacity" and self.capacity_factor is not None:
+            hint = ("capacity bins never drop and need no factor" if self.dispatcher == "capacity_bins"
+                    else "use dispatcher: capacity")
+            raise MixtralError(f"moe.capacity_factor is set but moe.dispatcher is '{self.dispatcher}'; "
+                               f"remove capacity_factor ({hint})")
+        if self.dispatcher == "capacity_bins":
+            object.__setattr__(self, "capacity_bins", CapacityBinsConfig.from_value(self.capacity_bins))
+        elif self.capacity_bins is not None:
+            raise MixtralError(f"moe.capacity_bins is set but moe.dispatcher is '{self.dispatcher}'; "
+                               f"set dispatcher: capacity_bins or remove capacity_bins")
+        for name in ("z_loss_coeff", "expert_bias_update_rate", "jitter", "aux_loss_coeff"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise MixtralError(f"moe.{name} must be a number >= 0, got {value!r}")
 
 
 # Public numbers of mistralai/Mixtral-8x7B-v0.1 and Mixtral-8x22B-v0.1 config.json.

@@ -26,9 +26,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism each rank holds n_heads / tp (and n_kv_heads / tp) of them
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
@@ -37,9 +38,12 @@ class Attention(nn.Module):
 
 
 def attention_mask(start: int, seq: int, kv_len: int, window: int | None,
-                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(mask, causal) for queries at start..start+seq over keys 0..kv_len: the cheapest exact form."""
-    if window is None or kv_len <= window:
+                   device: torch.device, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+    """(mask, causal) for queries at start..start+seq over keys 0..kv_len: the cheapest exact form.
+
+    pad [B] (left padding per row) masks each row's first pad[b] keys; a pad query sees only itself.
+    """
+    if pad is None and (window is None or kv_len <= window):
         if start == 0 and seq == kv_len:
             return None, True
         if seq == 1:
@@ -49,4 +53,6 @@ def attention_mask(start: int, seq: int, kv_len: int, window: int | None,
     allowed = k_pos <= q_pos
     if window is not None:
         allowed &= k_pos > q_pos - window
+    if pad is not None:  # [B, 1, S, T]
+        allowed = (allowed & (k_pos >= pad.view(-1, 1, 1)) | (k_pos == q_pos)).unsqueeze(1)
     return allowed, False

@@ -1,27 +1,34 @@
-"""The sparse MoE block: a softmax top-k router and SwiGLU experts run as one grouped GEMM (dropless)."""
+"""The sparse MoE block: an fp32 softmax top-k router, a dispatcher (mixtral.model.dispatch) and SwiGLU experts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from mixtral.backend import Ops
-from mixtral.config import ModelConfig
+from mixtral.config import ModelConfig, MoEConfig
+from mixtral.model.capacity_bins import step_bins
+from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
+
+__all__ = ["MoE", "MoEStats", "Routing", "route", "load_balancing_loss", "router_z_loss", "moe_metrics",
+           "moe_step_end"]
 
 
-@dataclass
-class Routing:
-    logits: torch.Tensor      # [T, E] router logits, in the activation dtype (aux loss input)
-    weights: torch.Tensor     # [T, k] fp32, renormalised over the chosen experts
-    expert_ids: torch.Tensor  # [T, k] int64
+def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> Routing:
+    """Mixtral routing: softmax in fp32, top-k, kept weights renormalised to sum to 1.
 
-
-def route(logits: torch.Tensor, top_k: int) -> Routing:
-    """Mixtral routing: softmax in fp32, top-k, kept weights renormalised to sum to 1."""
+    bias (aux-loss-free balancing) shifts which experts are chosen, never their weights.
+    """
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if bias is None:
+        weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        expert_ids = torch.topk(probs + bias, top_k, dim=-1).indices
+        weights = probs.gather(1, expert_ids)
     return Routing(logits, weights / weights.sum(dim=-1, keepdim=True), expert_ids)
 
 
@@ -35,32 +42,97 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, f))          # w2 per expert
         self.grouped_mm, self.swiglu = ops.grouped_mm, ops.swiglu
 
-    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """rows [N, H] grouped by expert with counts [E] -> expert outputs [N, H] in the same order."""
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """rows [N, H] grouped by expert with counts [E] (grouped GEMM), or static rows [E, C, H]
+        with counts None (batched matmul) -> expert outputs in the same layout."""
+        if counts is None:
+            return torch.bmm(self.swiglu(torch.bmm(rows, self.gate_up_proj.transpose(1, 2))),
+                             self.down_proj.transpose(1, 2))
         offs = counts.cumsum(0).to(torch.int32)
         hidden = self.swiglu(self.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
         return self.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs)
 
 
+@dataclass
+class MoEStats:
+    """One layer's routing outcome: the losses' input and the load metrics."""
+
+    logits: torch.Tensor                 # [T, E] fp32 router logits
+    counts: torch.Tensor                 # [E] pairs routed to each expert
+    dropped: torch.Tensor | None = None  # 0-dim dropped pairs (capacity only)
+    capacity: int | None = None          # rows per expert when padded
+    bin: int | None = None               # capacity bin used (capacity_bins only)
+
+
+def build_dispatcher(config: ModelConfig, moe: MoEConfig, ops: Ops) -> nn.Module:
+    e, k = config.num_local_experts, config.num_experts_per_tok
+    if moe.dispatcher == "capacity":
+        return Capacity(e, k, ops, moe.capacity_factor, moe.capacity_per, moe.drop_policy, moe.pad_to_capacity)
+    if moe.dispatcher == "capacity_bins":
+        return CapacityBinned(e, k, moe.capacity_bins)
+    return Dropless(e, ops)
+
+
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None) -> None:
         super().__init__()
+        moe = moe or MoEConfig()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
-        self.jitter = config.router_jitter_noise
+        self.jitter = config.router_jitter_noise if moe.jitter is None else moe.jitter
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = GroupedExperts(config, ops)
-        self.permute, self.unpermute = ops.permute, ops.unpermute
+        self.dispatcher = build_dispatcher(config, moe, ops)
+        self.expert_bias_rate = moe.expert_bias_update_rate
+        bias = torch.zeros(self.num_experts) if moe.expert_bias else None
+        self.register_buffer("expert_bias", bias)  # saved with the model; None: plain top-k
+        self.register_buffer("expert_load", None if bias is None else torch.zeros_like(bias), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing, torch.Tensor]:
-        """x [B, S, H] -> (output [B, S, H], routing, tokens per expert [E])."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x [B, S, H] -> (output [B, S, H], this layer's stats)."""
         flat = x.reshape(-1, x.shape[-1])
-        if self.training and self.jitter > 0:
+        if self.training and self.jitter > 0:  # as transformers: the experts see the jittered input too
             flat = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        routing = route(self.gate(flat), self.top_k)
-        rows, order, counts = self.permute(flat, routing.expert_ids, self.num_experts)
-        out = self.unpermute(self.experts(rows, counts), order, routing.weights)
-        return out.view_as(x), routing, counts
+        routing = route(F.linear(flat.float(), self.gate.weight.float()), self.top_k, self.expert_bias)
+        rows, counts, ctx = self.dispatcher.dispatch(flat, routing, x.shape[0])
+        out = self.dispatcher.combine(self.experts(rows, counts), ctx)
+        if self.expert_bias is not None and self.training:
+            self.expert_load += ctx.counts
+        return out.view_as(x), MoEStats(routing.logits, ctx.counts, ctx.dropped, ctx.capacity, ctx.bin)
+
+    @torch.no_grad()
+    def update_expert_bias(self, dp_group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise under-loaded experts' bias, lower over-loaded ones."""
+        if self.expert_bias is None:
+            return
+        load = self.expert_load
+        if dp_group is not None:
+            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=dp_group)
+        self.expert_bias += self.expert_bias_rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+def moe_step_end(moes: list[MoE], dp_group: dist.ProcessGroup | None = None) -> None:
+    """What the trainer runs after each optimizer step: expert-bias updates and capacity-bin re-shaping."""
+    for moe in moes:
+        moe.update_expert_bias(dp_group)
+    step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], dp_group)
+
+
+def moe_metrics(stats: list[MoEStats]) -> dict[str, torch.Tensor]:
+    """Per-layer load metrics, each a [L] tensor (tokens_per_expert is [L, E])."""
+    counts = torch.stack([s.counts for s in stats])
+    load = counts.float()
+    pairs = load.sum(1).clamp_min(1)
+    dropped = [s.dropped.float() if s.dropped is not None else load.new_zeros(()) for s in stats]
+    return {
+        "tokens_per_expert": counts,
+        "max_load": load.max(1).values,
+        "imbalance": load.max(1).values / (pairs / counts.shape[1]),
+        "dropped_fraction": torch.stack(dropped) / pairs,
+        "capacity": torch.tensor([s.capacity or 0 for s in stats], device=counts.device),
+        "bin": torch.tensor([-1 if s.bin is None else s.bin for s in stats], device=counts.device),
+    }
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.kv_cache import KVCache
-from mixtral.model.moe import MoE, load_balancing_loss, router_z_loss
+from mixtral.model.moe import MoE, load_balancing_loss, moe_metrics, moe_step_end, router_z_loss
 from mixtral.model.rope import rope_tables
 
 IGNORE_INDEX = -100
@@ -30,6 +30,7 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     tokens_per_expert: torch.Tensor | None = None  # [layers, experts] int64, for load metrics
+    moe_metrics: dict[str, torch.Tensor] | None = None  # per-layer load metrics (with targets): moe.moe_metrics
 
 
 class RMSNorm(nn.Module):
@@ -43,18 +44,18 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.self_attn = Attention(config, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = MoE(config, ops)
+        self.mlp = MoE(config, ops, moe)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None, causal: bool):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, causal)
-        moe_out, routing, counts = self.mlp(self.post_attention_layernorm(x))
-        return x + moe_out, routing.logits, counts
+        moe_out, stats = self.mlp(self.post_attention_layernorm(x))
+        return x + moe_out, stats
 
 
 class Mixtral(nn.Module):
@@ -65,7 +66,7 @@ class Mixtral(nn.Module):
         self.config, self.moe = config, moe or MoEConfig()
         self.aux_loss_coeff = config.router_aux_loss_coef if self.moe.aux_loss_coeff is None else self.moe.aux_loss_coeff
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, ops) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, ops, self.moe) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
@@ -98,10 +99,12 @@ class Mixtral(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start: int = 0,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, pad: torch.Tensor | None = None) -> ModelOutput:
         """tokens [B, S] at positions start..start+S; targets [B, S] (IGNORE_INDEX skipped) give the losses.
 
-        last_only computes logits for the final position only (generation prefill).
+        last_only computes logits for the final position only (generation prefill). pad [B] int64 says
+        how many slots row b is left-padded by (batched prompts of different lengths): those keys are
+        masked and row b's positions start pad[b] slots later.
         """
         seq = tokens.shape[1]
         has_cache = self.layers[0].self_attn.kv_cache is not None
@@ -109,19 +112,25 @@ class Mixtral(nn.Module):
         if start + seq > self.config.max_position_embeddings:
             raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        mask, causal = attention_mask(start if has_cache else 0, seq, kv_len, self.config.sliding_window, tokens.device)
+        mask, causal = attention_mask(start if has_cache else 0, seq, kv_len, self.config.sliding_window,
+                                      tokens.device, pad)
         x = self.embed_tokens(tokens)
-        cos = self.rope_cos[start:start + seq].to(x.dtype)
-        sin = self.rope_sin[start:start + seq].to(x.dtype)
-        router_logits, counts = [], []
+        if pad is None:
+            cos = self.rope_cos[start:start + seq].to(x.dtype)
+            sin = self.rope_sin[start:start + seq].to(x.dtype)
+        else:  # per-row positions [B, 1, S, D]
+            positions = (torch.arange(start, start + seq, device=tokens.device) - pad.view(-1, 1)).clamp_min(0)
+            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)
+            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        stats = []
         for layer in self.layers:
-            x, logits, layer_counts = layer(x, cos, sin, start, mask, causal)
-            router_logits.append(logits)
-            counts.append(layer_counts)
+            x, layer_stats = layer(x, cos, sin, start, mask, causal)
+            stats.append(layer_stats)
         x = self.norm(x[:, -1:] if last_only else x)
-        out = ModelOutput(logits=F.linear(x, self.output_weight()), tokens_per_expert=torch.stack(counts))
+        out = ModelOutput(logits=F.linear(x, self.output_weight()), tokens_per_expert=torch.stack([s.counts for s in stats]))
         if targets is not None:
-            self._losses(out, targets, router_logits)
+            self._losses(out, targets, [s.logits for s in stats])
+            out.moe_metrics = moe_metrics(stats)
         return out
 
     def _losses(self, out: ModelOutput, targets: torch.Tensor, router_logits: list[torch.Tensor]) -> None:
@@ -133,3 +142,7 @@ class Mixtral(nn.Module):
         if self.moe.z_loss_coeff:
             out.z_loss = router_z_loss(router_logits)
             out.loss = out.loss + self.moe.z_loss_coeff * out.z_loss
+
+    def moe_step_end(self, dp_group=None) -> None:
+        """Call after every optimizer step: expert-bias updates, capacity-bin usage and re-shaping."""
+        moe_step_end([layer.mlp for layer in self.layers], dp_group)

@@ -1,0 +1,209 @@
+"""Intel Gaudi's capacity bins: few static expert-input shapes without dropping tokens.
+
+Re-implemented from the description of HabanaAI/Megatron-LM's capacity_bins.py. N bin edges lie
+between the balanced load ceil(top_k * tokens / E) and all tokens. Bin i has width exp_base**i;
+the widths are normalised, accumulated and scaled into that range, and each edge is rounded up to
+`alignment`. A forward pads every expert to the first edge >= its largest per-expert count, so
+only N shapes ever reach the experts. Training counts how often each bin is used, and every
+`optimize_interval` steps `optimize_bins` moves edges to where the counts are.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mixtral.errors import MixtralError
+
+
+@dataclass(frozen=True)
+class CapacityBinsConfig:
+    """The recipe's `moe.capacity_bins` mapping; defaults are Gaudi's Mixtral script."""
+
+    num_bins: int = 10
+    exp_base: float = 1.5
+    alignment: int = 64
+    optimize_interval: int = 300   # steps between optimize_bins calls; 0 turns re-optimisation off
+    group_size: int = 4            # consecutive layers that share one set of bins
+    tokens: int | None = None      # tokens per micro-batch the bins span; None: the first training batch's
+
+    def __post_init__(self) -> None:
+        for name in ("num_bins", "alignment", "group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MixtralError(f"moe.capacity_bins.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.optimize_interval, int) or self.optimize_interval < 0:
+            raise MixtralError(f"moe.capacity_bins.optimize_interval must be an integer >= 0 (0: never), "
+                               f"got {self.optimize_interval!r}")
+        if not isinstance(self.exp_base, (int, float)) or self.exp_base < 1.0:
+            raise MixtralError(f"moe.capacity_bins.exp_base must be a number >= 1.0, got {self.exp_base!r}")
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise MixtralError(f"moe.capacity_bins.tokens must be a positive integer or null, got {self.tokens!r}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> "CapacityBinsConfig":
+        """From the recipe's mapping (or None for the defaults); unknown keys are named."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if not isinstance(value, dict):
+            raise MixtralError(f"moe.capacity_bins must be a mapping of options, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise MixtralError(f"moe.capacity_bins: unknown option(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(known))}")
+        return cls(**value)
+
+
+def align_up(value: float, alignment: int) -> int:
+    return int(math.ceil(value / alignment)) * alignment
+
+
+def balanced_load(tokens: int, num_experts: int, top_k: int) -> int:
+    """Rows per expert when routing is perfectly even: the lower end of the bins' range."""
+    return -(-top_k * tokens // num_experts)
+
+
+def make_bins(tokens: int, num_experts: int, top_k: int, num_bins: int, exp_base: float,
+              alignment: int) -> list[int]:
+    """N aligned edges from the balanced load up to all tokens, widths growing by exp_base."""
+    lower = balanced_load(tokens, num_experts, top_k)
+    widths = [exp_base ** i for i in range(num_bins)]
+    total, acc, edges = sum(widths), 0.0, []
+    for width in widths:
+        acc += width
+        edges.append(align_up(lower + (tokens - lower) * acc / total, alignment))
+    edges[-1] = align_up(tokens, alignment)  # exactly all tokens, whatever the float sum gave
+    if len(set(edges)) != num_bins:
+        raise MixtralError(
+            f"moe.capacity_bins: {num_bins} bins between {lower} and {tokens} tokens per expert at "
+            f"alignment {alignment} give only {len(set(edges))} distinct edges {edges}; lower "
+            f"capacity_bins.num_bins, capacity_bins.alignment or capacity_bins.exp_base, or use more "
+            f"tokens per micro-batch")
+    return edges
+
+
+def optimize_bins(edges: list[int], usage: list[int], lower: int, alignment: int) -> list[int]:
+    """Re-shape the bins from their usage, keeping their number.
+
+    A bin's cost is usage x width / 2 (the mean padding it adds). Repeatedly pair the cheapest
+    bin left with the most expensive one left: drop the cheap edge and split the expensive bin at
+    its aligned midpoint, while the cheap one costs less. The last edge (all tokens) is never
+    dropped; a bin too narrow to split at an aligned point is left whole.
+    """
+    n = len(edges)
+    starts = [lower, *edges[:-1]]
+    cost = [u * (e - s) / 2 for u, e, s in zip(usage, edges, starts)]
+    order = sorted(range(n), key=lambda i: cost[i])
+    lo, hi = 0, n - 1
+    dropped, added = set(), []
+    while lo < hi and cost[order[lo]] < cost[order[hi]]:
+        cheap, dear = order[lo], order[hi]
+        if cheap == n - 1:
+            lo += 1
+            continue
+        mid = align_up((starts[dear] + edges[dear]) // 2, alignment)
+        if not starts[dear] < mid < edges[dear]:
+            hi -= 1
+            continue
+        dropped.add(cheap)
+        added.append(mid)
+        lo, hi = lo + 1, hi - 1
+    return sorted([e for i, e in enumerate(edges) if i not in dropped] + added)
+
+
+class CapacityBins(nn.Module):
+    """One layer's bins as model state (edges, usage, steps are saved and restored with the model).
+
+    `group` is the EP x TP process group whose ranks must agree on the shape (all-reduce MAX);
+    None keeps the choice local. With tensor parallelism and no expert parallelism the parallel
+    setup raises `alignment` to at least the TP size before the first training step.
+    """
+
+    def __init__(self, config: CapacityBinsConfig, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.config, self.num_experts, self.top_k = config, num_experts, top_k
+        self.alignment = config.alignment
+        self.group: dist.ProcessGroup | None = None
+        self.tokens = config.tokens
+        self.register_buffer("edges", torch.zeros(config.num_bins, dtype=torch.int64))  # all 0: not set yet
+        self.register_buffer("usage", torch.zeros(config.num_bins, dtype=torch.int64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._edges: list[int] | None = None  # host copy of `edges`, read once
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._edges = None
+
+    def host_edges(self) -> list[int]:
+        if self._edges is None:
+            self._edges = self.edges.tolist()
+        return self._edges
+
+    def set_edges(self, edges: list[int]) -> None:
+        """New bins; their usage starts again from zero."""
+        with torch.no_grad():
+            self.edges.copy_(torch.tensor(edges, dtype=torch.int64))
+            self.usage.zero_()
+        self._edges = list(edges)
+
+    def lower(self) -> int:
+        return balanced_load(self.tokens, self.num_experts, self.top_k)
+
+    def capacity(self, counts: torch.Tensor, tokens: int) -> tuple[int, int]:
+        """(rows per expert, bin index) for this batch's per-expert counts [E]; one host read.
+
+        Before the bins exist (no training batch yet, no capacity_bins.tokens) the largest count
+        rounded up to the alignment is used, bin index -1. A count above the last edge (a larger
+        batch than the bins were made for) also rounds up rather than dropping, counted as the last bin.
+        """
+        edges = self.host_edges()
+        if self.training:
+            self.tokens = self.tokens or tokens
+        if edges[0] == 0 and self.training:
+            self.set_edges(make_bins(self.tokens, self.num_experts, self.top_k, self.config.num_bins,
+                                     self.config.exp_base, self.alignment))
+            edges = self._edges
+        largest = counts.max()
+        if self.group is not None:
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.group)
+        largest = int(largest)
+        if edges[0] == 0:
+            return align_up(max(largest, 1), self.alignment), -1
+        index = min(bisect.bisect_left(edges, largest), len(edges) - 1)
+        if self.training:
+            self.usage[index] += 1
+        return max(edges[index], align_up(largest, self.alignment)), index
+
+
+def step_bins(bins: list[CapacityBins], dp_group: dist.ProcessGroup | None = None) -> bool:
+    """End of a training step: count it and, every optimize_interval steps, re-shape the bins.
+
+    Consecutive layers in groups of `group_size` pool their usage (summed over the data-parallel
+    group) and all take the same new bins. Returns whether the bins were re-shaped.
+    """
+    if not bins:
+        return False
+    for b in bins:
+        b.steps += 1
+    interval = bins[0].config.optimize_interval
+    if not interval or int(bins[0].steps) % interval or bins[0].host_edges()[0] == 0:
+        return False
+    size = bins[0].config.group_size
+    for start in range(0, len(bins), size):
+        group = bins[start:start + size]
+        usage = torch.stack([b.usage for b in group]).sum(0)
+        if dp_group is not None:
+            dist.all_reduce(usage, op=dist.ReduceOp.SUM, group=dp_group)
+        first = group[0]
+        edges = optimize_bins(first.host_edges(), usage.tolist(), first.lower(), first.alignment)
+        for b in group:
+            b.set_edges(edges)
+    return True
