@@ -1,0 +1,1 @@
+"""Training: the trainer loop, AdamW and schedules, atomic checkpoints, metrics and plots."""

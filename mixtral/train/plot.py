@@ -1,0 +1,73 @@
+"""`mixtral-run plot RUN_DIR`: loss.png (train and eval loss) and expert_load.png from a run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixtral.errors import MixtralError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (holds metrics.jsonl)")
+    parser.add_argument("--output", default=None, help="where to write the PNGs (default: RUN_DIR)")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MixtralError("plotting needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path]:
+    """Write loss.png, and expert_load.png when the run logged expert load; return the paths written."""
+    from mixtral.train.metrics import METRICS, read_metrics
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    if not train:
+        raise MixtralError(f"{run_dir / METRICS}: no training lines to plot; pass a run directory of `mixtral-run train`")
+    plt = _pyplot()
+    output = Path(output or run_dir)
+    output.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["step"] for r in train], [r.get("ce_loss", r["loss"]) for r in train], label="train (cross-entropy)")
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
+    ax.set(xlabel="step", ylabel="loss", title=f"{run_dir.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    written = [output / "loss.png"]
+    fig.savefig(written[0], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    loads = [r for r in records if "expert_load" in r]
+    if loads:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+        steps = [r["step"] for r in loads]
+        for layer in range(len(loads[-1]["expert_imbalance"])):
+            left.plot(steps, [r["expert_imbalance"][layer] for r in loads], label=f"layer {layer}")
+        left.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        left.set(xlabel="step", ylabel="max / mean tokens per expert", title="load imbalance (1 = balanced)")
+        left.legend(fontsize="small")
+        image = right.imshow(loads[-1]["expert_load"], aspect="auto", cmap="viridis")
+        right.set(xlabel="expert", ylabel="layer", title=f"fraction of tokens per expert, step {steps[-1]}")
+        fig.colorbar(image, ax=right)
+        written.append(output / "expert_load.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in plot_run(args.run_dir, args.output):
+        print(path)
+    return 0

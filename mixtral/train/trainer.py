@@ -1,0 +1,305 @@
+"""The training loop: micro-batches, grad clip, AdamW, schedule, eval, NaN skipping, checkpoints and metrics.
+
+One process, one device for now (the parallelism work adds ranks). Precision: fp32; bf16 (autocast over fp32
+parameters); bf16_master (bf16 parameters and gradients, fp32 master weights and gradient accumulation in the
+optimizer, as Megatron's mixed precision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from mixtral.backend import get_backend
+from mixtral.checkpoint.hf import load_hf_state_dict
+from mixtral.data.loader import Loader, SampleSource, build_datasets
+from mixtral.data.tokenizer import default_tokenizer_path, load_tokenizer
+from mixtral.errors import MixtralError
+from mixtral.model import Mixtral
+from mixtral.recipes import Recipe
+from mixtral.train import checkpointing as ckpt
+from mixtral.train.metrics import (
+    MetricsLog,
+    expert_load,
+    measure_peak_flops,
+    truncate_after,
+)
+from mixtral.train.optim import build_optimizer, lr_factor, set_lr
+
+
+def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
+    """Recompute blocks in backward instead of storing their activations.
+
+    full: every block. selective: every other block (0, 2, ...), torchtitan's layer-frequency scheme: about
+    half the activation memory for about half the recompute. The blocks' forward is wrapped in place, so
+    parameter names (and HF checkpoints) do not change.
+    """
+    if mode == "none":
+        return
+    for i, layer in enumerate(model.layers):
+        if mode == "full" or i % 2 == 0:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    ce_loss: float
+    aux_loss: float
+    grad_norm: float
+    tokens_per_expert: torch.Tensor  # [layers, experts], summed over the step's micro-batches
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, data: tuple[SampleSource, SampleSource] | None = None) -> None:
+        """Build model, optimizer and data; data overrides the recipe's corpus (tests, custom sources)."""
+        r = self.recipe = recipe
+        dims = {d: getattr(r.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep", "etp")}
+        if any(v > 1 for v in dims.values()):
+            wanted = " ".join(f"parallel.{d}={v}" for d, v in dims.items() if v > 1)
+            raise MixtralError(f"this recipe needs more than one rank ({wanted}); multi-rank training arrives with "
+                               f"the parallelism work (issue 4): set every parallel.* to 1 to train on one device")
+        self.backend = get_backend(r.backend)
+        self.device = self.backend.device()
+        self.config = r.model_config()
+        if r.seq_len > self.config.max_position_embeddings:
+            raise MixtralError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
+                               f"{self.config.max_position_embeddings}; lower seq_len or raise "
+                               f"model.max_position_embeddings")
+        torch.manual_seed(r.train.seed)
+        random.seed(r.train.seed)
+        self.param_dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
+        self.model = self._build_model()
+        named = list(self.model.named_parameters())
+        self.masters: list[torch.Tensor] = []
+        if r.precision == "bf16_master":
+            self.masters = [torch.nn.Parameter(p.detach().float().clone()) for _, p in named]
+            named = [(n, m) for (n, _), m in zip(named, self.masters)]
+        self.optimizer = build_optimizer(named, r.optimizer)
+        train, self.valid = data if data is not None else self._build_data()
+        self.loader = Loader(train, r.batch.micro_batch, r.train.seed)
+        self.step, self.tokens, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
+
+    def _build_model(self) -> Mixtral:
+        r = self.recipe
+        model = Mixtral(self.config, self.backend, moe=r.moe)
+        if r.model.init_from:
+            source = ckpt.resolve_model_dir(r.model.init_from)
+            model.load_state_dict(load_hf_state_dict(source, self.config, dtype=torch.float32))
+        else:
+            model.init_weights()
+        model.to(device=self.device, dtype=self.param_dtype).train()
+        apply_activation_checkpointing(model, r.activation_checkpointing)
+        return model
+
+    def _build_data(self) -> tuple[SampleSource, SampleSource]:
+        r = self.recipe
+        tokenizer = load_tokenizer(r.data.tokenizer)
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise MixtralError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                               f"{self.config.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+        return build_datasets(r.data, r.seq_len, r.train.seed)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.recipe.output_dir
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.recipe.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def parameters(self) -> list[torch.Tensor]:
+        """What the optimizer updates: the fp32 masters under bf16_master, else the model's parameters."""
+        return self.masters or list(self.model.parameters())
+
+    def train_step(self, batches: list[torch.Tensor]) -> StepStats:
+        """Forward and backward over the micro-batches, then clip and AdamW unless the loss or a gradient is not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(3, device=self.device)
+        counts = 0
+        for batch in batches:
+            batch = batch.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.model(batch[:, :-1], targets=batch[:, 1:])
+            (out.loss / len(batches)).backward()
+            totals += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float()
+            counts = counts + out.tokens_per_expert
+            if self.masters:
+                self._accumulate_master_grads()
+        clip = self.recipe.optimizer.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
+        loss, ce_loss, aux_loss = (totals / len(batches)).tolist()
+        stats = StepStats(loss, ce_loss, aux_loss, grad_norm.item(), counts.cpu())
+        if stats.finite:
+            self.optimizer.step()
+            if self.masters:
+                with torch.no_grad():
+                    for param, master in zip(self.model.parameters(), self.masters):
+                        param.copy_(master)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        return stats
+
+    def _accumulate_master_grads(self) -> None:
+        """Move the bf16 micro-batch gradients into fp32 master gradients (accumulation in fp32)."""
+        for param, master in zip(self.model.parameters(), self.masters):
+            if param.grad is not None:
+                grad = param.grad.float()
+                master.grad = grad if master.grad is None else master.grad.add_(grad)
+                param.grad = None
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over the first eval.samples validation sequences."""
+        r = self.recipe
+        n = min(r.eval.samples, len(self.valid))
+        self.model.eval()
+        total = 0.0
+        for start in range(0, n, r.batch.micro_batch):
+            batch = torch.stack([self.valid[i] for i in range(start, min(start + r.batch.micro_batch, n))])
+            batch = batch.to(self.device)
+            with self.autocast():
+                out = self.model(batch[:, :-1], targets=batch[:, 1:])
+            total += out.ce_loss.item() * batch.shape[0]
+        self.model.train()
+        return total / n
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
+                "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                "rng": ckpt.rng_state(self.device.type), "masters": [m.detach().cpu() for m in self.masters]}
+
+    def save(self) -> Path:
+        r = self.recipe
+        tokenizer = r.data.tokenizer or default_tokenizer_path()
+        return ckpt.save_checkpoint(r.checkpoint_dir, self.step, self.model, self.state_dict(),
+                                    r.checkpoint.keep_last, tokenizer_path=tokenizer, dtype=self.param_dtype)
+
+    def restore(self) -> Path:
+        """Continue from `latest`: weights, optimizer, data position, RNG states and the step."""
+        step_dir = ckpt.latest_step_dir(self.recipe.checkpoint_dir)
+        if step_dir is None:
+            raise MixtralError(f"--resume: no complete checkpoint in {self.recipe.checkpoint_dir} (no "
+                               f"{ckpt.LATEST}/{ckpt.STATE}); start the run without --resume")
+        weights = load_hf_state_dict(step_dir, self.config, dtype=self.param_dtype, device=self.device)
+        self.model.load_state_dict(weights)
+        state = ckpt.load_trainer_state(step_dir)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        with torch.no_grad():
+            for master, saved in zip(self.masters, state["masters"]):
+                master.copy_(saved)
+        ckpt.set_rng_state(state["rng"], self.device.type)
+        self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
+        return step_dir
+
+    def _eval_due(self, tokens_before: int) -> bool:
+        e = self.recipe.eval
+        if e.interval == 0:
+            return False
+        if self.step == self.recipe.train.steps:
+            return True
+        if e.unit == "tokens":
+            return self.tokens // e.interval > tokens_before // e.interval
+        return self.step % e.interval == 0
+
+    def _write_recipe(self) -> None:
+        path = self.run_dir / "recipe.yaml"
+        tmp = path.with_name(f".recipe.yaml.tmp-{os.getpid()}")
+        tmp.write_text(self.recipe.to_yaml())
+        os.replace(tmp, path)
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train to train.steps (or eval.target_loss); returns the last train and eval metrics."""
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(r.checkpoint_dir)
+        if resume:
+            self.restore()
+        truncate_after(self.run_dir, self.step)
+        self._write_recipe()
+        peak = r.train.peak_flops or measure_peak_flops(
+            self.device, torch.float32 if r.precision == "fp32" else torch.bfloat16, self.backend.synchronize)
+        flops_per_token = self.config.flops_per_token(r.seq_len)
+        tokens_per_step = r.batch.global_batch * r.seq_len
+        log = MetricsLog(self.run_dir, r.train.tensorboard)
+        bar = tqdm(total=r.train.steps, initial=self.step, desc=f"train {r.name}", unit="step", dynamic_ncols=True)
+        summary: dict = {"step": self.step}
+        if r.eval.at_start and r.eval.interval and self.step == 0:
+            summary["eval_loss"] = self._log_eval(log)
+        try:
+            while self.step < r.train.steps:
+                start = time.perf_counter()
+                lr = r.optimizer.lr * lr_factor(r.schedule, self.step, r.train.steps)
+                set_lr(self.optimizer, lr)
+                stats = self.train_step([next(self.loader) for _ in range(r.grad_accum)])
+                self.backend.mark_step()
+                tokens_before = self.tokens
+                self.step += 1
+                self.tokens += tokens_per_step
+                tokens_per_s = tokens_per_step / (time.perf_counter() - start)
+                if not stats.finite:
+                    self._bad_step(stats, log)
+                    continue
+                self.bad_in_a_row = 0
+                record = {"step": self.step, "loss": stats.loss, "ce_loss": stats.ce_loss, "aux_loss": stats.aux_loss,
+                          "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tokens_per_s, 1),
+                          "mfu": round(flops_per_token * tokens_per_s / peak, 5), "tokens": self.tokens}
+                every = r.train.expert_load_interval
+                if every and self.step % every == 0:
+                    record.update(expert_load(stats.tokens_per_expert))
+                if self.step % r.train.log_interval == 0 or self.step == r.train.steps:
+                    log.log(record)
+                summary.update(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+                stop = False
+                if self._eval_due(tokens_before):
+                    summary["eval_loss"] = self._log_eval(log)
+                    stop = r.eval.target_loss is not None and summary["eval_loss"] <= r.eval.target_loss
+                    if stop:
+                        tqdm.write(f"step {self.step}: eval loss reached eval.target_loss {r.eval.target_loss}")
+                interval = r.checkpoint.interval
+                if stop or self.step == r.train.steps or (interval and self.step % interval == 0):
+                    self.save()
+                if stop:
+                    break
+        finally:
+            bar.close()
+            log.close()
+        summary["step"] = self.step
+        return summary
+
+    def _log_eval(self, log: MetricsLog) -> float:
+        eval_loss = self.evaluate()
+        log.log({"step": self.step, "eval_loss": eval_loss, "tokens": self.tokens})
+        tqdm.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+        return eval_loss
+
+    def _bad_step(self, stats: StepStats, log: MetricsLog) -> None:
+        """A NaN/Inf loss or gradient: no update was made; stop after max_bad_steps in a row."""
+        self.skipped += 1
+        self.bad_in_a_row += 1
+        log.log({"step": self.step, "skipped": True, "bad_loss": str(stats.loss), "bad_grad_norm": str(stats.grad_norm),
+                 "skipped_steps": self.skipped})
+        limit = self.recipe.train.max_bad_steps
+        if self.bad_in_a_row >= limit:
+            latest = ckpt.latest_step_dir(self.recipe.checkpoint_dir)
+            kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
+            raise MixtralError(f"{limit} consecutive steps had a NaN/Inf loss or gradient (last at step {self.step}); "
+                               f"the run stopped and {kept}: lower optimizer.lr, check the data, then --resume")

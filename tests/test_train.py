@@ -1,0 +1,290 @@
+"""The trainer: parity with transformers + torch AdamW, NaN skipping, atomic checkpoints, CLI, plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import small_config
+
+from mixtral.checkpoint.hf import load_hf_model
+from mixtral.cli import main
+from mixtral.errors import MixtralError
+from mixtral.recipes import Recipe, recipe_from_dict
+from mixtral.train import checkpointing
+from mixtral.train.metrics import read_metrics
+from mixtral.train.optim import param_groups, set_lr
+from mixtral.train.plot import plot_run
+from mixtral.train.trainer import Trainer
+
+SEQ = 32
+EAGER = {"attn_implementation": "eager", "experts_implementation": "eager"}
+
+
+class RandomTokens:
+    """n fixed random sequences of SEQ + 1 tokens: a SampleSource."""
+
+    def __init__(self, n: int, vocab: int, seed: int) -> None:
+        self.data = torch.randint(0, vocab, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def tiny_recipe(run_dir: Path, *overrides: str, **model) -> Recipe:
+    """small_config's model, seq 32, 6 steps, eval and checkpoints every 3 steps, in run_dir."""
+    data = {"name": "tiny", "model": dataclasses.asdict(small_config(**model)), "seq_len": SEQ, "backend": "cpu",
+            "optimizer": {"lr": 1e-2}, "schedule": {"name": "cosine", "warmup_steps": 2},
+            "batch": {"micro_batch": 2, "global_batch": 4},
+            "eval": {"interval": 3, "samples": 4}, "checkpoint": {"interval": 3, "keep_last": 2},
+            "train": {"steps": 6, "output_dir": str(run_dir), "tensorboard": False, "peak_flops": 1e12,
+                      "expert_load_interval": 2}}
+    return recipe_from_dict(data, list(overrides))
+
+
+def tiny_trainer(run_dir: Path, *overrides: str, **model) -> Trainer:
+    recipe = tiny_recipe(run_dir, *overrides, **model)
+    vocab = recipe.model_config().vocab_size
+    return Trainer(recipe, data=(RandomTokens(64, vocab, 1), RandomTokens(8, vocab, 2)))
+
+
+
+def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
+    # Adam's first step is g / (|g| + eps): with a tiny eps, float noise in near-zero gradients decides the sign of
+    # a whole lr-sized update, so eps is large enough here that 1e-6 gradient agreement carries over to the weights.
+    trainer = tiny_trainer(tmp_path, "batch.global_batch=2", "optimizer.weight_decay=0.1",
+                           "optimizer.grad_clip=0.5", "optimizer.betas=[0.8, 0.9]", "optimizer.eps=1e-4")
+    config, opt = trainer.config, trainer.recipe.optimizer
+    trainer.model.init_weights(std=0.15)  # routing and attention far from uniform; updates small beside weights
+    hf = transformers.MixtralForCausalLM._from_config(transformers.MixtralConfig(**config.to_hf_dict()), **EAGER)
+    hf.load_state_dict({n if n == "lm_head.weight" else f"model.{n}": p for n, p in snapshot(trainer.model).items()})
+    batch = torch.randint(0, config.vocab_size, (2, SEQ + 1))
+
+    set_lr(trainer.optimizer, 3e-3)
+    stats = trainer.train_step([batch])
+
+    hf_opt = torch.optim.AdamW(param_groups(hf.named_parameters(), opt.weight_decay), lr=3e-3,
+                               betas=opt.betas, eps=opt.eps)
+    out = hf(input_ids=batch[:, :-1], output_router_logits=True)
+    ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, config.vocab_size), batch[:, 1:].reshape(-1))
+    loss = ce + config.router_aux_loss_coef * out.aux_loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), opt.grad_clip)
+    hf_opt.step()
+
+    assert abs(stats.loss - loss.item()) <= 1e-5 * loss.item()
+    assert abs(stats.aux_loss - out.aux_loss.item()) <= 1e-5 * out.aux_loss.item()
+    assert abs(stats.grad_norm - norm.item()) <= 1e-5 * norm.item()
+    assert norm.item() > opt.grad_clip  # clipping really acted
+    hf_params = dict(hf.named_parameters())
+    for name, param in trainer.model.named_parameters():
+        assert rel(param.detach(), hf_params[name if name == "lm_head.weight" else f"model.{name}"].detach()) <= 1e-5, name
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_keeps_loss_grads_and_names(tmp_path, mode):
+    plain = tiny_trainer(tmp_path / "a")
+    torch.manual_seed(0)
+    recomputed = tiny_trainer(tmp_path / "b", f"activation_checkpointing={mode}")
+    assert [n for n, _ in plain.model.named_parameters()] == [n for n, _ in recomputed.model.named_parameters()]
+    batch = torch.randint(0, plain.config.vocab_size, (2, SEQ + 1))
+    for trainer in (plain, recomputed):
+        trainer.model(batch[:, :-1], targets=batch[:, 1:]).loss.backward()
+    for (name, a), b in zip(plain.model.named_parameters(), recomputed.model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_bf16_master_keeps_fp32_masters(tmp_path):
+    trainer = tiny_trainer(tmp_path, "precision=bf16_master")
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    assert all(m.dtype == torch.float32 for m in trainer.masters)
+    before = [m.detach().clone() for m in trainer.masters]
+    set_lr(trainer.optimizer, 1e-3)
+    stats = trainer.train_step([next(trainer.loader), next(trainer.loader)])
+    assert stats.finite
+    for master, old, param in zip(trainer.masters, before, trainer.model.parameters()):
+        assert not torch.equal(master, old)
+        assert torch.equal(param, master.to(torch.bfloat16))
+
+
+def test_bf16_autocast_step(tmp_path):
+    trainer = tiny_trainer(tmp_path, "precision=bf16")
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert trainer.train_step([next(trainer.loader)]).finite
+
+
+def poison(trainer: Trainer, bad: Callable[[int], bool]) -> None:
+    """Make the loss NaN on the steps bad() picks (by the number of steps done), as a bad batch would."""
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if bad(trainer.step) and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+
+
+def test_nan_steps_are_skipped_then_stop_the_run_with_checkpoint_intact(tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.steps=10", "train.max_bad_steps=3")
+    poison(trainer, lambda done: done >= 3)
+    with pytest.raises(MixtralError, match=r"3 consecutive steps had a NaN/Inf loss .*step 6.*step_00000003 is intact"):
+        trainer.fit()
+    assert trainer.skipped == 3
+    latest = tmp_path / "checkpoints" / "latest"
+    assert latest.resolve().name == "step_00000003"
+    saved = load_hf_model(latest)  # loadable, and no bad step changed the weights after it
+    for name, param in saved.named_parameters():
+        assert torch.equal(param, dict(trainer.model.named_parameters())[name].detach()), name
+    lines = read_metrics(tmp_path)
+    assert [r["step"] for r in lines if r.get("skipped")] == [4, 5, 6]
+    assert lines[-1]["skipped_steps"] == 3
+
+
+def test_a_single_nan_step_is_skipped_and_counted(tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.steps=4", "checkpoint.interval=0")
+    poison(trainer, lambda done: done == 1)
+    entering = []
+    train_step = trainer.train_step
+    trainer.train_step = lambda batches: (entering.append(snapshot(trainer.model)), train_step(batches))[1]
+    trainer.fit()
+    assert trainer.step == 4 and trainer.skipped == 1
+    for name, param in entering[2].items():  # weights entering step 3 = weights after step 1 (step 2 skipped)
+        assert torch.equal(param, entering[1][name]), name
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("skipped")] == [2]
+
+
+def test_failed_save_leaves_latest_loadable(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path)
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the step-6 checkpoint, after its model files were written
+            raise OSError("disk full")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit()
+    ckpt_dir = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_00000003"]  # no partial step_6, no temp
+    assert load_hf_model(ckpt_dir / "latest").config == trainer.config
+    assert checkpointing.load_trainer_state(ckpt_dir / "latest")["step"] == 3
+
+
+def test_killed_save_leftovers_are_ignored_and_removed(tmp_path):
+    tiny_trainer(tmp_path, "train.steps=3").fit()
+    ckpt_dir = tmp_path / "checkpoints"
+    leftover = ckpt_dir / ".step_00000006.tmp-killed"  # what a SIGKILL during a save leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    assert checkpointing.latest_step_dir(ckpt_dir).name == "step_00000003"
+    trainer = tiny_trainer(tmp_path, "train.steps=4", "checkpoint.interval=0")
+    trainer.fit(resume=True)
+    assert trainer.step == 4 and not leftover.exists()
+    assert checkpointing.latest_step_dir(ckpt_dir).name == "step_00000004"
+
+
+def test_keep_last_and_latest_link(tmp_path):
+    trainer = tiny_trainer(tmp_path, "checkpoint.interval=1", "checkpoint.keep_last=2")
+    trainer.fit()
+    ckpt_dir = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_00000005", "step_00000006"]
+    assert (ckpt_dir / "latest").is_symlink() and str((ckpt_dir / "latest").readlink()) == "step_00000006"
+    step_dir = ckpt_dir / "latest"
+    assert {p.name for p in step_dir.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", "trainer"}
+
+
+def test_prune_never_deletes_the_published_checkpoint(tmp_path):
+    for step in (1, 2, 3):
+        (tmp_path / checkpointing.step_name(step) / "trainer").mkdir(parents=True)
+        (tmp_path / checkpointing.step_name(step) / checkpointing.STATE).write_bytes(b"x")
+    checkpointing.publish_latest(tmp_path, checkpointing.step_name(2))  # step_3: a stale newer directory
+    checkpointing.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+
+def test_eval_target_loss_stops_the_run(tmp_path):
+    trainer = tiny_trainer(tmp_path, "train.steps=30", "eval.interval=2", "eval.target_loss=100.0")
+    summary = trainer.fit()
+    assert summary["step"] == 2 and summary["eval_loss"] <= 100.0
+    assert checkpointing.latest_step_dir(tmp_path / "checkpoints").name == "step_00000002"
+
+
+def test_eval_interval_in_tokens(tmp_path):
+    # 4 sequences x 32 tokens = 128 tokens per step: an eval every 300 tokens falls after steps 3 and 5, and 6 (last)
+    tiny_trainer(tmp_path, "eval.unit=tokens", "eval.interval=300").fit()
+    assert [r["step"] for r in read_metrics(tmp_path) if "eval_loss" in r] == [3, 5, 6]
+
+
+def test_multi_rank_recipe_is_refused_until_parallelism_lands(tmp_path):
+    with pytest.raises(MixtralError, match=r"parallel.tp=2 parallel.ep=2.*set every parallel.\* to 1"):
+        tiny_trainer(tmp_path, "parallel.tp=2", "parallel.ep=2")
+
+
+def test_cli_train_on_builtin_corpus_then_plot(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--recipe", "cpu-tiny", "model.hidden_size=32", "model.intermediate_size=32",
+            "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.num_local_experts=4",
+            "seq_len=32", "batch.micro_batch=2", "batch.global_batch=4", "train.steps=4", "eval.interval=2",
+            "eval.samples=4", "checkpoint.interval=2", "train.expert_load_interval=2", "train.peak_flops=1e11",
+            f"train.output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    assert "trained cpu-tiny to step 4" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for record in train:
+        assert {"step", "loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= record.keys()
+        assert record["tokens_per_s"] > 0 and record["mfu"] > 0
+    assert [(r["step"], r["eval_loss"] > 0) for r in lines if "eval_loss" in r] == [(0, True), (2, True), (4, True)]
+    loads = [r for r in train if "expert_load" in r]
+    assert len(loads) == 2 and len(loads[0]["expert_load"]) == 2
+    assert all(abs(sum(row) - 1) < 1e-3 for row in loads[0]["expert_load"])
+    assert all(x >= 1.0 for x in loads[0]["expert_imbalance"])
+    assert "hidden_size: 32" in (run_dir / "recipe.yaml").read_text()
+    latest = run_dir / "checkpoints" / "latest"
+    assert (latest / "tokenizer.model").is_file() and load_hf_model(latest).config.hidden_size == 32
+
+    assert main(["plot", str(run_dir)]) == 0
+    for name in ("loss.png", "expert_load.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_reports_recipe_errors(capsys):
+    assert main(["train", "--recipe", "cpu-tiny", "optimizer.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe key 'optimizer.lrr'" in err and "Traceback" not in err
+
+
+def test_plot_needs_training_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "eval_loss": 3.0}\n')
+    with pytest.raises(MixtralError, match="no training lines"):
+        plot_run(tmp_path)
+
+
+def test_init_from_a_run_directory(tmp_path):
+    tiny_trainer(tmp_path / "base", "train.steps=3").fit()
+    tuned = tiny_trainer(tmp_path / "tuned", f"model.init_from={tmp_path / 'base'}")
+    base = load_hf_model(tmp_path / "base" / "checkpoints" / "latest")
+    for name, param in base.named_parameters():
+        assert torch.equal(param, dict(tuned.model.named_parameters())[name].detach()), name
