@@ -1,0 +1,139 @@
+"""`mixtral-run generate`: complete a prompt (or each line of a file, or a chat loop) with an HF Mixtral directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixtral.backend import add_backend_argument
+from mixtral.errors import MixtralError
+
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass
+class Settings:
+    """The sampling settings a run uses (the chat loop changes them with /set)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def as_kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, seed=self.seed)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF Mixtral directory (config.json + safetensors)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="text to complete")
+    source.add_argument("--prompts-file", type=Path, help="complete each non-empty line; prints JSON lines")
+    source.add_argument("--interactive", action="store_true", help="chat loop on stdin (/help lists commands)")
+    parser.add_argument("--max-tokens", type=int, default=Settings.max_tokens, help="new tokens at most")
+    parser.add_argument("--temperature", type=float, default=Settings.temperature, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus mass (1 = off)")
+    parser.add_argument("--top-k", type=int, default=Settings.top_k, help="keep the k likeliest (0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompts-file")
+    add_backend_argument(parser)
+
+
+def check_settings(settings: Settings) -> None:
+    if settings.max_tokens < 1:
+        raise MixtralError(f"--max-tokens must be at least 1, got {settings.max_tokens}")
+    if settings.temperature < 0:
+        raise MixtralError(f"--temperature must be >= 0 (0 is greedy), got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise MixtralError(f"--top-p must be in (0, 1], got {settings.top_p}")
+    if settings.top_k < 0:
+        raise MixtralError(f"--top-k must be >= 0 (0 turns it off), got {settings.top_k}")
+
+
+def load(args: argparse.Namespace):
+    """(Generator, tokenizer) for the model directory, on the chosen backend and dtype."""
+    import torch
+
+    from mixtral.backend import get_backend
+    from mixtral.checkpoint.hf import load_hf_model, read_hf_config
+    from mixtral.data.tokenizer import Tokenizer
+    from mixtral.serve.engine import Generator
+
+    config = read_hf_config(args.model)  # fails early on a missing directory or a non-Mixtral config
+    backend = get_backend(args.backend)
+    tokenizer = Tokenizer(args.model)  # the directory's tokenizer.model, else Mixtral's from mistral-common
+    if tokenizer.vocab_size > config.vocab_size:
+        raise MixtralError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
+                           f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {args.model}")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device = backend.device()
+    model = load_hf_model(args.model, backend, dtype=dtype, device=device)
+    return Generator(model, tokenizer, device), tokenizer
+
+
+def complete(generator, tokenizer, text: str, settings: Settings, stream: bool) -> str:
+    """The completion of one prompt; with stream, also printed piece by piece as it is generated."""
+    from mixtral.serve.engine import TextStream
+
+    if not text.strip():
+        raise MixtralError("empty prompt; pass some text with --prompt")
+    on_token = None
+    if stream:
+        pieces = TextStream(tokenizer)
+
+        def on_token(row: int, token: int) -> None:
+            print(pieces.push(token), end="", flush=True)
+
+    ids = generator.generate([tokenizer.encode(text)], on_token=on_token, **settings.as_kwargs())[0]
+    return tokenizer.decode(ids)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    if not path.is_file():
+        raise MixtralError(f"{path}: prompts file not found; pass a text file with one prompt per line")
+    prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise MixtralError(f"{path}: no prompts in the file; write one prompt per line")
+    return prompts
+
+
+def complete_all(generator, tokenizer, prompts: list[str], settings: Settings, batch_size: int) -> None:
+    """Complete the prompts in batches, printing one JSON object per prompt in order."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(prompts), unit="prompt", file=sys.stderr) as bar:
+        for first in range(0, len(prompts), batch_size):
+            chunk = prompts[first:first + batch_size]
+            outputs = generator.generate([tokenizer.encode(p) for p in chunk], **settings.as_kwargs())
+            for prompt, ids in zip(chunk, outputs):
+                print(json.dumps({"prompt": prompt, "completion": tokenizer.decode(ids)}, ensure_ascii=False))
+            bar.update(len(chunk))
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    check_settings(settings)
+    if args.batch_size < 1:
+        raise MixtralError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise MixtralError("empty prompt; pass some text with --prompt")
+    prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else None
+    generator, tokenizer = load(args)
+    if args.interactive:
+        from mixtral.serve.interactive import chat
+
+        chat(generator, tokenizer, settings, sys.stdin, sys.stdout)
+    elif prompts is not None:
+        complete_all(generator, tokenizer, prompts, settings, args.batch_size)
+    else:
+        text = complete(generator, tokenizer, args.prompt, settings, args.stream)
+        print("" if args.stream else text)
+    return 0
