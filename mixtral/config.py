@@ -161,6 +161,7 @@ class MoEConfig:
     expert_bias: bool = False              # aux-loss-free balancing (DeepSeek-V3): bias for selection only
     expert_bias_update_rate: float = 1e-3  # bias += rate * sign(mean load - load) after each step
     jitter: float | None = None            # router input jitter in training; None: router_jitter_noise
+    ep_comm: str = "alltoall"              # expert parallel exchange: alltoall (uneven splits) | allgather
 
     def __post_init__(self) -> None:
         from mixtral.backend import DISPATCHERS
@@ -168,7 +169,8 @@ class MoEConfig:
 
         if self.dispatcher not in DISPATCHERS:
             raise MixtralError(f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}")
-        for name, allowed in (("capacity_per", ("batch", "sequence")), ("drop_policy", ("position", "probs"))):
+        for name, allowed in (("capacity_per", ("batch", "sequence")), ("drop_policy", ("position", "probs")),
+                              ("ep_comm", ("alltoall", "allgather"))):
             if getattr(self, name) not in allowed:
                 raise MixtralError(f"moe.{name} '{getattr(self, name)}' is unknown; choose one of: {', '.join(allowed)}")
         if self.dispatcher == "capacity" and (self.capacity_factor is None or self.capacity_factor <= 0):

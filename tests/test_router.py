@@ -10,7 +10,7 @@ from mixtral.backend import Ops
 from mixtral.config import MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.model.moe import MoE, MoEStats, load_balancing_loss, moe_metrics, route, router_z_loss
+from mixtral.model.moe import MoE, MoEStats, moe_metrics, route, router_losses, router_totals
 
 
 def test_route_renormalises_top_k_in_fp32():
@@ -35,14 +35,16 @@ def test_aux_loss_by_hand():
     """Switch loss E * sum(fraction routed * mean prob), over all layers' tokens (transformers' formula)."""
     logits = [torch.tensor([[0.0, 0.0]]), torch.tensor([[torch.log(torch.tensor(3.0)), 0.0]])]
     # probs [.5, .5] and [.75, .25]; top-1 picks expert 0 both times: fractions [1, 0], mean probs [.625, .375].
-    torch.testing.assert_close(load_balancing_loss(logits, 2, 1), torch.tensor(2 * 0.625))
+    aux, _ = router_losses(router_totals(logits, 2, 1))
+    torch.testing.assert_close(aux, torch.tensor(2 * 0.625))
 
 
 def test_z_loss_by_hand():
-    logits = [torch.zeros(3, 4), torch.full((2, 4), 1.0)]
-    # logsumexp of 4 equal logits z is z + ln 4: layers give ln(4)^2 and (1 + ln 4)^2, averaged.
+    logits = [torch.zeros(3, 4), torch.full((3, 4), 1.0)]
+    # logsumexp of 4 equal logits z is z + ln 4: layers give ln(4)^2 and (1 + ln 4)^2, averaged over all rows.
     ln4 = torch.log(torch.tensor(4.0))
-    torch.testing.assert_close(router_z_loss(logits), (ln4 ** 2 + (1 + ln4) ** 2) / 2)
+    _, z_loss = router_losses(router_totals(logits, 4, 2))
+    torch.testing.assert_close(z_loss, (ln4 ** 2 + (1 + ln4) ** 2) / 2)
 
 
 def test_z_loss_enters_the_model_loss():

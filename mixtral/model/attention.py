@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.attend, self.rope = ops.attention, ops.rope
         self.kv_cache: KVCache | None = None
+        self.gather_kv: Callable | None = None  # context parallel: K or V of this chunk -> the whole sequence's
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -33,6 +36,8 @@ class Attention(nn.Module):
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
+        if self.gather_kv is not None:
+            k, v = self.gather_kv(k), self.gather_kv(v)
         out = self.attend(q, k, v, mask=mask, causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 

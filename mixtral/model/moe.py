@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,7 @@ from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.capacity_bins import step_bins
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
 
-__all__ = ["MoE", "MoEStats", "Routing", "route", "load_balancing_loss", "router_z_loss", "moe_metrics",
-           "moe_step_end"]
+__all__ = ["MoE", "MoEStats", "Routing", "route", "router_totals", "router_losses", "moe_metrics", "moe_step_end"]
 
 
 def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> Routing:
@@ -83,6 +83,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = GroupedExperts(config, ops)
         self.dispatcher = build_dispatcher(config, moe, ops)
+        self.exchange: Callable | None = None  # set by expert parallelism: (moe, x, routing, batch) -> (out, ctx)
         self.expert_bias_rate = moe.expert_bias_update_rate
         bias = torch.zeros(self.num_experts) if moe.expert_bias else None
         self.register_buffer("expert_bias", bias)  # saved with the model; None: plain top-k
@@ -94,8 +95,11 @@ class MoE(nn.Module):
         if self.training and self.jitter > 0:  # as transformers: the experts see the jittered input too
             flat = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         routing = route(F.linear(flat.float(), self.gate.weight.float()), self.top_k, self.expert_bias)
-        rows, counts, ctx = self.dispatcher.dispatch(flat, routing, x.shape[0])
-        out = self.dispatcher.combine(self.experts(rows, counts), ctx)
+        if self.exchange is None:
+            rows, counts, ctx = self.dispatcher.dispatch(flat, routing, x.shape[0])
+            out = self.dispatcher.combine(self.experts(rows, counts), ctx)
+        else:  # expert parallel (mixtral.parallel.expert_parallel): experts on other ranks too
+            out, ctx = self.exchange(self, flat, routing, x.shape[0])
         if self.expert_bias is not None and self.training:
             self.expert_load += ctx.counts
         return out.view_as(x), MoEStats(routing.logits, ctx.counts, ctx.dropped, ctx.capacity, ctx.bin)
@@ -135,20 +139,35 @@ def moe_metrics(stats: list[MoEStats]) -> dict[str, torch.Tensor]:
     }
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
-    """Switch-Transformer aux loss over all layers' tokens at once, exactly as transformers computes it."""
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    prob_sum = torch.zeros_like(counts)
-    rows = 0
+def router_totals(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Additive router statistics of some layers' tokens, [2, E + 1]: row 0 is the top-k counts per
+    expert and the row count, row 1 the softmax probability sums per expert and the sum of squared
+    logsumexps. Sums add over layers, pipeline stages and ranks; the losses are computed from them."""
+    totals = torch.zeros(2, num_experts + 1, dtype=torch.float32, device=router_logits[0].device)
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = torch.topk(probs, top_k, dim=-1).indices
-        counts = counts + torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
-        prob_sum = prob_sum + probs.sum(dim=0)
-        rows += probs.shape[0]
-    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))
+        counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+        rows = counts.new_tensor([probs.shape[0]])
+        z = torch.logsumexp(logits.float(), dim=-1).square().sum().reshape(1)
+        totals = totals + torch.stack([torch.cat([counts, rows]), torch.cat([probs.sum(dim=0), z])])
+    return totals
 
 
-def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
-    """ST-MoE z-loss: mean squared logsumexp of the router logits, averaged over layers."""
-    return torch.stack([torch.logsumexp(l.float(), dim=-1).square().mean() for l in router_logits]).mean()
+def router_losses(totals: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Switch aux loss, z-loss) from router_totals, exactly as transformers computes the aux loss over
+    all layers' tokens at once.
+
+    With a group (the data x context ranks) the counts and row counts are summed over it while the
+    differentiable probability sums stay local, scaled by the group size: the mean of the ranks'
+    losses, and of their gradients, is then exactly the loss of the whole batch.
+    """
+    counts, rows = totals[0, :-1].detach(), totals[0, -1].detach()
+    local, scale = totals[1], 1.0
+    if group is not None and dist.get_world_size(group) > 1:
+        counts_rows = totals[0].detach().clone()
+        dist.all_reduce(counts_rows, op=dist.ReduceOp.SUM, group=group)
+        counts, rows, scale = counts_rows[:-1], counts_rows[-1], float(dist.get_world_size(group))
+    num_experts = counts.shape[0]
+    aux = num_experts * torch.sum((counts / rows) * (local[:-1] * scale / rows))
+    return aux, local[-1] * scale / rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,7 +17,7 @@ from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.kv_cache import KVCache
-from mixtral.model.moe import MoE, load_balancing_loss, moe_metrics, moe_step_end, router_z_loss
+from mixtral.model.moe import MoE, moe_metrics, moe_step_end, router_losses, router_totals
 from mixtral.model.rope import rope_tables
 
 IGNORE_INDEX = -100
@@ -72,6 +73,8 @@ class Mixtral(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_group: dist.ProcessGroup | None = None  # data x context ranks: losses over their whole batch
+        self.context_shard = (0, 1)  # context parallel: (this rank's chunk, chunks) of every sequence
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
@@ -91,8 +94,10 @@ class Mixtral(nn.Module):
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
         c = self.config
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
+        for layer in self.layers:  # the local kv heads: under tensor parallelism k_proj holds kv_heads / tp of them
+            weight = layer.self_attn.k_proj.weight
+            kv_heads = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0] // c.head_dim
+            layer.self_attn.kv_cache = KVCache(batch, kv_heads, max_len, c.head_dim, dtype, device)
 
     def clear_caches(self) -> None:
         for layer in self.layers:
@@ -106,22 +111,8 @@ class Mixtral(nn.Module):
         how many slots row b is left-padded by (batched prompts of different lengths): those keys are
         masked and row b's positions start pad[b] slots later.
         """
-        seq = tokens.shape[1]
-        has_cache = self.layers[0].self_attn.kv_cache is not None
-        kv_len = start + seq if has_cache else seq
-        if start + seq > self.config.max_position_embeddings:
-            raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        mask, causal = attention_mask(start if has_cache else 0, seq, kv_len, self.config.sliding_window,
-                                      tokens.device, pad)
         x = self.embed_tokens(tokens)
-        if pad is None:
-            cos = self.rope_cos[start:start + seq].to(x.dtype)
-            sin = self.rope_sin[start:start + seq].to(x.dtype)
-        else:  # per-row positions [B, 1, S, D]
-            positions = (torch.arange(start, start + seq, device=tokens.device) - pad.view(-1, 1)).clamp_min(0)
-            cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)
-            sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        start, cos, sin, mask, causal = self.layer_inputs(tokens, start, pad, x.dtype)
         stats = []
         for layer in self.layers:
             x, layer_stats = layer(x, cos, sin, start, mask, causal)
@@ -129,18 +120,59 @@ class Mixtral(nn.Module):
         x = self.norm(x[:, -1:] if last_only else x)
         out = ModelOutput(logits=F.linear(x, self.output_weight()), tokens_per_expert=torch.stack([s.counts for s in stats]))
         if targets is not None:
-            self._losses(out, targets, [s.logits for s in stats])
+            c = self.config
+            self.losses(out, targets, router_totals([s.logits for s in stats], c.num_local_experts, c.num_experts_per_tok))
             out.moe_metrics = moe_metrics(stats)
         return out
 
-    def _losses(self, out: ModelOutput, targets: torch.Tensor, router_logits: list[torch.Tensor]) -> None:
-        c = self.config
-        out.ce_loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
-                                      ignore_index=IGNORE_INDEX)
-        out.aux_loss = load_balancing_loss(router_logits, c.num_local_experts, c.num_experts_per_tok)
+    def layer_inputs(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None, dtype: torch.dtype
+                     ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """(start, cos, sin, mask, causal) every block takes for tokens [B, S] at positions start..start+S.
+
+        Under context parallelism the tokens are chunk i of `chunks` equal chunks: their positions
+        start i * S later and their keys (gathered by attention) are the whole sequence.
+        """
+        seq = tokens.shape[1]
+        has_cache = self.layers[0].self_attn.kv_cache is not None
+        chunk, chunks = self.context_shard
+        if chunks > 1 and has_cache:
+            raise ValueError("context parallelism runs training forwards only; generate without a KV cache "
+                             "or with parallel.cp = 1")
+        start += chunk * seq
+        kv_len = start + seq if has_cache else seq * chunks
+        if start + seq > self.config.max_position_embeddings:
+            raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        mask, causal = attention_mask(start if has_cache or chunks > 1 else 0, seq, kv_len,
+                                      self.config.sliding_window, tokens.device, pad)
+        if pad is None:
+            cos = self.rope_cos[start:start + seq].to(dtype)
+            sin = self.rope_sin[start:start + seq].to(dtype)
+        else:  # per-row positions [B, 1, S, D]
+            positions = (torch.arange(start, start + seq, device=tokens.device) - pad.view(-1, 1)).clamp_min(0)
+            cos = self.rope_cos[positions].unsqueeze(1).to(dtype)
+            sin = self.rope_sin[positions].unsqueeze(1).to(dtype)
+        return start, cos, sin, mask, causal
+
+    def losses(self, out: ModelOutput, targets: torch.Tensor, totals: torch.Tensor) -> None:
+        """Fill out's losses from its logits, the targets and the router totals (moe.router_totals).
+
+        With a loss_group each rank's loss is its share of the group's whole batch: the token sum over
+        the group's counted targets, times the group size, so the ranks' mean is the whole-batch loss.
+        """
+        logits, flat = out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
+        group = self.loss_group
+        if group is None or dist.get_world_size(group) == 1:
+            out.ce_loss = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX)
+        else:
+            counted = (flat != IGNORE_INDEX).sum().float()
+            dist.all_reduce(counted, op=dist.ReduceOp.SUM, group=group)
+            total = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum")
+            out.ce_loss = total * dist.get_world_size(group) / counted
+        out.aux_loss, z_loss = router_losses(totals, group)
         out.loss = out.ce_loss + self.aux_loss_coeff * out.aux_loss
         if self.moe.z_loss_coeff:
-            out.z_loss = router_z_loss(router_logits)
+            out.z_loss = z_loss
             out.loss = out.loss + self.moe.z_loss_coeff * out.z_loss
 
     def moe_step_end(self, dp_group=None) -> None:
