@@ -6,6 +6,7 @@ their positions shifted (Mixtral.forward's `pad`), so each row computes what it 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -15,6 +16,11 @@ from mixtral.model import Mixtral
 from mixtral.serve.sampling import SamplingParams, make_generators, sample
 
 CACHE_ROUND = 256  # cache lengths round up to this, so successive requests reuse one cache
+
+
+def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.inference_mode, except on XLA: torch_xla 2.9 rejects inference tensors, and supports no_grad."""
+    return torch.no_grad() if device.type == "xla" else torch.inference_mode()
 
 
 class Generator:
@@ -56,7 +62,6 @@ class Generator:
         length = min(-(-length // CACHE_ROUND) * CACHE_ROUND, self.max_positions)
         self.model.setup_caches(batch, length, device=self.device)
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | list[float] = 0.0,
                  top_k: int | list[int] = 0, top_p: float | list[float] = 1.0,
                  seed: int | list[int | None] | None = None, stop_at_eos: bool = True,
@@ -67,6 +72,11 @@ class Generator:
         on_token(row, token_id) is called for every new token as soon as it is chosen.
         """
         self.check(prompts, max_new_tokens)
+        with inference_mode(self.device):
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, on_token)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, on_token
+                  ) -> list[list[int]]:
         batch, longest = len(prompts), max(len(p) for p in prompts)
         self.ensure_cache(batch, longest + max_new_tokens)
         pads = [longest - len(p) for p in prompts]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixtral.errors import MixtralError
-from mixtral.serve.engine import Generator, TextStream
+from mixtral.serve.engine import Generator, TextStream, inference_mode
 
 log = logging.getLogger("mixtral.serve")
 
@@ -209,23 +209,19 @@ class Scheduler:
             pass
 
 
-@torch.inference_mode()
 def score(model, sequences: list[list[int]]) -> list[list[float]]:
     """log p(token t | tokens < t) for t >= 1 of each sequence: one cache-free forward over the batch.
 
-    The engine returns no logprobs, so they are recomputed here; the KV caches are set aside meanwhile.
+    The engine returns no logprobs, so they are recomputed here. The KV caches are dropped first (the next
+    generate allocates them again) through model calls only, so ranks following a leader stay in step.
     """
-    caches = [layer.self_attn.kv_cache for layer in model.layers]
     model.clear_caches()
-    try:
-        longest = max(len(s) for s in sequences)
-        pads = [longest - len(s) for s in sequences]
-        device = model.embed_tokens.weight.device
-        tokens = torch.tensor([[0] * p + s for p, s in zip(pads, sequences)], dtype=torch.long, device=device)
-        pad = torch.tensor(pads, device=device) if any(pads) else None
+    longest = max(len(s) for s in sequences)
+    pads = [longest - len(s) for s in sequences]
+    device = model.embed_tokens.weight.device
+    tokens = torch.tensor([[0] * p + s for p, s in zip(pads, sequences)], dtype=torch.long, device=device)
+    pad = torch.tensor(pads, device=device) if any(pads) else None
+    with inference_mode(device):
         logp = model(tokens, pad=pad).logits.float().log_softmax(dim=-1)
-        picked = logp[:, :-1].gather(2, tokens[:, 1:].unsqueeze(2)).squeeze(2)
-        return [picked[b, p:].tolist() for b, p in enumerate(pads)]
-    finally:
-        for layer, cache in zip(model.layers, caches):
-            layer.self_attn.kv_cache = cache
+    picked = logp[:, :-1].gather(2, tokens[:, 1:].unsqueeze(2)).squeeze(2)
+    return [picked[b, p:].tolist() for b, p in enumerate(pads)]
