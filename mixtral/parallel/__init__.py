@@ -1,13 +1,21 @@
-"""Parallel layouts on torch.distributed: device meshes, data (DDP / FSDP2), tensor and sequence parallelism."""
+"""Parallel layouts on torch.distributed: device meshes, data (DDP / FSDP2), tensor, sequence, expert and context parallelism."""
 
+from mixtral.parallel.context_parallel import apply_context_parallel, shard_sequence
 from mixtral.parallel.data_parallel import (
            apply_data_parallel,
            mean_over,
            microbatch_sync,
 )
 from mixtral.parallel.dims import ParallelDims, ParallelMeshes
+from mixtral.parallel.expert_parallel import (
+           apply_expert_data_parallel,
+           apply_expert_parallel,
+           expert_parameters,
+           full_expert_weight,
+)
 from mixtral.parallel.launch import DistInfo, fail_fast, init_distributed
 from mixtral.parallel.tensor_parallel import apply_tensor_parallel
 
-__all__ = ["DistInfo", "ParallelDims", "ParallelMeshes", "apply_data_parallel", "apply_tensor_parallel",
-           "fail_fast", "init_distributed", "mean_over", "microbatch_sync"]
+__all__ = ["DistInfo", "ParallelDims", "ParallelMeshes", "apply_context_parallel", "apply_data_parallel",
+           "apply_expert_data_parallel", "apply_expert_parallel", "apply_tensor_parallel", "expert_parameters",
+           "fail_fast", "full_expert_weight", "init_distributed", "mean_over", "microbatch_sync", "shard_sequence"]
