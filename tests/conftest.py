@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mixtral.config import ModelConfig
+from mixtral.model import Mixtral
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -15,6 +16,22 @@ def small_config(**overrides) -> ModelConfig:
                 max_position_embeddings=256, router_aux_loss_coef=0.02)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+# ~210 MB in fp32: big enough that a memory bound tells reading a shard from reading everything
+BIG_CONFIG = dict(vocab_size=4096, hidden_size=768, intermediate_size=768, num_hidden_layers=3, num_attention_heads=8,
+                  num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
+
+
+def big_random_model() -> tuple[Mixtral, float]:
+    """(the BIG_CONFIG model with uniform(-0.05, 0.05) weights, its size in MB), built on meta: no slow init."""
+    with torch.device("meta"):
+        model = Mixtral(ModelConfig(**BIG_CONFIG))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(-0.05, 0.05)
+    return model, sum(p.numel() * 4 for p in model.parameters()) / 2**20
 
 
 @pytest.fixture(autouse=True)

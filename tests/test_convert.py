@@ -10,13 +10,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import big_random_model, small_config
 from safetensors.torch import load_file, save_file
 
 from mixtral.checkpoint import hf, megatron, native
 from mixtral.checkpoint.hf import save_hf
 from mixtral.cli import main
-from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
 
 SHARD_BYTES = 30_000  # several HF shards for the small model
@@ -186,16 +185,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 def test_conversion_streams_in_bounded_memory(hf_dir, tmp_path):
     """A ~210 MB model converts HF -> native -> Megatron with peak RSS growing by under a quarter of it."""
-    config = ModelConfig(vocab_size=4096, hidden_size=768, intermediate_size=768, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=64)
-    with torch.device("meta"):
-        model = Mixtral(config)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for param in model.parameters():
-            param.uniform_(-0.05, 0.05)
-    model_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    model, model_mb = big_random_model()
     save_hf(model, tmp_path / "big", max_shard_bytes=64 * 2**20)
     expert = model.layers[2].mlp.experts.gate_up_proj[5].detach().clone()
     del model

@@ -16,22 +16,21 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from mixtral.checkpoint import hf
+from mixtral.checkpoint.loading import EXPERT_SUFFIXES, Source, detect_format, open_source
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.model.rope import rope_tables
 
 # native and megatron import torch.distributed.checkpoint (seconds): loaded inside the functions that use
 # them, so that building the mixtral-run parser stays cheap.
 FORMATS = ("hf", "native", "megatron")
 DTYPE_NAMES = ("bf16", "fp32")
-EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 PROMPT_LEN = 16
 
 
@@ -47,52 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="HF config.json or preset for a Megatron input that has no "
                                                        "config.json beside it")
     parser.add_argument("--verify", action="store_true", help="round-trip tensor equality and fixed-prompt logits")
-
-
-class Source(Protocol):
-    """Our parameters of one checkpoint, read on demand."""
-
-    config: ModelConfig
-    dtype: torch.dtype
-    shapes: dict[str, torch.Size]  # our parameter names and shapes
-
-    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
-        """Parameter `name`, or its expert slice [1, ...] when expert is given."""
-
-
-# --- formats -------------------------------------------------------------------------------------
-
-def detect_format(path: str | Path) -> str:
-    """hf (config.json + safetensors), native (manifest.json or a `latest` link) or megatron (metadata.json)."""
-    from mixtral.checkpoint import megatron, native
-
-    path = Path(path)
-    if not path.is_dir():
-        raise MixtralError(f"{path}: no such checkpoint directory")
-    if megatron.is_megatron(path):
-        return "megatron"
-    if (path / native.MANIFEST).is_file() or (path / native.LATEST).exists():
-        return "native"
-    if (path / "config.json").is_file():
-        return "hf"
-    raise MixtralError(f"{path}: not a checkpoint mixtral-run knows: an HF directory holds config.json and "
-                       f"*.safetensors, a native checkpoint {native.MANIFEST}, a Megatron torch_dist one "
-                       f"{megatron.METADATA}")
-
-
-def open_source(path: str | Path, config: str | None = None) -> tuple[str, Source]:
-    """The format of path and a source reading our parameters from it."""
-    from mixtral.checkpoint import megatron, native
-
-    fmt = detect_format(path)
-    if fmt == "hf":
-        return fmt, hf.HFSource(path)
-    if fmt == "native":
-        return fmt, native.NativeSource(path)
-    model_config = None
-    if config is not None:
-        model_config = ModelConfig.from_json(config) if Path(config).exists() else ModelConfig.preset(config)
-    return fmt, megatron.MegatronSource(path, model_config)
 
 
 def boxes_for(name: str, shape: tuple[int, ...]) -> list:
@@ -115,12 +68,7 @@ def build_model(source: Source, dtype: torch.dtype, round_to: torch.dtype | None
         state[name] = tensor.to(dtype)
         if on_read:
             on_read(tensor.numel() * tensor.element_size())
-    with torch.device("meta"):
-        model = Mixtral(source.config)
-    model.load_state_dict(state, strict=True, assign=True)
-    c = source.config
-    model.rope_cos, model.rope_sin = rope_tables(c.head_dim, c.max_position_embeddings, c.rope_theta)
-    return model.eval()
+    return hf.assemble_model(source.config, state)
 
 
 def _replaceable(path: Path, fmt: str) -> None:

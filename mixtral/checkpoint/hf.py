@@ -182,10 +182,15 @@ def load_hf_model(path: str | Path, backend: Backend | Ops | str | None = None,
                   moe: MoEConfig | None = None) -> Mixtral:
     """A ready Mixtral (eval mode) from an HF directory; built on the meta device, so weights exist once."""
     config = read_hf_config(path)
-    state = load_hf_state_dict(path, config, dtype=dtype, device=device)
+    return assemble_model(config, load_hf_state_dict(path, config, dtype=dtype, device=device), backend, device, moe)
+
+
+def assemble_model(config: ModelConfig, state: dict[str, torch.Tensor], backend: Backend | Ops | str | None = None,
+                   device: torch.device | str = "cpu", moe: MoEConfig | None = None) -> Mixtral:
+    """A ready Mixtral (eval mode) around state's tensors (assigned, not copied: weights exist once)."""
     with torch.device("meta"):
         model = Mixtral(config, get_backend(backend) if isinstance(backend, str) else backend, moe)
-    model.load_state_dict(state, strict=False, assign=True)  # every parameter (checked); buffers below
+    model.load_state_dict(state, strict=False, assign=True)  # every parameter (checked by sources); buffers below
     model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_position_embeddings,
                                                  config.rope_theta, device=torch.device(device))
     for module in model.modules():
@@ -238,7 +243,7 @@ def save_hf(model: Mixtral, path: str | Path, max_shard_bytes: int = 2 * 1024**3
             dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None) -> None:
     """Write an HF directory (original tensor names, shards + index when large, config.json) atomically."""
     path = Path(path)
-    dtype = dtype or model.output_weight().dtype
+    dtype = dtype or model.embed_tokens.weight.dtype
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise MixtralError(f"{tokenizer_path}: tokenizer file not found; pass the model's tokenizer.model")
     state = {name: p.detach() for name, p in model.named_parameters()}  # weights only: no routing state

@@ -371,11 +371,13 @@ def _dtype_name(state: dict[str, Any]) -> str:
 
 def save_native(path: str | Path, model_state: dict[str, Any], optimizer_state: dict[str, Any] | None = None, *,
                 config: ModelConfig, step: int = 0, layout: dict[str, int] | None = None,
-                manifest_extra: dict[str, Any] | None = None, file_per_item: bool = False) -> Path:
+                manifest_extra: dict[str, Any] | None = None, file_per_item: bool = False,
+                add_files: Callable[[Path], None] | None = None) -> Path:
     """Write a native checkpoint at path; collective when a process group is up (each rank passes its shards).
 
     model_state is get_model_state_dict(model) (tensors, DTensors; LazyTensors for streaming conversions),
-    optimizer_state get_optimizer_state_dict(model, optimizer). Written into `.<name>.tmp`, then renamed.
+    optimizer_state get_optimizer_state_dict(model, optimizer). Written into `.<name>.tmp`, then renamed;
+    add_files(tmp) runs on every rank before the DCP save, so side files are published with the tensors.
     """
     path = Path(path)
     tmp = temporary_sibling(path)
@@ -389,12 +391,19 @@ def save_native(path: str | Path, model_state: dict[str, Any], optimizer_state: 
     state: dict[str, Any] = {"model": model_state}
     if optimizer_state is not None:
         state["optimizer"] = optimizer_state
-    dcp_save(state, tmp, file_per_item)
-    if _rank() == 0:
-        manifest = Manifest(config, dict(layout or {"tp": 1, "pp": 1, "ep": 1}), step, _dtype_name(model_state),
-                            dict(manifest_extra or {}))
-        _write_json(tmp / MANIFEST, manifest.to_json())
-        publish(tmp, path)
+    try:
+        if add_files is not None:
+            add_files(tmp)
+        dcp_save(state, tmp, file_per_item)  # collective: every rank's side files exist once it returns
+        if _rank() == 0:
+            manifest = Manifest(config, dict(layout or {"tp": 1, "pp": 1, "ep": 1}), step,
+                                _dtype_name(model_state), dict(manifest_extra or {}))
+            _write_json(tmp / MANIFEST, manifest.to_json())
+            publish(tmp, path)
+    except BaseException:
+        if _rank() == 0:  # never published, so never read; removed now rather than by the next save
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     return path
 
@@ -421,7 +430,7 @@ def _publish_latest(root: Path, name: str) -> None:
 def save_native_step(root: str | Path, step: int, model_state: dict[str, Any],
                      optimizer_state: dict[str, Any] | None = None, *, config: ModelConfig,
                      layout: dict[str, int] | None = None, manifest_extra: dict[str, Any] | None = None,
-                     keep_last: int = 0) -> Path:
+                     keep_last: int = 0, add_files: Callable[[Path], None] | None = None) -> Path:
     """Save step into root/step_XXXXXXXX, then swap root/latest to it, then keep only the last keep_last.
 
     A step that `latest` already names is not rewritten (the published directory is never replaced).
@@ -437,7 +446,7 @@ def save_native_step(root: str | Path, step: int, model_state: dict[str, Any],
             shutil.rmtree(final)
     _barrier()
     save_native(final, model_state, optimizer_state, config=config, step=step, layout=layout,
-                manifest_extra=manifest_extra)
+                manifest_extra=manifest_extra, add_files=add_files)
     if _rank() == 0:
         _publish_latest(root, final.name)
         if keep_last > 0:

@@ -1,44 +1,48 @@
-"""Training checkpoints: an HF model directory plus trainer/ state, published atomically behind a `latest` link.
+"""Training checkpoints: native (DCP) checkpoints with the trainer's state, published by save_native_step.
 
-Layout: `<dir>/step_XXXXXXXX/` = config.json + safetensors (+ tokenizer.model), so generate and convert read it
-as any HF directory, and `trainer/state.pt` (optimizer, RNG, data position, step; plain tensors and numbers,
-loaded with weights_only=True). A checkpoint is written into a hidden temporary directory and renamed into
-place when complete; `latest` is then swapped with os.replace. A crash at any point leaves `latest` loadable.
+`<dir>/step_XXXXXXXX/` holds the model and the optimizer state as DCP keys (`model.*`, `optimizer.*`, so a
+sharded run saves its shards and any layout loads them), `manifest.json` whose `extra.trainer` holds the
+loop's counters and data position, `rng/rank_NNNNN.pt` (each rank's RNG states) and `tokenizer.model`.
+Everything is written before the directory is renamed into place and `latest` moves (checkpoint.native),
+so a crash at any point leaves `latest` loadable; `mixtral-run generate --model <dir>/latest` reads it.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-from mixtral.checkpoint.hf import CONFIG, save_hf
+from mixtral.checkpoint.hf import TOKENIZER
+from mixtral.checkpoint.native import LATEST, Manifest, load_native, remove_stale_temporaries, save_native_step
+from mixtral.checkpoint.native import published as latest_step_dir
+from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
-from mixtral.model import Mixtral
 
-LATEST = "latest"
-STATE = Path("trainer") / "state.pt"
-STEP_DIR = re.compile(r"step_(\d{8})")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
+TRAINER_KEY = "trainer"  # manifest extra: step, tokens, skipped, loader, world_size
+RNG_DIR = "rng"
+__all__ = ["LATEST", "latest_step_dir", "load_training_checkpoint", "optimized_module", "remove_stale_temporaries",
+           "save_training_checkpoint"]  # the trainer's whole interface; publishing itself is checkpoint.native's
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """The HF model directory meant by an HF dir, a checkpoint dir, a checkpoints/ dir or a run dir."""
-    path = Path(path)
-    for candidate in (path, path / LATEST, path / "checkpoints" / LATEST):
-        if (candidate / CONFIG).is_file():
-            return candidate
-    raise MixtralError(f"{path}: no {CONFIG} here, nor in {LATEST}/ or checkpoints/{LATEST}/; model.init_from takes "
-                       f"an HF Mixtral directory, a checkpoint directory or a run directory")
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rng_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / RNG_DIR / f"rank_{rank:05d}.pt"
 
 
 def rng_state(device_type: str) -> dict[str, Any]:
@@ -57,89 +61,81 @@ def set_rng_state(state: dict[str, Any], device_type: str) -> None:
         getattr(torch, device_type).set_rng_state_all(state["device"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+def optimized_module(model: nn.Module, masters: list[torch.Tensor]) -> nn.Module:
+    """The module whose parameters the optimizer steps: the model, or (fp32 masters of bf16 parameters) a
+    module with the model's names and buffers holding the masters, so DCP keys both alike."""
+    if not masters:
+        return model
+    holder = nn.Module()
+    holder.config = model.config
+    tensors = model.state_dict(keep_vars=True)
+    tensors.update(zip((name for name, _ in model.named_parameters()), masters))
+    for name, tensor in tensors.items():
+        path, _, leaf = name.rpartition(".")
+        owner = holder
+        for part in path.split(".") if path else ():
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(tensor, nn.Parameter):
+            owner.register_parameter(leaf, tensor)
+        else:
+            owner.register_buffer(leaf, tensor)
+    return holder
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync(file: Path) -> None:
+    """On disk before the directory is published (DCP and the manifest sync their own files)."""
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
-def latest_step_dir(ckpt_dir: Path) -> Path | None:
-    link = ckpt_dir / LATEST
-    return link.resolve() if (link / STATE).is_file() else None
+def _save_fsynced(obj: Any, file: Path) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, file)
+    _fsync(file)
 
 
-def publish_latest(ckpt_dir: Path, name: str) -> None:
-    """Point `latest` at name in one atomic rename of a fresh symlink."""
-    tmp = ckpt_dir / f".{LATEST}.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(name, tmp)
-    os.replace(tmp, ckpt_dir / LATEST)
-    _fsync_dir(ckpt_dir)
+def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+                             config: ModelConfig, trainer_state: dict[str, Any], keep_last: int,
+                             layout: dict[str, int] | None = None, tokenizer_path: str | Path | None = None,
+                             device_type: str = "cpu") -> Path:
+    """Publish step's checkpoint (collective on many ranks): model and optimizer shards, trainer state, RNG."""
+    rng = rng_state(device_type)
+
+    def add_files(tmp: Path) -> None:
+        _save_fsynced(rng, rng_file(tmp, _rank()))
+        if _rank() == 0 and tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            _fsync(tmp / TOKENIZER)
+
+    extra = {TRAINER_KEY: {**trainer_state, "world_size": _world_size()}}
+    return save_native_step(ckpt_dir, step, get_model_state_dict(module), get_optimizer_state_dict(module, optimizer),
+                            config=config, layout=layout, manifest_extra=extra, keep_last=keep_last,
+                            add_files=add_files)
 
 
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Published step directories, oldest first (temporary ones start with '.' and never match)."""
-    return sorted(p for p in ckpt_dir.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()) if ckpt_dir.is_dir() else []
+def load_training_checkpoint(step_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
+                             device_type: str = "cpu") -> dict[str, Any]:
+    """Load model and optimizer (resharded to module's layout) and this rank's RNG; returns the trainer state.
 
-
-def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints; the one `latest` names is always kept."""
-    if keep_last <= 0:
-        return
-    complete = complete_checkpoints(ckpt_dir)
-    keep = set(complete[-keep_last:]) | {latest_step_dir(ckpt_dir)}
-    for path in complete:
-        if path.resolve() not in {k.resolve() for k in keep if k}:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_stale_temporaries(ckpt_dir: Path) -> None:
-    """Temporary directories a killed run left behind (never published, so never read)."""
-    if ckpt_dir.is_dir():
-        for path in ckpt_dir.iterdir():
-            if path.name.startswith(".") and ".tmp-" in path.name:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, model: Mixtral, state: dict[str, Any], keep_last: int,
-                    tokenizer_path: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write step's checkpoint completely, then rename it into place, then move `latest`, then prune."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / step_name(step)
-    if latest_step_dir(ckpt_dir) == final.resolve():
-        return final  # already published (a resumed run ending where it started)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=ckpt_dir))
-    try:
-        save_hf(model, tmp, dtype=dtype, tokenizer_path=tokenizer_path)
-        (tmp / STATE).parent.mkdir()
-        torch.save(state, tmp / STATE)
-        _fsync_tree(tmp)
-        if final.exists():  # left by a run that died before moving `latest` to it: not the published one
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(ckpt_dir)
-    publish_latest(ckpt_dir, final.name)
-    prune(ckpt_dir, keep_last)
-    return final
-
-
-def load_trainer_state(step_dir: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint (tensors and plain values only: weights_only=True)."""
-    try:
-        return torch.load(step_dir / STATE, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise MixtralError(f"{step_dir / STATE}: unreadable trainer state ({exc}); resume from an older "
-                           f"checkpoint by pointing {LATEST} at it") from None
+    The RNG states are restored only when the world size matches the saving run's (each rank has its own);
+    on another layout the run continues with the RNG it was started with, so it is not bit-identical.
+    """
+    manifest: Manifest = load_native(step_dir, module, optimizer)
+    state = manifest.extra.get(TRAINER_KEY)
+    if not isinstance(state, dict):
+        raise MixtralError(f"{step_dir}: holds no trainer state (a converted or weights-only checkpoint); --resume "
+                           f"needs a checkpoint written by training: start a fresh run with model.init_from={step_dir}")
+    if state.get("world_size") == _world_size():
+        file = rng_file(step_dir, _rank())
+        try:
+            set_rng_state(torch.load(file, map_location="cpu", weights_only=True), device_type)
+        except (OSError, RuntimeError, EOFError, KeyError) as exc:
+            raise MixtralError(f"{file}: unreadable RNG state ({type(exc).__name__}: {exc}); resume from an older "
+                               f"checkpoint by pointing {LATEST} at it") from None
+    else:
+        warnings.warn(f"{step_dir} was saved by {state.get('world_size')} ranks, this run has {_world_size()}: "
+                      f"weights, optimizer and data position resume, the random streams restart from train.seed",
+                      stacklevel=2)
+    return state
