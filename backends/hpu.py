@@ -90,7 +90,8 @@ class HPUBackend(Backend):
         )
         from habana_frameworks.torch.hpex.normalization import FusedRMSNorm
 
-        return make_ops(FusedSDPA, FusedRMSNorm, RotaryPosEmbeddingHelperV1)
+        recompute = self.options.get("fused_sdpa_recompute", True)  # HL_USE_FUSED_SDPA_WITH_RECOMPUTE
+        return make_ops(FusedSDPA, FusedRMSNorm, RotaryPosEmbeddingHelperV1, recompute)
 
     def mark_step(self) -> None:
         """In lazy mode, run the accumulated graph (after backward and after the optimizer step)."""

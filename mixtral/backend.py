@@ -6,6 +6,7 @@ functions out of `Backend.ops` when it is built, so no plugin dispatch happens p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from dataclasses import dataclass, field
@@ -77,6 +78,11 @@ class Backend:
     dist_backend: str
     capabilities: Capabilities = field(default_factory=Capabilities)
     install_hint: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # a recipe's backend_options, read by build_ops
+
+    def configure(self, options: dict[str, Any]) -> "Backend":
+        """A copy with a recipe's backend_options (ops built afresh); the registered instance stays as it is."""
+        return dataclasses.replace(self, options=dict(options)) if options else self
 
     def probe(self) -> Availability:
         return Availability(True)

@@ -17,6 +17,7 @@ tokens per rank, t = T / tp under sequence parallelism (else T), t_moe = min(T, 
 the rank's experts and r = top_k x t_moe x pad expert rows (pad: 1 dropless, the capacity factor, 1.5 for
 capacity bins, the typical bin above the balanced load):
   attention  a x (2 h t + T (2 n_heads + 2 n_kv) head_dim / tp)    norm in/out; q, k, v, output (flash: no T^2)
+             + a x (cp - 1) T 2 n_kv head_dim / tp under cp_algo allgather (the other chunks' K and V, kept)
   moe        a x (2 h t + r (2 h + 3 F / etp)) + 8 t_moe E          norm in/out; expert in, gate_up, swiglu, out; router
   input      a x h t                                                the residual stream kept by checkpointing
   none: attention + moe per layer; full: input per layer plus one layer recomputed (attention + moe);
@@ -32,8 +33,9 @@ Step time (training) = compute + tp + cp + ep + pp + dp, nothing overlapped (an 
              for what checkpointing recomputes) / (peak x mfu)
   tp         4 collectives (all-gather / reduce-scatter, forward and backward) per layer per micro-batch for
              attention, 4 more for experts when etp > 1, each (tp - 1) / tp x T h a bytes
-  cp         ring attention: 3 passes (forward k, v; backward k, v and their gradients) of (cp - 1) x T x
-             2 n_kv head_dim x a bytes per layer per micro-batch
+  cp         per layer per micro-batch, passes of (cp - 1) x T x 2 n_kv head_dim x a bytes: ring attention 3
+             (forward k, v; backward k, v and their gradients), allgather 2 (all-gather k, v; reduce-scatter
+             their gradients)
   ep         4 all-to-alls per layer per micro-batch of top_k x t x h x a x pad x (ep - 1) / ep bytes
              (allgather dispatcher: all-gather then reduce-scatter of (ep x etp - 1) x t x h x a bytes)
   pp         bubble (compute + tp + cp + ep) x (pp - 1) / m (idle share (pp - 1) / (m + pp - 1) of the step)
@@ -52,9 +54,7 @@ import dataclasses
 import itertools
 import math
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mixtral.config import ModelConfig
@@ -66,6 +66,7 @@ BINS_PAD = 1.5            # capacity bins: expected expert-input padding (the bi
 CHECKPOINTING = ("none", "selective", "moe", "full")
 MODES = ("train", "inference")
 EP_COMMS = ("alltoall", "allgather")
+CP_ALGOS = ("allgather", "ring")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class Workload:
     dispatcher: str = "dropless"
     capacity_factor: float | None = None
     ep_comm: str = "alltoall"
+    cp_algo: str = "allgather"
     mode: str = "train"
 
     @property
@@ -153,33 +155,23 @@ class Workload:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_recipe(cls, recipe, pending: dict[str, Any] | None = None) -> Workload:
-        """The recipe's layout; `pending` holds the keys the recipe schema does not have yet (see pending_keys)."""
-        pending = pending or {}
+    def from_recipe(cls, recipe) -> Workload:
+        """The layout, batch, precision, checkpointing, dispatcher and mode of a mixtral.recipes.Recipe."""
         p, moe = recipe.parallel, recipe.moe
         return cls(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, zero=p.zero,
                    micro_batch=recipe.batch.micro_batch, global_batch=recipe.batch.global_batch,
-                   seq_len=recipe.seq_len, precision=recipe.precision,
-                   checkpointing=pending.get("activation_checkpointing", recipe.activation_checkpointing),
-                   dispatcher=moe.dispatcher, capacity_factor=moe.capacity_factor,
-                   ep_comm=recipe.moe.ep_comm, mode=pending.get("mode", "train"))
+                   seq_len=recipe.seq_len, precision=recipe.precision, checkpointing=recipe.activation_checkpointing,
+                   dispatcher=moe.dispatcher, capacity_factor=moe.capacity_factor, ep_comm=moe.ep_comm,
+                   cp_algo=p.cp_algo, mode=recipe.mode)
 
 
-_PENDING = re.compile(r"^#\s*schema-pending:\s*([\w.]+)=(.*?)\s*(?:#.*)?$")
-
-
-def pending_keys(path: str | Path) -> dict[str, Any]:
-    """`# schema-pending: key=value` comment lines of a recipe file: vendor settings the recipe schema cannot
-    express yet. The planner reads mode, hardware.device, hardware.devices, hardware.nodes and
-    activation_checkpointing from them; tests check that the schema still rejects each one."""
-    import yaml
-
-    found = {}
-    for line in Path(path).read_text().splitlines():
-        match = _PENDING.match(line.strip())
-        if match:
-            found[match.group(1)] = yaml.safe_load(match.group(2))
-    return found
+def recipe_device(recipe, override: str | None = None) -> Device:
+    """The device a recipe is checked against: --device-type, else hardware.device, else its backend's."""
+    name = override or recipe.hardware.device or BACKEND_DEVICE.get(recipe.backend)
+    if name is None:
+        raise MixtralError(f"recipe '{recipe.name}' has backend '{recipe.backend}', which names no device; set "
+                           f"hardware.device ({', '.join(DEVICES)}) or pass --device-type")
+    return get_device(name)
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -210,19 +202,55 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
+def shard_shapes(config: ModelConfig, w: Workload, stage: int) -> dict[str, tuple[int, ...]]:
+    """Each parameter one rank of the pipeline stage holds, by its Mixtral name, with its local shape.
+
+    tp splits attention heads (q, k, v rows; o columns) and the vocabulary (embedding, lm head), ep the
+    experts and etp each expert's intermediate size; norms and the router are whole. The stage holds
+    layers [stage x L / pp, (stage + 1) x L / pp), the embedding on the first stage and the final norm and
+    lm head on the last (a tied embedding is copied there when pp > 1). ZeRO sharding comes on top.
+    """
+    c = config
+    h, hd, tp = c.hidden_size, c.head_dim, w.tp
+    experts, f = c.num_local_experts // w.ep, c.intermediate_size // w.etp
+    per_stage = c.num_hidden_layers // w.pp
+    shapes: dict[str, tuple[int, ...]] = {}
+    if stage == 0:
+        shapes["embed_tokens.weight"] = (c.vocab_size // tp, h)
+    for i in range(stage * per_stage, (stage + 1) * per_stage):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in (
+            ("input_layernorm.weight", (h,)),
+            ("self_attn.q_proj.weight", (c.num_attention_heads * hd // tp, h)),
+            ("self_attn.k_proj.weight", (c.num_key_value_heads * hd // tp, h)),
+            ("self_attn.v_proj.weight", (c.num_key_value_heads * hd // tp, h)),
+            ("self_attn.o_proj.weight", (h, c.num_attention_heads * hd // tp)),
+            ("post_attention_layernorm.weight", (h,)),
+            ("mlp.gate.weight", (c.num_local_experts, h)),
+            ("mlp.experts.gate_up_proj", (experts, 2 * f, h)),
+            ("mlp.experts.down_proj", (experts, h, f)))})
+    if stage == w.pp - 1:
+        shapes["norm.weight"] = (h,)
+        if not c.tie_word_embeddings or w.pp > 1:
+            shapes["lm_head.weight"] = (c.vocab_size // tp, h)
+    return shapes
+
+
+def is_expert(name: str) -> bool:
+    """Expert weights shard over ep x etp and replicate over edp ranks; every other parameter over dp x cp."""
+    return ".experts." in name
+
+
 def stage_parameters(config: ModelConfig, w: Workload, stage: int) -> tuple[int, int]:
     """(dense, expert) parameters one rank of the pipeline stage holds, after tp and ep x etp sharding."""
-    h, e = config.hidden_size, config.num_local_experts
-    layers = config.num_hidden_layers // w.pp
-    attention = h * config.head_dim * 2 * (config.num_attention_heads + config.num_key_value_heads)
-    dense = layers * (attention // w.tp + 2 * h + h * e)
-    vocab = config.vocab_size * h // w.tp
-    if stage == 0:
-        dense += vocab
-    if stage == w.pp - 1:
-        dense += h + (vocab if not config.tie_word_embeddings or w.pp > 1 else 0)
-    expert = layers * e * 3 * h * config.intermediate_size // (w.ep * w.etp)
-    return dense, expert
+    counts = [0, 0]
+    for name, shape in shard_shapes(config, w, stage).items():
+        counts[is_expert(name)] += math.prod(shape)
+    return counts[0], counts[1]
+
+
+# training bytes per parameter (weights, gradients, optimizer states), and the ZeRO level that shards each row
+BYTES_PER_PARAMETER = {"fp32": (4, 4, 8), "bf16": (4, 4, 8), "bf16_master": (2, 4, 12)}
+TRAINING_ROWS = (("weights", 3), ("gradients", 2), ("optimizer states", 1))
 
 
 def _act_bytes(w: Workload) -> int:
@@ -237,7 +265,9 @@ def layer_activations(config: ModelConfig, w: Workload) -> dict[str, float]:
     t_moe = min(T, t * w.etp)
     rows = config.num_experts_per_tok * t_moe * w.pad
     heads = 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
-    return {"attention": a * (2 * h * t + T * heads / w.tp),
+    # allgather context parallelism keeps the other cp ranks' K and V for the backward pass; ring passes them on
+    gathered = (w.cp - 1) * T * 2 * config.num_key_value_heads * config.head_dim / w.tp if w.cp_algo == "allgather" else 0
+    return {"attention": a * (2 * h * t + T * heads / w.tp + gathered),
             "moe": a * (2 * h * t + rows * (2 * h + 3 * f / w.etp)) + 8 * t_moe * config.num_local_experts,
             "input": a * h * t}
 
@@ -263,36 +293,38 @@ def estimate_memory(config: ModelConfig, w: Workload, device: Device) -> MemoryE
                            f"{', '.join(CHECKPOINTING)}")
     if w.mode not in MODES:
         raise MixtralError(f"mode '{w.mode}' is unknown; choose one of: {', '.join(MODES)}")
-    best = None
-    for stage in range(w.pp):
-        rows = _stage_rows(config, w, device, stage)
-        estimate = MemoryEstimate(device, stage, tuple(rows))
-        if best is None or estimate.total > best.total:
-            best = estimate
-    return best
+    return max((stage_memory(config, w, device, stage) for stage in range(w.pp)), key=lambda e: e.total)
+
+
+def stage_memory(config: ModelConfig, w: Workload, device: Device, stage: int) -> MemoryEstimate:
+    """Bytes per device of one pipeline stage's ranks."""
+    return MemoryEstimate(device, stage, tuple(_stage_rows(config, w, device, stage)))
+
+
+def parameter_rows(w: Workload) -> list[tuple[str, int | None, int]]:
+    """(memory row, the ZeRO level from which it is sharded or None, bytes per parameter) of the parameters."""
+    if w.mode == "inference":
+        return [("weights", None, 4 if w.precision == "fp32" else 2)]
+    return [(row, level, per) for (row, level), per in zip(TRAINING_ROWS, BYTES_PER_PARAMETER[w.precision])]
 
 
 def _stage_rows(config: ModelConfig, w: Workload, device: Device, stage: int) -> list[tuple[str, float]]:
     dense, expert = stage_parameters(config, w, stage)
     groups = (w.dp * w.cp, w.edp)
     T = w.micro_batch * w.seq_len / w.cp
+
+    def sharded(level: int | None) -> float:
+        return sum(n / (g if level is not None and w.zero >= level else 1) for n, g in zip((dense, expert), groups))
+
+    rows = [(row, sharded(level) * per) for row, level, per in parameter_rows(w)]
     if w.mode == "inference":
-        weight = 4 if w.precision == "fp32" else 2
         kv_heads = max(1, config.num_key_value_heads // w.tp)
         kv = 2 * (config.num_hidden_layers // w.pp) * kv_heads * config.head_dim * T * 2
-        rows = [("weights", (dense + expert) * weight), ("KV cache", kv),
-                ("activations (one layer prefill)", _stage_activations(config, w, stage))]
+        rows += [("KV cache", kv), ("activations (one layer prefill)", _stage_activations(config, w, stage))]
     else:
-        weight, grad, state = (2, 4, 12) if w.precision == "bf16_master" else (4, 4, 8)
-
-        def sharded(per_param: int, level: int) -> float:
-            return sum(n * per_param / (g if w.zero >= level else 1) for n, g in zip((dense, expert), groups))
-
-        rows = [("weights", sharded(weight, 3)), ("gradients", sharded(grad, 2)),
-                ("optimizer states", sharded(state, 1))]
         if w.zero == 3:
-            layers = config.num_hidden_layers // w.pp
-            layer = (dense + expert) / layers
+            weight, grad, _ = BYTES_PER_PARAMETER[w.precision]
+            layer = (dense + expert) / (config.num_hidden_layers // w.pp)
             rows.append(("ZeRO-3 gathered layers", layer * (2 * weight + grad)))
         rows.append(("activations", _stage_activations(config, w, stage)))
         if stage == w.pp - 1:
@@ -356,7 +388,8 @@ def step_time(config: ModelConfig, w: Workload, device: Device) -> StepTime:
     parts["tp"] = (per_layer_mb * tp_ops * (w.tp - 1) / w.tp * T * h * a / _bandwidth(device, w.tp)
                    if w.tp > 1 else 0.0)
     kv = 2 * config.num_key_value_heads * config.head_dim
-    parts["cp"] = per_layer_mb * 3 * (w.cp - 1) * T * kv * a / _bandwidth(device, w.cp * w.tp)
+    passes = 3 if w.cp_algo == "ring" else 2
+    parts["cp"] = per_layer_mb * passes * (w.cp - 1) * T * kv * a / _bandwidth(device, w.cp * w.tp)
     group = w.ep * w.etp
     if w.ep_comm == "allgather":
         ep_bytes = 4 * (group - 1) * t * h * a if group > 1 else 0.0
@@ -371,7 +404,7 @@ def step_time(config: ModelConfig, w: Workload, device: Device) -> StepTime:
 
 
 def _dp_time(config: ModelConfig, w: Workload, device: Device) -> float:
-    weight, grad = (2, 4) if w.precision == "bf16_master" else (4, 4)
+    weight, grad, _ = BYTES_PER_PARAMETER[w.precision]
     m = w.micro_batches
     seconds = 0.0
     for params, g in zip(stage_parameters(config, w, 0), (w.dp * w.cp, w.edp)):
@@ -397,6 +430,19 @@ def check_layout(config: ModelConfig, w: Workload, devices: int | None = None) -
                            f"model.max_position_embeddings")
     if w.ep_comm not in EP_COMMS:
         raise MixtralError(f"moe.ep_comm '{w.ep_comm}' is unknown; choose one of: {', '.join(EP_COMMS)}")
+    if w.zero == 0 and w.tp > 1:
+        raise MixtralError("parallel.zero=0 (DDP) does not compose with tensor parallelism; set parallel.zero to "
+                           "1, 2 or 3 (FSDP2) when parallel.tp > 1")
+    if w.cp_algo not in CP_ALGOS:
+        raise MixtralError(f"parallel.cp_algo '{w.cp_algo}' is unknown; choose one of: {', '.join(CP_ALGOS)}")
+
+
+def check_hardware(w: Workload, device: Device, devices: int | None, nodes: int | None) -> None:
+    """hardware.nodes against the devices and the device's devices per host."""
+    count = devices or w.world_size
+    if nodes and nodes != -(-count // device.per_host):
+        raise MixtralError(f"hardware.nodes={nodes}: {count} devices on {device.name} ({device.per_host} per "
+                           f"node) need {-(-count // device.per_host)} nodes; set hardware.nodes to that")
 
 
 def check_dispatcher(dispatcher: str, backend_name: str) -> None:

@@ -1,13 +1,17 @@
 """`mixtral-run recipe list | show | validate | plan`: check a layout against the model and the device before launch.
 
 validate loads the recipe (every key checked), then checks the world size and every divisibility rule
-(ParallelDims), the dispatcher against the backend, and the memory per device (mixtral.planner), and
-prints the memory table and the estimated step time. Any failure exits 2 with the key and the fix.
+(ParallelDims), the hardware section, the dispatcher against the backend, and the memory per device
+(mixtral.planner), and prints the memory table and the estimated step time. --dry-run then builds the
+real-size model's shards on the meta device under a fake process group (mixtral.dry_run); --scaled-down
+trains the layout divided down to a few gloo ranks (mixtral.scaled_down). Any failure exits 2 with the
+key and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.pp=2")
     validate.add_argument("--device-type", help="device to check against (default: the recipe's, else its backend's)")
     validate.add_argument("--devices", type=int, help="devices you will launch on (default: the recipe's)")
+    validate.add_argument("--dry-run", action="store_true",
+                          help="build every pipeline stage's rank shard of the real-size model on the meta device "
+                               "under a fake process group, and compare shapes and bytes with the estimate")
+    validate.add_argument("--scaled-down", action="store_true",
+                          help="train the layout divided down to at most --max-ranks gloo ranks, tiny model, CPU, "
+                               "3 steps, and compare the loss with one process")
+    validate.add_argument("--max-ranks", type=int, default=8, help="rank limit for --scaled-down (default 8)")
     plan = sub.add_parser("plan", help="layouts of N devices that fit, fastest first by the cost model")
     plan.add_argument("--devices", type=int, required=True)
     plan.add_argument("--device-type", required=True, help="h100, gaudi2, 910b, v5p or cpu")
@@ -38,43 +49,19 @@ def run(args: argparse.Namespace) -> int:
     return {"list": list_recipes, "show": show, "validate": validate_command, "plan": plan}[args.action](args)
 
 
-def _load(name: str, overrides: list[str]):
-    from mixtral.planner import pending_keys
-    from mixtral.recipes import find_recipe, load_recipe
-
-    path = find_recipe(name)
-    return load_recipe(path, overrides), pending_keys(path)
-
-
-def _text(value: Any) -> str:
-    """A pending value as it is written in YAML."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _device_name(recipe, pending: dict[str, Any], override: str | None) -> str:
-    from mixtral.errors import MixtralError
-    from mixtral.planner import BACKEND_DEVICE
-
-    name = override or pending.get("hardware.device") or BACKEND_DEVICE.get(recipe.backend)
-    if name is None:
-        raise MixtralError(f"recipe '{recipe.name}' has backend '{recipe.backend}', which names no device; "
-                           f"pass --device-type (h100, gaudi2, 910b, v5p, cpu) or set backend")
-    return name
-
-
 def list_recipes(args: argparse.Namespace) -> int:
     from mixtral.errors import MixtralError
-    from mixtral.planner import Workload
-    from mixtral.recipes import RECIPES_DIR
+    from mixtral.planner import Workload, recipe_device
+    from mixtral.recipes import RECIPES_DIR, load_recipe
 
     rows = [("name", "model", "devices", "layout", "dispatcher", "device", "mode")]
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         try:
-            recipe, pending = _load(str(path), [])
-            w = Workload.from_recipe(recipe, pending)
+            recipe = load_recipe(path)
+            w = Workload.from_recipe(recipe)
             rows.append((path.stem, recipe.model.preset or recipe.model.config or recipe.model.init_from or "custom",
-                         str(pending.get("hardware.devices", w.world_size)), w.layout, w.dispatcher,
-                         _device_name(recipe, pending, None), w.mode))
+                         str(recipe.hardware.devices or w.world_size), w.layout, w.dispatcher,
+                         recipe_device(recipe).name, w.mode))
         except MixtralError as exc:
             rows.append((path.stem, f"ERROR: {exc}", "", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows if not r[1].startswith("ERROR")) for i in range(len(rows[0]))]
@@ -88,9 +75,9 @@ def show(args: argparse.Namespace) -> int:
 
     import yaml
 
-    recipe, pending = _load(args.name, args.overrides)
-    for key, value in pending.items():
-        print(f"# schema-pending: {key}={_text(value)}")
+    from mixtral.recipes import load_recipe
+
+    recipe = load_recipe(args.name, args.overrides)
     data = recipe.to_dict()
     sources = {k: v for k, v in data["model"].items() if k in ("preset", "config", "init_from") and v is not None}
     data["model"] = {**sources, **dataclasses.asdict(recipe.model_config())}  # every model field, resolved
@@ -98,36 +85,31 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
-def validate(recipe, pending: dict[str, Any], device_type: str | None = None, devices: int | None = None,
-             out=print):
+def validate(recipe, device_type: str | None = None, devices: int | None = None, out: Callable[[str], Any] = print):
     """Every check of a loaded recipe; prints what passed and the tables. Returns (MemoryEstimate, StepTime | None)."""
     from mixtral.errors import MixtralError
     from mixtral.planner import (
         Workload,
         check_dispatcher,
+        check_hardware,
         check_layout,
         check_memory,
-        get_device,
+        recipe_device,
         step_time,
     )
 
-    device = get_device(_device_name(recipe, pending, device_type))
-    devices = devices or pending.get("hardware.devices")
+    device = recipe_device(recipe, device_type)
+    devices = devices or recipe.hardware.devices
     config = recipe.model_config()
-    w = Workload.from_recipe(recipe, pending)
+    w = Workload.from_recipe(recipe)
     out(f"recipe {recipe.name}: {config.num_parameters / 1e9:.1f} B parameters, {w.mode}, {w.layout} on "
         f"{devices or w.world_size} x {device.name}, dispatcher {w.dispatcher}, backend {recipe.backend}")
     check_layout(config, w, devices)
     out(f"  ok  world size {w.world_size} = dp {w.dp} x tp {w.tp} x pp {w.pp} x cp {w.cp}; "
         f"ep {w.ep} x etp {w.etp} fold over dp x cp x tp; heads, experts, layers and seq_len divide")
-    nodes, count = pending.get("hardware.nodes"), devices or w.world_size
-    if nodes and count != nodes * device.per_host:
-        raise MixtralError(f"hardware.nodes={nodes}: {count} devices on {device.name} ({device.per_host} per "
-                           f"node) need {-(-count // device.per_host)} nodes")
+    check_hardware(w, device, devices, recipe.hardware.nodes)
     check_dispatcher(w.dispatcher, recipe.backend)
     out(f"  ok  dispatcher {w.dispatcher} runs on backend {recipe.backend}")
-    for key, value in pending.items():
-        out(f"  --  {key}={_text(value)}: not in the recipe schema yet (read from the recipe's schema-pending comments)")
     try:
         memory = check_memory(config, w, device, f"recipe {recipe.name}")
     except MixtralError:
@@ -143,8 +125,18 @@ def validate(recipe, pending: dict[str, Any], device_type: str | None = None, de
 
 
 def validate_command(args: argparse.Namespace) -> int:
-    recipe, pending = _load(args.name, args.overrides)
-    validate(recipe, pending, args.device_type, args.devices)
+    from mixtral.recipes import load_recipe
+
+    recipe = load_recipe(args.name, args.overrides)
+    validate(recipe, args.device_type, args.devices)
+    if args.dry_run:
+        from mixtral.dry_run import dry_run
+
+        dry_run(recipe, args.device_type)
+    if args.scaled_down:
+        from mixtral.scaled_down import scaled_down_run
+
+        scaled_down_run(recipe, args.max_ranks)
     print(f"recipe {recipe.name}: valid")
     return 0
 

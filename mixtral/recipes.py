@@ -20,8 +20,10 @@ import yaml
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.data.loader import DataConfig
 from mixtral.errors import MixtralError
+from mixtral.planner import DEVICES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DeviceName = Literal[tuple(DEVICES)]  # h100, gaudi2, 910b, v5p, cpu: the planner's device table
 
 # The model section: where the config comes from, plus any ModelConfig field as an override (None: keep).
 _MODEL_FIELDS = [(f.name, typing.get_type_hints(ModelConfig)[f.name] | None, field(default=None))
@@ -29,10 +31,11 @@ _MODEL_FIELDS = [(f.name, typing.get_type_hints(ModelConfig)[f.name] | None, fie
 ModelSection = dataclasses.make_dataclass("ModelSection", [
     ("preset", str | None, field(default=None)),      # tiny | 8x7b | 8x22b
     ("config", str | None, field(default=None)),      # an HF config.json or a directory holding one
-    ("init_from", str | None, field(default=None)),   # HF directory, checkpoint dir or run dir to fine-tune from
+    ("init_from", str | None, field(default=None)),   # HF, native or Megatron checkpoint, or run dir, to fine-tune from
     *_MODEL_FIELDS,
 ])
 ModelSection.__doc__ = "The recipe's `model` section: preset, config or init_from, then field overrides."
+ModelSection.__module__ = __name__  # so that recipes pickle (spawned processes get them)
 
 
 @dataclass
@@ -51,6 +54,12 @@ class ScheduleSection:
     warmup_steps: int = 0
     warmup_fraction: float | None = None  # of train.steps; replaces warmup_steps (MLPerf MoE: 0.25)
     min_lr_ratio: float = 0.1             # cosine/linear decay down to lr * min_lr_ratio
+    decay_steps: int | None = None        # cosine/linear: decay ends at this step, then lr * min_lr_ratio
+                                          # (Megatron --lr-decay-iters; beyond train.steps: cut short); None: train.steps
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of a run of total_steps: warmup_fraction of it when set, else warmup_steps."""
+        return round(self.warmup_fraction * total_steps) if self.warmup_fraction is not None else self.warmup_steps
 
 
 @dataclass
@@ -61,8 +70,6 @@ class BatchSection:
 
 @dataclass
 class ParallelSection:
-    """Filled in by the parallelism issue; a run needing more than one rank is refused until then."""
-
     dp: int = 1
     tp: int = 1
     pp: int = 1
@@ -70,12 +77,24 @@ class ParallelSection:
     ep: int = 1
     etp: int = 1
     sp: bool = False
-    zero: Literal[1, 2, 3] = 1
+    zero: Literal[0, 1, 2, 3] = 1           # 0: DDP; 1 distributed optimizer; 2 also gradients; 3 also weights (FSDP)
+    cp_algo: Literal["allgather", "ring"] = "allgather"  # context parallel attention: gather K/V, or pass them round
+    # pipeline schedule; its micro-batches are the step's batch.micro_batch ones (global_batch / (micro_batch x dp))
+    pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
 
     @property
     def world_size(self) -> int:
         """Ranks one replica set needs: ep folds over dp x cp and etp over tp, as Megatron-core does."""
         return self.dp * self.tp * self.pp * self.cp
+
+
+@dataclass
+class HardwareSection:
+    """What the recipe was validated on: `recipe validate` checks memory and world size against it."""
+
+    device: DeviceName | None = None      # None: the backend's device (cuda -> h100, hpu -> gaudi2, ...)
+    devices: int | None = None            # accelerators in all; None: the layout's world size
+    nodes: int | None = None              # hosts; checked against the device's devices per host
 
 
 @dataclass
@@ -116,13 +135,17 @@ class Recipe:
     batch: BatchSection = field(default_factory=BatchSection)
     seq_len: int = 2048
     precision: Literal["fp32", "bf16", "bf16_master"] = "fp32"  # bf16: autocast; bf16_master: bf16 params, fp32 master
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    mode: Literal["train", "inference"] = "train"  # inference recipes: memory of weights and KV cache, no step time
+    # none; selective: every other block; full: every block; moe: the MoE layer only (Megatron --moe-layer-recompute)
+    activation_checkpointing: Literal["none", "selective", "moe", "full"] = "none"
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     train: TrainSection = field(default_factory=TrainSection)
     backend: str = "auto"
+    backend_options: dict[str, Any] = field(default_factory=dict)  # handed to the backend as is (Backend.configure)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
 
     @property
     def grad_accum(self) -> int:
@@ -141,9 +164,9 @@ class Recipe:
         """The ModelConfig: from init_from, config or preset, then the section's field overrides."""
         m = self.model
         if m.init_from:
-            from mixtral.train.checkpointing import resolve_model_dir
+            from mixtral.checkpoint.loading import checkpoint_config
 
-            base = ModelConfig.from_json(resolve_model_dir(m.init_from))
+            base = checkpoint_config(m.init_from)
         elif m.config:
             base = ModelConfig.from_json(m.config)
         elif m.preset:
@@ -170,7 +193,9 @@ class Recipe:
                     "batch.global_batch": self.batch.global_batch, "train.steps": self.train.steps,
                     "train.log_interval": self.train.log_interval, "train.max_bad_steps": self.train.max_bad_steps,
                     "eval.samples": self.eval.samples, "optimizer.lr": self.optimizer.lr,
-                    **{f"parallel.{d}": getattr(self.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep", "etp")}}
+                    **{f"parallel.{d}": getattr(self.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep", "etp")},
+                    **{f"hardware.{k}": getattr(self.hardware, k) for k in ("devices", "nodes")
+                       if getattr(self.hardware, k) is not None}}
         for key, value in positive.items():
             if value <= 0:
                 raise MixtralError(f"recipe key '{key}' must be positive, got {value}")
@@ -191,6 +216,7 @@ class Recipe:
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             raise MixtralError(f"recipe key 'schedule.min_lr_ratio' must be between 0 and 1, got "
                                f"{self.schedule.min_lr_ratio}")
+        self._validate_decay()
         if not all(0 <= b < 1 for b in self.optimizer.betas):
             raise MixtralError(f"recipe key 'optimizer.betas' must be two numbers in [0, 1), got {self.optimizer.betas}")
         sources = [k for k in ("preset", "config", "init_from") if getattr(self.model, k)]
@@ -198,6 +224,18 @@ class Recipe:
             raise MixtralError(f"recipe section 'model' sets {' and '.join(sources)}; set only one of preset, "
                                f"config, init_from (the others' fields go in as overrides)")
         self.data.validate()
+
+    def _validate_decay(self) -> None:
+        decay = self.schedule.decay_steps
+        if decay is None:
+            return
+        if self.schedule.name not in ("cosine", "linear"):
+            raise MixtralError(f"recipe key 'schedule.decay_steps' applies to the cosine and linear schedules, not "
+                               f"'{self.schedule.name}'; remove it or set schedule.name=cosine")
+        if decay <= self.schedule.warmup(self.train.steps):
+            raise MixtralError(f"recipe key 'schedule.decay_steps' ({decay}) must be larger than the warmup "
+                               f"({self.schedule.warmup(self.train.steps)} steps): decay starts after it; "
+                               f"raise decay_steps or leave it unset to decay until train.steps")
 
 
 def _plain(value: Any) -> Any:
@@ -214,6 +252,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) in (types.UnionType, typing.Union):
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is dict:
+        return "a mapping of names to values"
     if typing.get_origin(tp) is tuple:
         return f"a list of {len(typing.get_args(tp))} " + "/".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -247,6 +287,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _Mismatch
         return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        return dict(value)
     if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
@@ -328,6 +372,9 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
         tp = _hints(cls)[part]
         if i == len(parts) - 1:
             node[part] = value
+            return
+        if typing.get_origin(tp) is dict:  # a free mapping (backend_options): the rest of the key is one entry
+            node[part] = {**(node.get(part) or {}), ".".join(parts[i + 1:]): value}
             return
         if not dataclasses.is_dataclass(tp):
             raise MixtralError(f"recipe key '{full}' is a value, not a section; '{key}' does not exist")

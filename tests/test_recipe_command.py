@@ -32,14 +32,14 @@ def test_list_shows_every_recipe(capsys):
 
 def test_show_prints_the_resolved_recipe_that_loads_back(capsys):
     assert run("show", "ascend-8x7b-tp8pp2cp4", "train.steps=7") == 0
-    out = capsys.readouterr().out
-    assert "# schema-pending: parallel.cp_algo=ring" in out
-    data = yaml.safe_load(out)
+    data = yaml.safe_load(capsys.readouterr().out)
     assert data["model"]["hidden_size"] == 4096 and data["train"]["steps"] == 7
+    assert data["parallel"]["cp_algo"] == "ring" and data["hardware"] == {"device": "910b", "devices": 64, "nodes": 8}
     shown = recipe_from_dict(data)
     original = load_recipe("ascend-8x7b-tp8pp2cp4", ["train.steps=7"])
     assert shown.model_config() == original.model_config()
     assert shown.parallel == original.parallel and shown.moe == original.moe and shown.train == original.train
+    assert shown.hardware == original.hardware and shown.schedule == original.schedule
 
 
 def test_validate_prints_checks_and_tables(capsys):
@@ -80,6 +80,16 @@ BAD = [
     ("cuda-8x7b-tp1ep8pp4", ["seq_len=65536"], None, r"exceeds the model's max_position_embeddings.*lower seq_len"),
     ("cuda-8x7b-tp1ep8pp4", ["batch.global_batch=100"], None, r"batch.global_batch \(100\) must be a multiple"),
     ("cuda-8x7b-tp1ep8pp4", ["precision=fp16"], None, r"recipe key 'precision' expects one of fp32, bf16, bf16_master"),
+    ("cuda-8x7b-tp1ep8pp4", ["hardware.devices=16"], None, r"does not equal the world size 16; set parallel.dp to 4"),
+    ("cuda-8x7b-tp1ep8pp4", ["hardware.nodes=3"], None,
+     r"hardware.nodes=3: 32 devices on h100 \(8 per node\) need 4 nodes; set hardware.nodes to that"),
+    ("cuda-8x7b-tp1ep8pp4", ["hardware.device=h200"], None, r"'hardware.device' expects one of h100, gaudi2, 910b"),
+    ("gaudi2-8x7b-32hpu-capacity-bins", ["parallel.zero=0"], None,
+     r"parallel.zero=0 \(DDP\) does not compose with tensor parallelism; set parallel.zero to 1, 2 or 3"),
+    ("cuda-8x7b-tp1ep8pp4", ["schedule.decay_steps=100"], None,
+     r"'schedule.decay_steps' \(100\) must be larger than the warmup \(500 steps\)"),
+    ("cuda-8x7b-infer-tp1ep1pp2", ["hardware.device=910b", "parallel.pp=1", "hardware.devices=1"], None,
+     r"does not fit on Huawei Ascend 910B 64 GB.*largest part is weights"),
 ]
 
 

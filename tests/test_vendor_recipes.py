@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral.errors import MixtralError
-from mixtral.planner import GiB, pending_keys
+from mixtral.planner import GiB
 from mixtral.recipe_command import validate
 from mixtral.recipes import RECIPES_DIR, find_recipe, load_recipe
 
@@ -32,26 +31,27 @@ def test_vendor_recipe_validates_on_its_devices(name):
     devices, device, dims, dispatcher, source = VENDOR[name]
     path = find_recipe(name)
     assert source in path.read_text().split("\nmodel:")[0]  # the header cites the guide it reproduces
-    recipe, pending = load_recipe(path), pending_keys(path)
+    recipe = load_recipe(path)
     p = recipe.parallel
     assert (p.dp, p.tp, p.pp, p.cp, p.ep, p.etp) == dims and p.world_size == devices
     assert recipe.moe.dispatcher == dispatcher
-    assert pending["hardware.device"] == device and pending.get("hardware.devices") == devices
+    assert (recipe.hardware.device, recipe.hardware.devices) == (device, devices)
     lines = []
-    memory, time = validate(recipe, pending, out=lines.append)
+    memory, time = validate(recipe, out=lines.append)
     assert memory.fits and memory.device.name == device and memory.total <= memory.device.memory_gib * GiB
     assert "memory per device" in "\n".join(lines)
-    assert (time is None) == (pending.get("mode") == "inference")
+    assert (time is None) == (recipe.mode == "inference")
 
 
-@pytest.mark.parametrize("name", sorted(VENDOR))
-def test_schema_pending_keys_are_still_missing_from_the_schema(name):
-    """Each `# schema-pending: key=value` is a vendor setting recipes.py cannot express yet. When it can, this
-    fails: move the setting from the comment into the recipe body."""
-    for key, value in pending_keys(find_recipe(name)).items():
-        text = f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-        with pytest.raises(MixtralError, match=r"unknown recipe key|expects one of"):
-            load_recipe(name, [text])
+def test_vendor_settings_are_recipe_keys():
+    """The guides' settings that once lived in comments are typed keys now, read by the planner."""
+    ascend = load_recipe("ascend-8x7b-tp8pp2cp4")
+    assert (ascend.parallel.cp_algo, ascend.schedule.decay_steps, ascend.hardware.nodes) == ("ring", 1280, 8)
+    assert load_recipe("cuda-8x7b-tp1ep8pp4").schedule.decay_steps == 320000
+    assert load_recipe("cuda-8x7b-infer-tp1ep1pp2").mode == "inference"
+    assert load_recipe("tpu-v5p-8x22b-spmd").hardware.nodes == 64
+    for path in RECIPES_DIR.glob("*.yaml"):
+        assert "schema-pending" not in path.read_text(), path
 
 
 def test_mlperf_tpu_recipe_settings():
@@ -71,4 +71,4 @@ def test_gaudi_capacity_bins_settings():
     assert (bins.num_bins, bins.exp_base, bins.alignment, bins.optimize_interval) == (10, 1.5, 64, 300)
     assert r.moe.capacity_factor is None and r.parallel.sp and r.parallel.zero == 1
     assert (r.seq_len, r.precision) == (32768, "bf16_master")
-    assert pending_keys(find_recipe(r.name))["activation_checkpointing"] == "moe"
+    assert r.activation_checkpointing == "moe" and r.backend_options == {"fused_sdpa_recompute": True}
