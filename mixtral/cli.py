@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("mixtral.serve.serve_command", "serve an HF Mixtral directory over HTTP: OpenAI /v1 and Megatron PUT /api"),
     "client": ("mixtral.serve.client", "interactive prompt against a running server (like Megatron's text_generation_cli)"),
     "preprocess": ("mixtral.data.preprocess", "tokenize text/jsonl/parquet/alpaca files into a Megatron indexed dataset"),
-    "train": ("mixtral.train.command", "train a recipe: mixtral-run train --recipe cpu-tiny [key=value ...] [--resume]"),
+    "train": ("mixtral.train.command", "train a recipe: mixtral-run train --recipe cpu-tiny [key=value ...] [--resume] [--nproc-per-node N]"),
     "plot": ("mixtral.train.plot", "plot a run's loss (train and eval) and expert load to PNGs"),
     "recipe": ("mixtral.recipe_command", "list, show, validate recipes (layout, dispatcher, memory per device) and plan layouts"),
     "convert": ("mixtral.checkpoint.convert", "convert a checkpoint between hf, native (DCP) and megatron torch_dist; --verify checks it"),
@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what --nproc-per-node hands its workers (mixtral.parallel.launch)
     try:
         return importlib.import_module(args.module).run(args) or 0
     except MixtralError as exc:

@@ -1,4 +1,5 @@
-"""Process-group start-up from torchrun's environment, and fail-fast reporting that names the failed rank.
+"""Process-group start-up from torchrun's environment, fail-fast reporting that names the failed rank, and
+`--nproc-per-node N`: N workers of the same command started through torch.distributed.run.
 
 A rank that raises writes `mixtral/failed/<rank>` into the rendezvous store before it exits; a peer
 whose collective then breaks (connection closed, or the process-group timeout) reads that key, so
@@ -96,3 +97,40 @@ def fail_fast(main: Callable[[], int | None]) -> int:
         traceback.print_exc()
         print(f"rank {rank} failed: {summary}", file=sys.stderr, flush=True)
         return 1
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv less `option VALUE` and `option=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def launched() -> bool:
+    """Whether this process is a worker that torchrun (or --nproc-per-node) started."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch_workers(nproc: int, argv: list[str]) -> int:
+    """The command line argv (`COMMAND ... --nproc-per-node N ...`) on nproc workers of this host under
+    torch.distributed.run (standalone rendezvous on a free port); non-zero, naming the rank, if one failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    if nproc < 1:
+        raise MixtralError(f"--nproc-per-node must be at least 1, got {nproc}")
+    command, worker = argv[0], _without_option(argv[1:], "--nproc-per-node")
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "mixtral.cli", command, *worker])
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"mixtral-run {command}: rank {rank} failed first (exit code {failure.exitcode}); the others were "
+              f"stopped; see its messages above", flush=True)
+        return 1
+    return 0

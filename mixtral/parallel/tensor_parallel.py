@@ -3,13 +3,12 @@
 Attention: q/k/v column-parallel (each rank owns heads/tp query and kv heads), o_proj row-parallel.
 Embedding row-parallel over the vocabulary. With sequence parallelism (sp) the residual stream and
 the norms are sharded along the sequence (Shard(1)); o_proj and the embedding reduce-scatter into
-it and attention all-gathers out of it. The MoE block stays replicated in this stage: it gathers its
-input so that the router sees every token of the local sequence on every tp rank (identical routing
-and aux loss on all of them) and hands back this rank's sequence shard. The lm head is not sharded:
-the model applies it as F.linear(x, output_weight()) rather than as a module call, so no style can
-hook it; the final norm's output is gathered instead and the model's own head and loss run on full
-logits (loss parallel needs `self.lm_head(x)` in the model). A tied embedding stays whole for the
-same reason.
+it and attention all-gathers out of it. The MoE block stays replicated over tp (expert parallelism and
+expert tensor parallelism shard it: expert_parallel.py): it gathers its input so that the router sees
+every token of the local sequence on every tp rank (identical routing and aux loss on all of them) and
+hands back this rank's sequence shard. An untied lm head is column-parallel over the vocabulary, its
+logits gathered whole for the loss (loss parallel, which would keep them sharded, is not done). A tied
+embedding stays whole: the model uses its weight as a plain F.linear weight, which no style can hook.
 """
 
 from __future__ import annotations
@@ -87,6 +86,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool = Fals
     if sp:
         top["norm"] = [SequenceParallel(),
                        PrepareModuleOutput(output_layouts=seq, desired_output_layouts=Replicate(), use_local_output=True)]
+    if model.lm_head is not None:
+        top["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     _parallelize(model, tp_mesh, top)
     for block in model.layers:
         _parallelize(block, tp_mesh, block_plan(sp))

@@ -1,8 +1,15 @@
-"""`mixtral-run train --recipe PATH_OR_NAME [key=value ...] [--resume]`: train a recipe on one device."""
+"""`mixtral-run train --recipe PATH_OR_NAME [key=value ...] [--resume] [--nproc-per-node N]`: train a recipe.
+
+With --nproc-per-node N the command starts N workers on this host through torch.distributed.run (torchrun's
+own launcher, a free port picked by its standalone rendezvous); each worker runs this command again, now
+under torchrun's environment. Launching with `torchrun ... -m mixtral.cli train ...` directly does the same
+and adds torchrun's multi-node rendezvous flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,16 +18,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe overrides by dotted key, e.g. optimizer.lr=1e-4 train.steps=50")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run's checkpoints/latest (model, optimizer, data, RNG)")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="start N worker processes on this host through torch.distributed.run (the recipe's "
+                             "parallel.dp x tp x pp x cp ranks); for several hosts launch with torchrun")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixtral.parallel.launch import fail_fast, init_distributed, launch_workers, launched
+
+    if args.nproc_per_node is not None and not launched():
+        return launch_workers(args.nproc_per_node, args.argv)
+    if "WORLD_SIZE" not in os.environ:
+        return train(args)
+    from mixtral.recipes import load_recipe
+
+    init_distributed(load_recipe(args.recipe, args.overrides).backend)
+    return fail_fast(lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
+    """This process's part of the run (all of it on one device); rank 0 prints the summary."""
+    import torch.distributed as dist
+
     from mixtral.recipes import load_recipe
     from mixtral.train.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = Trainer(recipe).fit(resume=args.resume)
-    latest = recipe.checkpoint_dir / "latest"
-    evaluated = f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""
-    print(f"trained {recipe.name} to step {summary['step']}{evaluated}; metrics in "
-          f"{recipe.output_dir / 'metrics.jsonl'}; model in {latest}")
+    trainer = Trainer(recipe)
+    summary = trainer.fit(resume=args.resume)
+    if trainer.is_main:
+        latest = recipe.checkpoint_dir / "latest"
+        evaluated = f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""
+        print(f"trained {recipe.name} to step {summary['step']}{evaluated}; metrics in "
+              f"{recipe.output_dir / 'metrics.jsonl'}; model in {latest}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0

@@ -1,8 +1,9 @@
 """The training loop: micro-batches, grad clip, AdamW, schedule, eval, NaN skipping, checkpoints and metrics.
 
-One process, one device for now (the parallelism work adds ranks). Precision: fp32; bf16 (autocast over fp32
-parameters); bf16_master (bf16 parameters and gradients, fp32 master weights and gradient accumulation in the
-optimizer, as Megatron's mixed precision).
+On many ranks (torchrun, or `mixtral-run train --nproc-per-node N`) the recipe's parallel section lays the model
+out through mixtral.parallel.parallelize; every rank runs this loop, rank 0 alone logs and prints.
+Precision: fp32; bf16 (autocast over fp32 parameters); bf16_master (bf16 parameters and gradients, fp32 master
+weights and gradient accumulation in the optimizer, as Megatron's mixed precision).
 """
 
 from __future__ import annotations
@@ -17,15 +18,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from mixtral.backend import get_backend
-from mixtral.checkpoint.hf import load_hf_state_dict
+from mixtral.checkpoint.loading import load_parameters
 from mixtral.data.loader import Loader, SampleSource, build_datasets
 from mixtral.data.tokenizer import default_tokenizer_path, load_tokenizer
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+from mixtral.parallel import (
+    ParallelDims,
+    Pipeline,
+    clip_grad_norm_,
+    expert_parameters,
+    mean_over,
+    microbatch_sync,
+    parallelize,
+    shard_sequence,
+)
 from mixtral.recipes import Recipe
 from mixtral.train import checkpointing as ckpt
 from mixtral.train.metrics import (
@@ -41,14 +53,16 @@ def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
     """Recompute blocks in backward instead of storing their activations.
 
     full: every block. selective: every other block (0, 2, ...), torchtitan's layer-frequency scheme: about
-    half the activation memory for about half the recompute. The blocks' forward is wrapped in place, so
-    parameter names (and HF checkpoints) do not change.
+    half the activation memory for about half the recompute. moe: the MoE layer of every block only
+    (Megatron's --moe-layer-recompute), whose expert activations are the largest. The forward is wrapped in
+    place, so parameter names (and HF checkpoints) do not change.
     """
     if mode == "none":
         return
     for i, layer in enumerate(model.layers):
-        if mode == "full" or i % 2 == 0:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        module = layer.mlp if mode == "moe" else layer
+        if mode in ("full", "moe") or i % 2 == 0:
+            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
 
 
 @dataclass
@@ -68,43 +82,55 @@ class Trainer:
     def __init__(self, recipe: Recipe, data: tuple[SampleSource, SampleSource] | None = None) -> None:
         """Build model, optimizer and data; data overrides the recipe's corpus (tests, custom sources)."""
         r = self.recipe = recipe
-        dims = {d: getattr(r.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep", "etp")}
-        if any(v > 1 for v in dims.values()):
-            wanted = " ".join(f"parallel.{d}={v}" for d, v in dims.items() if v > 1)
-            raise MixtralError(f"this recipe needs more than one rank ({wanted}); multi-rank training arrives with "
-                               f"the parallelism work (issue 4): set every parallel.* to 1 to train on one device")
-        self.backend = get_backend(r.backend)
-        self.device = self.backend.device()
+        p = r.parallel
+        if not dist.is_initialized() and p.world_size > 1:
+            raise MixtralError(f"this recipe's layout needs {p.world_size} ranks (parallel.dp x tp x pp x cp); launch "
+                               f"it with `mixtral-run train --recipe ... --nproc-per-node {p.world_size}` or torchrun")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dims = ParallelDims(p.dp, p.tp, p.pp, p.cp, p.ep, p.etp, p.sp, world_size=world)
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0  # logs, prints and writes run files
+        self.backend = get_backend(r.backend).configure(r.backend_options)
+        self.device = self.backend.device(int(os.environ.get("LOCAL_RANK", "0")))
         self.config = r.model_config()
         if r.seq_len > self.config.max_position_embeddings:
             raise MixtralError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
                                f"{self.config.max_position_embeddings}; lower seq_len or raise "
                                f"model.max_position_embeddings")
+        self.dims.validate_model(self.config, r.seq_len)
+        self.meshes = self.dims.build_meshes(self.device.type) if dist.is_initialized() else None
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
         self.param_dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
-        self.model = self._build_model()
+        self.model, self.pipeline = self._build_model()
         named = list(self.model.named_parameters())
+        experts = {id(q) for q in expert_parameters(self.model)} if self.meshes and self.meshes.expert else set()
+        self.is_expert = [id(param) in experts for _, param in named]  # shards over ep / etp: their norm sums there
         self.masters: list[torch.Tensor] = []
         if r.precision == "bf16_master":
             self.masters = [torch.nn.Parameter(p.detach().float().clone()) for _, p in named]
             named = [(n, m) for (n, _), m in zip(named, self.masters)]
         self.optimizer = build_optimizer(named, r.optimizer)
         train, self.valid = data if data is not None else self._build_data()
-        self.loader = Loader(train, r.batch.micro_batch, r.train.seed)
+        dp_rank = self.meshes["dp"].get_local_rank() if self.meshes else 0
+        self.loader = Loader(train, r.batch.micro_batch, r.train.seed, dp_rank, self.dims.dp)
         self.step, self.tokens, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
 
-    def _build_model(self) -> Mixtral:
+    def _build_model(self) -> tuple[torch.nn.Module, Pipeline | None]:
+        """The model, laid out over the ranks: this rank's part of it (its pipeline stage under pp) and the pipeline."""
         r = self.recipe
         model = Mixtral(self.config, self.backend, moe=r.moe)
         if r.model.init_from:
-            source = ckpt.resolve_model_dir(r.model.init_from)
-            model.load_state_dict(load_hf_state_dict(source, self.config, dtype=torch.float32))
+            load_parameters(model, r.model.init_from)
         else:
             model.init_weights()
         model.to(device=self.device, dtype=self.param_dtype).train()
         apply_activation_checkpointing(model, r.activation_checkpointing)
-        return model
+        if self.meshes is None:
+            return model, None
+        parts = parallelize(model, self.dims, self.meshes, zero=r.parallel.zero, ep_comm=r.moe.ep_comm,
+                            cp_algo=r.parallel.cp_algo, pp_schedule=r.parallel.pp_schedule,
+                            microbatches=r.grad_accum, device=self.device)
+        return parts.model, parts.pipeline
 
     def _build_data(self) -> tuple[SampleSource, SampleSource]:
         r = self.recipe
@@ -130,21 +156,31 @@ class Trainer:
     def train_step(self, batches: list[torch.Tensor]) -> StepStats:
         """Forward and backward over the micro-batches, then clip and AdamW unless the loss or a gradient is not finite."""
         self.optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(3, device=self.device)
-        counts = 0
-        for batch in batches:
-            batch = batch.to(self.device, non_blocking=True)
+        if self.pipeline is not None:  # the pipeline's micro-batches are the step's micro-batches
+            tokens, targets = self._inputs(torch.cat(batches))
             with self.autocast():
-                out = self.model(batch[:, :-1], targets=batch[:, 1:])
-            (out.loss / len(batches)).backward()
-            totals += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float()
-            counts = counts + out.tokens_per_expert
+                losses, stage_counts = self.pipeline.step(tokens, targets)
+            totals, counts = losses.sum(0), self._stage_counts(stage_counts)
             if self.masters:
                 self._accumulate_master_grads()
-        clip = self.recipe.optimizer.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
-        loss, ce_loss, aux_loss = (totals / len(batches)).tolist()
-        stats = StepStats(loss, ce_loss, aux_loss, grad_norm.item(), counts.cpu())
+        else:
+            totals, counts = torch.zeros(3, device=self.device), 0
+            for i, batch in enumerate(batches):
+                tokens, targets = self._inputs(batch)
+                with self.autocast():
+                    out = self.model(tokens, targets=targets)
+                microbatch_sync(self.model, self.recipe.parallel.zero, last=i == len(batches) - 1)
+                (out.loss / len(batches)).backward()
+                totals += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float()
+                counts = counts + out.tokens_per_expert
+                if self.masters:
+                    self._accumulate_master_grads()
+        params = self.parameters()
+        dense = [q for q, expert in zip(params, self.is_expert) if not expert]
+        experts = [q for q, expert in zip(params, self.is_expert) if expert]
+        grad_norm = clip_grad_norm_(dense, experts, self.recipe.optimizer.grad_clip or float("inf"), self.meshes)
+        loss, ce_loss, aux_loss = self._data_mean(totals / len(batches)).tolist()
+        stats = StepStats(loss, ce_loss, aux_loss, grad_norm.item(), self._data_sum(counts).cpu())
         if stats.finite:
             self.optimizer.step()
             if self.masters:
@@ -154,6 +190,34 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
         return stats
+
+    def _inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and targets of samples [B, S + 1] on this device; under context parallelism this rank's chunk."""
+        batch = batch.to(self.device, non_blocking=True)
+        tokens, targets = batch[:, :-1], batch[:, 1:]
+        if self.dims.cp > 1:
+            tokens, targets = shard_sequence(tokens, self.meshes["cp"]), shard_sequence(targets, self.meshes["cp"])
+        return tokens, targets
+
+    def _data_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A loss over the data x context ranks: each rank's is its share (model.loss_group), their mean the whole."""
+        return mean_over(value, self.meshes.dp_cp) if self.meshes else value
+
+    def _data_sum(self, counts: torch.Tensor) -> torch.Tensor:
+        """Tokens per expert [layers, experts] over the data x context ranks' batches."""
+        if self.meshes is None or self.meshes.dp_cp.size() == 1:
+            return counts
+        counts = counts.clone()
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.meshes.dp_cp.get_group())
+        return counts
+
+    def _stage_counts(self, microbatch_counts: list[torch.Tensor]) -> torch.Tensor:
+        """Every layer's tokens per expert [layers, experts] from each stage's own layers' (summed over the stages)."""
+        counts = torch.zeros(self.config.num_hidden_layers, self.config.num_local_experts, dtype=torch.int64,
+                             device=self.device)
+        counts[[int(i) for i in self.model.layers.keys()]] = torch.stack(microbatch_counts).sum(0).to(torch.int64)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
+        return counts
 
     def _accumulate_master_grads(self) -> None:
         """Move the bf16 micro-batch gradients into fp32 master gradients (accumulation in fp32)."""
@@ -165,46 +229,48 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean cross-entropy over the first eval.samples validation sequences."""
+        """Mean cross-entropy over the first eval.samples validation sequences (every data rank evaluates them all)."""
         r = self.recipe
         n = min(r.eval.samples, len(self.valid))
         self.model.eval()
         total = 0.0
         for start in range(0, n, r.batch.micro_batch):
             batch = torch.stack([self.valid[i] for i in range(start, min(start + r.batch.micro_batch, n))])
-            batch = batch.to(self.device)
+            tokens, targets = self._inputs(batch)
             with self.autocast():
-                out = self.model(batch[:, :-1], targets=batch[:, 1:])
-            total += out.ce_loss.item() * batch.shape[0]
+                if self.pipeline is not None:
+                    ce_loss = self.pipeline.cross_entropy(tokens, targets)
+                else:
+                    ce_loss = self.model(tokens, targets=targets).ce_loss
+            total += self._data_mean(ce_loss.float()).item() * batch.shape[0]
         self.model.train()
         return total / n
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                "rng": ckpt.rng_state(self.device.type), "masters": [m.detach().cpu() for m in self.masters]}
+        """The loop's own state (JSON, in the checkpoint's manifest); the schedule is a function of the step."""
+        return {"step": self.step, "tokens": self.tokens, "skipped": self.skipped, "loader": self.loader.state_dict()}
 
     def save(self) -> Path:
+        """Publish a native checkpoint of this step: model, optimizer (sharded as they are), state, RNG."""
         r = self.recipe
-        tokenizer = r.data.tokenizer or default_tokenizer_path()
-        return ckpt.save_checkpoint(r.checkpoint_dir, self.step, self.model, self.state_dict(),
-                                    r.checkpoint.keep_last, tokenizer_path=tokenizer, dtype=self.param_dtype)
+        layout = {d: getattr(r.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep")}
+        module = ckpt.optimized_module(self.model, self.masters)
+        return ckpt.save_training_checkpoint(r.checkpoint_dir, self.step, module, self.optimizer, self.config,
+                                             self.state_dict(), r.checkpoint.keep_last, layout,
+                                             r.data.tokenizer or default_tokenizer_path(), self.device.type)
 
     def restore(self) -> Path:
         """Continue from `latest`: weights, optimizer, data position, RNG states and the step."""
         step_dir = ckpt.latest_step_dir(self.recipe.checkpoint_dir)
         if step_dir is None:
             raise MixtralError(f"--resume: no complete checkpoint in {self.recipe.checkpoint_dir} (no "
-                               f"{ckpt.LATEST}/{ckpt.STATE}); start the run without --resume")
-        weights = load_hf_state_dict(step_dir, self.config, dtype=self.param_dtype, device=self.device)
-        self.model.load_state_dict(weights)
-        state = ckpt.load_trainer_state(step_dir)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
+                               f"{ckpt.LATEST}/manifest.json); start the run without --resume")
+        module = ckpt.optimized_module(self.model, self.masters)
+        state = ckpt.load_training_checkpoint(step_dir, module, self.optimizer, self.device.type)
         with torch.no_grad():
-            for master, saved in zip(self.masters, state["masters"]):
-                master.copy_(saved)
-        ckpt.set_rng_state(state["rng"], self.device.type)
+            for param, master in zip(self.model.parameters(), self.masters):
+                param.copy_(master)
+        self.loader.load_state_dict(state["loader"])
         self.step, self.tokens, self.skipped = state["step"], state["tokens"], state["skipped"]
         return step_dir
 
@@ -227,18 +293,23 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train to train.steps (or eval.target_loss); returns the last train and eval metrics."""
         r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(r.checkpoint_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(r.checkpoint_dir)
         if resume:
             self.restore()
-        truncate_after(self.run_dir, self.step)
-        self._write_recipe()
-        peak = r.train.peak_flops or measure_peak_flops(
-            self.device, torch.float32 if r.precision == "fp32" else torch.bfloat16, self.backend.synchronize)
+        peak = float("nan")  # MFU is rank 0's to log; measuring on every rank at once would share the device
+        log = None
+        if self.is_main:
+            truncate_after(self.run_dir, self.step)
+            self._write_recipe()
+            peak = r.train.peak_flops or measure_peak_flops(
+                self.device, torch.float32 if r.precision == "fp32" else torch.bfloat16, self.backend.synchronize)
+            log = MetricsLog(self.run_dir, r.train.tensorboard)
         flops_per_token = self.config.flops_per_token(r.seq_len)
         tokens_per_step = r.batch.global_batch * r.seq_len
-        log = MetricsLog(self.run_dir, r.train.tensorboard)
-        bar = tqdm(total=r.train.steps, initial=self.step, desc=f"train {r.name}", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=r.train.steps, initial=self.step, desc=f"train {r.name}", unit="step", dynamic_ncols=True,
+                   disable=not self.is_main)
         summary: dict = {"step": self.step}
         if r.eval.at_start and r.eval.interval and self.step == 0:
             summary["eval_loss"] = self._log_eval(log)
@@ -264,7 +335,7 @@ class Trainer:
                 if every and self.step % every == 0:
                     record.update(expert_load(stats.tokens_per_expert))
                 if self.step % r.train.log_interval == 0 or self.step == r.train.steps:
-                    log.log(record)
+                    self._log(log, record)
                 summary.update(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
@@ -272,7 +343,7 @@ class Trainer:
                 if self._eval_due(tokens_before):
                     summary["eval_loss"] = self._log_eval(log)
                     stop = r.eval.target_loss is not None and summary["eval_loss"] <= r.eval.target_loss
-                    if stop:
+                    if stop and self.is_main:
                         tqdm.write(f"step {self.step}: eval loss reached eval.target_loss {r.eval.target_loss}")
                 interval = r.checkpoint.interval
                 if stop or self.step == r.train.steps or (interval and self.step % interval == 0):
@@ -281,22 +352,30 @@ class Trainer:
                     break
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         summary["step"] = self.step
         return summary
 
-    def _log_eval(self, log: MetricsLog) -> float:
+    @staticmethod
+    def _log(log: MetricsLog | None, record: dict) -> None:
+        """A metrics line; log is None on every rank but rank 0."""
+        if log is not None:
+            log.log(record)
+
+    def _log_eval(self, log: MetricsLog | None) -> float:
         eval_loss = self.evaluate()
-        log.log({"step": self.step, "eval_loss": eval_loss, "tokens": self.tokens})
-        tqdm.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+        self._log(log, {"step": self.step, "eval_loss": eval_loss, "tokens": self.tokens})
+        if self.is_main:
+            tqdm.write(f"step {self.step}: eval loss {eval_loss:.4f}")
         return eval_loss
 
-    def _bad_step(self, stats: StepStats, log: MetricsLog) -> None:
+    def _bad_step(self, stats: StepStats, log: MetricsLog | None) -> None:
         """A NaN/Inf loss or gradient: no update was made; stop after max_bad_steps in a row."""
         self.skipped += 1
         self.bad_in_a_row += 1
-        log.log({"step": self.step, "skipped": True, "bad_loss": str(stats.loss), "bad_grad_norm": str(stats.grad_norm),
-                 "skipped_steps": self.skipped})
+        self._log(log, {"step": self.step, "skipped": True, "bad_loss": str(stats.loss),
+                        "bad_grad_norm": str(stats.grad_norm), "skipped_steps": self.skipped})
         limit = self.recipe.train.max_bad_steps
         if self.bad_in_a_row >= limit:
             latest = ckpt.latest_step_dir(self.recipe.checkpoint_dir)
