@@ -7,6 +7,13 @@ with EP: #1576).
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +21,8 @@ from conftest import small_config
 from dist_utils import run_ranks
 
 from mixtral.backend import Ops
+from mixtral.checkpoint.hf import save_hf
+from mixtral.cli import main
 from mixtral.model import Mixtral
 from mixtral.parallel import ParallelDims, apply_expert_parallel, apply_tensor_parallel
 from mixtral.serve.distributed import Leader, follow
@@ -85,3 +94,78 @@ def test_generation_on_two_ranks_equals_one_process(distributed, name):
     # the follower replayed every model call: 3 generate rounds of (1 prefill + NEW - 1 decodes), the
     # cache setups (first round, and again after scoring dropped the caches) and the scoring pass
     assert distributed[1][name] == 3 * NEW + 2 + 2
+
+
+# ---- the CLI: `mixtral-run generate --nproc-per-node 2` with expert or pipeline parallelism ----
+
+def _cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "mixtral.cli", "generate", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-layer model with Mixtral's vocabulary, 4 experts and an untied head (pipeline stages need one)."""
+    torch.manual_seed(0)
+    config = small_config(vocab_size=32000, hidden_size=32, intermediate_size=24, num_attention_heads=4,
+                          num_local_experts=4, num_hidden_layers=2, tie_word_embeddings=False)
+    model = Mixtral(config)
+    model.init_weights(std=0.2)  # large weights: greedy text that depends on every layer
+    path = tmp_path_factory.mktemp("tiny")
+    save_hf(model, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", [["--ep", "2"], ["--ep", "2", "--ep-comm", "allgather"], ["--pp", "2"]])
+def test_cli_on_two_ranks_prints_what_one_process_prints(model_dir, layout):
+    prompt = ["--model", str(model_dir), "--prompt", "The with statement", "--max-tokens", "10"]
+    alone = _cli(*prompt)
+    assert len(alone.strip()) > 10  # ten tokens of text
+    assert _cli(*prompt, "--nproc-per-node", "2", *layout) == alone
+
+
+def test_cli_parallel_flags_without_ranks_say_how_to_launch(model_dir, capsys):
+    code = main(["generate", "--model", str(model_dir), "--prompt", "x", "--ep", "2"])
+    assert code == 2
+    assert "need several ranks; add --nproc-per-node N or launch with torchrun" in capsys.readouterr().err
+
+
+def _serve_and_ask(model_dir, *layout: str) -> tuple[dict, dict]:
+    """Start `mixtral-run serve` (with layout's ranks), ask /api and /v1/completions greedily, stop it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "mixtral.cli", "serve", "--model", str(model_dir), "--port",
+                                str(port), "--backend", "cpu", *layout], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "server did not start in 120 s"
+                time.sleep(0.3)
+        api = httpx.put(f"{url}/api", json={"prompts": ["The with statement", "Hello"], "tokens_to_generate": 8,
+                                            "temperature": 0.0, "logprobs": True}, timeout=120).json()
+        completion = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "import os", "max_tokens": 8,
+                                                               "temperature": 0.0}, timeout=120).json()
+        return api, completion
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_server_on_two_expert_parallel_ranks_answers_as_one_process(model_dir):
+    """Rank 0 serves HTTP, rank 1 follows (Megatron-LM's server breaks with EP: #1576)."""
+    api, completion = _serve_and_ask(model_dir, "--nproc-per-node", "2", "--ep", "2")
+    alone_api, alone_completion = _serve_and_ask(model_dir)
+    assert api["text"] == alone_api["text"] and len(api["text"][0]) > len("The with statement")
+    torch.testing.assert_close(torch.tensor(api["logprobs"][0]), torch.tensor(alone_api["logprobs"][0]),
+                               rtol=1e-5, atol=1e-5)
+    assert completion["choices"][0]["text"] == alone_completion["choices"][0]["text"]

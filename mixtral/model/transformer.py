@@ -85,8 +85,10 @@ class Mixtral(nn.Module):
             else:
                 param.normal_(0.0, std)
 
-    def output_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits: a module call for an untied head (tensor parallelism shards it over the vocabulary),
+        the embedding's weight for a tied one."""
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | None = None) -> None:
@@ -118,7 +120,7 @@ class Mixtral(nn.Module):
             x, layer_stats = layer(x, cos, sin, start, mask, causal)
             stats.append(layer_stats)
         x = self.norm(x[:, -1:] if last_only else x)
-        out = ModelOutput(logits=F.linear(x, self.output_weight()), tokens_per_expert=torch.stack([s.counts for s in stats]))
+        out = ModelOutput(logits=self.head(x), tokens_per_expert=torch.stack([s.counts for s in stats]))
         if targets is not None:
             c = self.config
             self.losses(out, targets, router_totals([s.logits for s in stats], c.num_local_experts, c.num_experts_per_tok))

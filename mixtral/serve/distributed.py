@@ -8,12 +8,16 @@ until the leader says stop. The logits are replicated over these layouts, so ran
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixtral.errors import MixtralError
+from mixtral.model import Mixtral
 from mixtral.serve.engine import inference_mode
 
 STOP = "stop"
@@ -85,3 +89,50 @@ def follow(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
         with inference_mode(device):
             getattr(model, method)(*_to(args, device), **_to(kwargs, device))
         replayed += 1
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several ranks (rank 0 prints or serves; under torchrun or --nproc-per-node)")
+    group.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                       help="start N workers on this host through torch.distributed.run")
+    group.add_argument("--tp", type=int, default=1, help="tensor parallel ranks")
+    group.add_argument("--ep", type=int, default=1, help="expert parallel ranks (fold over the tp x data ranks)")
+    group.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    group.add_argument("--ep-comm", choices=("alltoall", "allgather"), default="alltoall",
+                       help="expert parallel exchange")
+
+
+def parallel_model(model: Mixtral, args: argparse.Namespace, device: torch.device) -> Any:
+    """model laid out over this job's ranks for generation: tensor, expert and pipeline parallel as asked;
+    the ranks left over (world / (tp x pp)) are data ranks that hold replicas (and fold the experts)."""
+    from mixtral.parallel import ParallelDims, PipelinedModel, PipelineStageModel, apply_expert_parallel
+    from mixtral.parallel import apply_tensor_parallel
+    from mixtral.parallel.pipeline_parallel import Pipeline
+
+    world = dist.get_world_size()
+    if world % (args.tp * args.pp):
+        raise MixtralError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world} ranks; launch a multiple "
+                           f"of {args.tp * args.pp} ranks or change --tp/--pp")
+    dims = ParallelDims(world_size=world, dp=world // (args.tp * args.pp), tp=args.tp, pp=args.pp, ep=args.ep)
+    dims.validate_model(model.config)
+    meshes = dims.build_meshes(device.type)
+    if dims.tp > 1:
+        apply_tensor_parallel(model, meshes["tp"])
+    if meshes.expert is not None:
+        apply_expert_parallel(model, meshes, args.ep_comm)
+    if dims.pp == 1:
+        return model
+    stage = PipelineStageModel(model, meshes["pp"].get_local_rank(), dims.pp)
+    return PipelinedModel(Pipeline(stage, meshes["pp"], 1, "gpipe", device), model)
+
+
+def lead_or_follow(model: Any, lead: Callable[[Any], int]) -> int:
+    """Rank 0 returns lead(its Leader), and releases the others however lead ends; they replay its calls."""
+    if dist.get_rank() != 0:
+        follow(model)
+        return 0
+    leader = Leader(model)
+    try:
+        return lead(leader)
+    finally:
+        leader.stop()

@@ -1,15 +1,18 @@
-"""`mixtral-run generate`: complete a prompt (or each line of a file, or a chat loop) with an HF Mixtral directory."""
+"""`mixtral-run generate`: complete a prompt (or each line of a file, or a chat loop) with a Mixtral checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mixtral.backend import add_backend_argument
 from mixtral.errors import MixtralError
+from mixtral.serve.distributed import add_parallel_arguments
 
 DTYPES = ("fp32", "bf16")
 
@@ -30,7 +33,8 @@ class Settings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF Mixtral directory (config.json + safetensors)")
+    parser.add_argument("--model", required=True, help="HF directory, native or Megatron checkpoint, checkpoints root "
+                                                      "or training run directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="text to complete")
     source.add_argument("--prompts-file", type=Path, help="complete each non-empty line; prints JSON lines")
@@ -44,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompts-file")
     add_backend_argument(parser)
+    add_parallel_arguments(parser)
 
 
 def check_settings(settings: Settings) -> None:
@@ -57,25 +62,49 @@ def check_settings(settings: Settings) -> None:
         raise MixtralError(f"--top-k must be >= 0 (0 turns it off), got {settings.top_k}")
 
 
-def load(args: argparse.Namespace):
-    """(Generator, tokenizer) for the model directory, on the chosen backend and dtype."""
+def load(args: argparse.Namespace, device=None):
+    """(model, tokenizer, device) for the checkpoint (any format), on the chosen backend, device and dtype."""
     import torch
 
     from mixtral.backend import get_backend
-    from mixtral.checkpoint.hf import load_hf_model, read_hf_config
+    from mixtral.checkpoint.loading import checkpoint_config, load_model, resolve_checkpoint
     from mixtral.data.tokenizer import Tokenizer
-    from mixtral.serve.engine import Generator
 
-    config = read_hf_config(args.model)  # fails early on a missing directory or a non-Mixtral config
+    path = resolve_checkpoint(args.model)  # a run's checkpoints/latest: the step it names now
+    config = checkpoint_config(path)  # fails early on a missing directory or a non-Mixtral config
     backend = get_backend(args.backend)
-    tokenizer = Tokenizer(args.model)  # the directory's tokenizer.model, else Mixtral's from mistral-common
+    tokenizer = Tokenizer(path)  # the directory's tokenizer.model, else Mixtral's from mistral-common
     if tokenizer.vocab_size > config.vocab_size:
         raise MixtralError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
-                           f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {args.model}")
+                           f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {path}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    device = backend.device()
-    model = load_hf_model(args.model, backend, dtype=dtype, device=device)
-    return Generator(model, tokenizer, device), tokenizer
+    device = device or backend.device()
+    return load_model(path, backend, dtype=dtype, device=device), tokenizer, device
+
+
+def with_generator(args: argparse.Namespace, body: Callable) -> int:
+    """body(Generator, tokenizer) in this process, or on rank 0 of several (--nproc-per-node, torchrun)
+    while the other ranks replay its model calls (mixtral.serve.distributed)."""
+    from mixtral.parallel.launch import fail_fast, init_distributed, launch_workers, launched
+    from mixtral.serve.distributed import lead_or_follow, parallel_model
+    from mixtral.serve.engine import Generator
+
+    if args.nproc_per_node is not None and not launched():
+        return launch_workers(args.nproc_per_node, args.argv)
+    if "WORLD_SIZE" not in os.environ:
+        if args.tp * args.ep * args.pp > 1:
+            raise MixtralError(f"--tp {args.tp} --ep {args.ep} --pp {args.pp} need several ranks; add "
+                               f"--nproc-per-node N or launch with torchrun")
+        model, tokenizer, device = load(args)
+        return body(Generator(model, tokenizer, device), tokenizer)
+    info = init_distributed(args.backend)
+
+    def rank_main() -> int:
+        model, tokenizer, device = load(args, info.device)
+        return lead_or_follow(parallel_model(model, args, device),
+                              lambda leader: body(Generator(leader, tokenizer, device), tokenizer))
+
+    return fail_fast(rank_main)
 
 
 def complete(generator, tokenizer, text: str, settings: Settings, stream: bool) -> str:
@@ -126,14 +155,17 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise MixtralError("empty prompt; pass some text with --prompt")
     prompts = read_prompts(args.prompts_file) if args.prompts_file is not None else None
-    generator, tokenizer = load(args)
-    if args.interactive:
-        from mixtral.serve.interactive import chat
 
-        chat(generator, tokenizer, settings, sys.stdin, sys.stdout)
-    elif prompts is not None:
-        complete_all(generator, tokenizer, prompts, settings, args.batch_size)
-    else:
-        text = complete(generator, tokenizer, args.prompt, settings, args.stream)
-        print("" if args.stream else text)
-    return 0
+    def answer(generator, tokenizer) -> int:
+        if args.interactive:
+            from mixtral.serve.interactive import chat
+
+            chat(generator, tokenizer, settings, sys.stdin, sys.stdout)
+        elif prompts is not None:
+            complete_all(generator, tokenizer, prompts, settings, args.batch_size)
+        else:
+            text = complete(generator, tokenizer, args.prompt, settings, args.stream)
+            print("" if args.stream else text)
+        return 0
+
+    return with_generator(args, answer)

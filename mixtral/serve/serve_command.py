@@ -8,11 +8,13 @@ from pathlib import Path
 
 from mixtral.backend import add_backend_argument
 from mixtral.errors import MixtralError
+from mixtral.serve.distributed import add_parallel_arguments
 from mixtral.serve.generate_command import DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF Mixtral directory (config.json + safetensors)")
+    parser.add_argument("--model", required=True, help="HF directory, native or Megatron checkpoint, checkpoints root "
+                                                      "or training run directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     parser.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the directory name)")
     add_backend_argument(parser)
+    add_parallel_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,13 +33,18 @@ def run(args: argparse.Namespace) -> int:
         raise MixtralError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
     if not 0 <= args.port < 65536:
         raise MixtralError(f"--port must be in 0..65535, got {args.port}")
-    from mixtral.serve.generate_command import load
+    from mixtral.serve.generate_command import with_generator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return with_generator(args, lambda generator, tokenizer: serve(args, generator, tokenizer))
+
+
+def serve(args: argparse.Namespace, generator, tokenizer) -> int:
+    """Serve until interrupted (on rank 0 when several ranks run the model)."""
     from mixtral.serve.protocol import ChatEncoder
     from mixtral.serve.scheduler import Scheduler
     from mixtral.serve.server import ServerSettings, build_server, create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    generator, tokenizer = load(args)
     try:
         chat = ChatEncoder(tokenizer.path)
     except MixtralError as exc:  # a non-Mistral SentencePiece model: completions still work
