@@ -47,6 +47,7 @@ class Layout:
     comm: str = "alltoall"
     moe: dict = field(default_factory=dict)
     bias: tuple | None = None
+    experts: int = EXPERTS
 
     @property
     def micro_batches(self) -> int:
@@ -69,13 +70,15 @@ LAYOUTS = {
     "dp2_tp2_sp_ep2_etp2_allgather": Layout(4, dict(dp=2, tp=2, sp=True, ep=2, etp=2), "allgather"),
     "dp2_tp2_sp_ep2_etp2_alltoall": Layout(4, dict(dp=2, tp=2, sp=True, ep=2, etp=2)),
     "dp2_tp2_sp_ep2_alltoall_edp2": Layout(4, dict(dp=2, tp=2, sp=True, ep=2)),
+    # one expert per ep rank, two edp ranks: FSDP2 shards the stacks along dim 1, not the single expert
+    "dp4_ep2_one_local_expert_edp2": Layout(4, dict(dp=4, ep=2), experts=2),
 }
 
 
 def make_model(layout: Layout) -> Mixtral:
     torch.manual_seed(0)
     moe = MoEConfig(expert_bias=layout.bias is not None, **layout.moe)
-    model = Mixtral(small_config(num_local_experts=EXPERTS), Ops.reference(), moe)
+    model = Mixtral(small_config(num_local_experts=layout.experts), Ops.reference(), moe)
     model.init_weights()
     for layer in model.layers:
         if layout.bias is not None:
@@ -124,6 +127,8 @@ def _run_layouts(names: list[str]) -> dict[str, tuple]:
         gather_expert_grads(model, grads, meshes)
         reduce = functools.partial(mean_over, mesh=meshes.dp_cp)
         results[name] = ([reduce(l).item() for l in losses], [reduce(c).item() for c in ce_losses], grads)
+        placements = {str(p.placements) for p in expert_parameters(model)}
+        results[name + "/placements"] = sorted(placements)
     if dist.get_world_size() == 2:
         results["rejections"] = _rejections()
     return results
@@ -167,6 +172,11 @@ def reference(name: str) -> tuple:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_expert_layout_matches_one_process(distributed, name: str) -> None:
     assert_matches(distributed[name], reference(name), name)
+
+
+def test_expert_stacks_shard_over_edp_along_a_dimension_every_rank_has(distributed) -> None:
+    assert distributed["dp2_tp2_sp_ep2_alltoall_edp2/placements"] == ["(Shard(dim=0),)"]  # 2 experts, 2 ranks
+    assert distributed["dp4_ep2_one_local_expert_edp2/placements"] == ["(Shard(dim=1),)"]  # 1 expert, 2 ranks
 
 
 def test_idle_rank_experts_get_zero_gradients(distributed) -> None:

@@ -112,16 +112,19 @@ def test_dry_run_builds_every_stage_of_the_real_model(capsys):
     assert "every stage's parameter shapes and bytes match the plan" in out
 
 
-def test_scaled_down_run_matches_one_process(capsys):
-    """The MLPerf TPU recipe's FSDP layout (dp256 zero3) on 4 gloo ranks: the loss of one process, 3 steps."""
-    ranks, one = scaled_down_run(load_recipe("tpu-v5p-8x22b-spmd"), max_ranks=4)
+@pytest.mark.parametrize("name", sorted(SCALED))
+def test_scaled_down_run_matches_one_process(name, capsys):
+    """Every recipe's layout, divided down to at most 8 gloo ranks: the loss of one process, 3 AdamW steps."""
+    recipe = load_recipe(name)
+    ranks, one = scaled_down_run(recipe)
     assert len(ranks) == len(one) == 3 and one[0] != one[2]  # the steps changed the model
     for got, want in zip(ranks, one):
         assert abs(got - want) <= 1e-4 * abs(want)
+    p = scaled_recipe(recipe).parallel
     out = capsys.readouterr().out
-    assert "dp4 tp1 pp1 cp1 ep1 etp1 zero3 on 4 gloo ranks" in out and "ok  losses agree" in out
-
-
+    assert f"dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} etp{p.etp}" in out and "ok  losses agree" in out
+    if name == "tpu-v5p-8x22b-spmd":  # the MLPerf FSDP layout (dp256 zero3)
+        assert "dp8 tp1 pp1 cp1 ep1 etp1 zero3 on 8 gloo ranks" in out
 
 
 def test_scaled_down_reports_the_failing_rank_and_its_message():

@@ -27,6 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from mixtral.parallel.launch import fail_fast, init_distributed, launch_workers, launched
 
     if args.nproc_per_node is not None and not launched():
+        from mixtral.errors import MixtralError
+        from mixtral.recipes import load_recipe
+
+        world = load_recipe(args.recipe, args.overrides).parallel.world_size  # a bad recipe fails once, here
+        if world != args.nproc_per_node:
+            raise MixtralError(f"the recipe's layout has {world} ranks (parallel.dp x tp x pp x cp) but "
+                               f"--nproc-per-node is {args.nproc_per_node}; change one of them")
         return launch_workers(args.nproc_per_node, args.argv)
     if "WORLD_SIZE" not in os.environ:
         return train(args)
