@@ -199,14 +199,20 @@ def test_hf_into_a_sharded_model_reads_only_each_ranks_shards(tmp_path):
 
 # The load-balancing loss is over the data group's whole batch on 2 ranks, per micro-batch when one process
 # accumulates: without it both layouts compute the same loss, so one process can continue a 2-rank run.
-NO_AUX = ("model.router_aux_loss_coef=0",)
+# 4 experts: two per expert-parallel rank.
+MODEL = ("model.router_aux_loss_coef=0", "model.num_local_experts=4")
 
 
-def _fit(run_dir: Path, resume: bool = False, crash_at: int = -1) -> int:
-    """Train (or resume) tiny_trainer on dp2 ZeRO-3 until done or killed before step crash_at + 1."""
+LAYOUTS = {"dp2_zero3": ("parallel.dp=2", "parallel.zero=3"),
+           # every expert must land under its global index: Megatron-Bridge #1716 exports wrong ones with EP
+           "dp2_ep2": ("parallel.dp=2", "parallel.ep=2")}
+
+
+def _fit(run_dir: Path, layout: tuple[str, ...], resume: bool = False, crash_at: int = -1) -> int:
+    """Train (or resume) tiny_trainer on 2 ranks until done or killed before step crash_at + 1."""
     from test_train import tiny_trainer
 
-    trainer = tiny_trainer(run_dir, "parallel.dp=2", "parallel.zero=3", *NO_AUX)
+    trainer = tiny_trainer(run_dir, *layout, *MODEL)
     train_step = trainer.train_step
 
     def crashing(batches):
@@ -222,32 +228,33 @@ def _fit(run_dir: Path, resume: bool = False, crash_at: int = -1) -> int:
     return trainer.step
 
 
-def _whole_split_resumed(tmp: str) -> list[int]:
+def _whole_split_resumed(tmp: str, layout: tuple[str, ...]) -> list[int]:
     """Rank part: an uninterrupted run, a run killed at step 4 (a copy of it kept), its resumption."""
     import shutil
 
     import torch.distributed as dist
 
     root = Path(tmp)
-    steps = [_fit(root / "whole"), _fit(root / "split", crash_at=4)]
+    steps = [_fit(root / "whole", layout), _fit(root / "split", layout, crash_at=4)]
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.copytree(root / "split", root / "single", symlinks=True)
     dist.barrier()
-    return steps + [_fit(root / "split", resume=True)]
+    return steps + [_fit(root / "split", layout, resume=True)]
 
 
-def test_trainer_resume_on_two_ranks_and_on_one(tmp_path):
-    """6 steps of dp2 ZeRO-3 == 3 steps, a crash, 3 resumed steps (exactly); one process resuming the same
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_trainer_resume_on_two_ranks_and_on_one(tmp_path, layout):
+    """6 steps on 2 ranks == 3 steps, a crash, 3 resumed steps (exactly); one process resuming the same
     step-3 checkpoint (its global batch accumulated in 2 micro-batches) follows within 1e-5."""
     from test_train import tiny_trainer
     from test_train_resume import losses
 
-    assert run_ranks(_whole_split_resumed, 2, str(tmp_path), timeout_s=400.0)[0] == [6, 4, 6]
+    assert run_ranks(_whole_split_resumed, 2, str(tmp_path), LAYOUTS[layout], timeout_s=400.0)[0] == [6, 4, 6]
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     assert read_manifest(published(tmp_path / "single" / "checkpoints")).layout["dp"] == 2
 
-    single = tiny_trainer(tmp_path / "single", *NO_AUX)
+    single = tiny_trainer(tmp_path / "single", *MODEL)
     with pytest.warns(UserWarning, match="saved by 2 ranks, this run has 1"):
         single.fit(resume=True)
     assert single.step == 6

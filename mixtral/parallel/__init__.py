@@ -10,6 +10,7 @@ from mixtral.parallel.dims import ParallelDims, ParallelMeshes
 from mixtral.parallel.expert_parallel import (
            apply_expert_data_parallel,
            apply_expert_parallel,
+           expert_checkpoint_views,
            expert_parameters,
            full_expert_weight,
 )
@@ -18,7 +19,8 @@ from mixtral.parallel.parallelize import Parallelized, clip_grad_norm_, parallel
 from mixtral.parallel.pipeline_parallel import Pipeline, PipelinedModel, PipelineStageModel
 from mixtral.parallel.tensor_parallel import apply_tensor_parallel
 
-__all__ = ["DistInfo", "ParallelDims", "ParallelMeshes", "apply_context_parallel", "apply_data_parallel",
-           "apply_expert_data_parallel", "apply_expert_parallel", "apply_tensor_parallel", "expert_parameters",
-           "fail_fast", "full_expert_weight", "init_distributed", "mean_over", "microbatch_sync", "shard_sequence"]
-__all__ += ["Parallelized", "Pipeline", "PipelinedModel", "PipelineStageModel", "clip_grad_norm_", "parallelize"]
+__all__ = ["DistInfo", "ParallelDims", "ParallelMeshes", "Parallelized", "Pipeline", "PipelineStageModel",
+           "PipelinedModel", "apply_context_parallel", "apply_data_parallel", "apply_expert_data_parallel",
+           "apply_expert_parallel", "apply_tensor_parallel", "clip_grad_norm_", "expert_checkpoint_views",
+           "expert_parameters", "fail_fast", "full_expert_weight", "init_distributed", "mean_over",
+           "microbatch_sync", "parallelize", "shard_sequence"]

@@ -22,7 +22,9 @@ the data ranks' mean loss, also when ep folds over tp ranks that hold the same t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -226,3 +228,44 @@ def apply_expert_data_parallel(model: Mixtral, meshes: ParallelMeshes, zero: int
 
     for experts in expert_modules(model):
         fully_shard(experts, mesh=meshes["edp"], reshard_after_forward=zero == 3, shard_placement_fn=placement)
+
+
+def expert_checkpoint_views(meshes: ParallelMeshes) -> Callable[[dict], dict] | None:
+    """For checkpoints under expert parallelism: a state dict -> the same dict with every expert stack seen
+    as one global DTensor [num_experts, ...] (ep outer, the edp FSDP shard inner), sharing storage.
+
+    An ep rank's expert parameters (and their optimizer states) hold its experts only, under the global
+    names, so DCP would keep one rank's experts as if they were all of them (Megatron-Bridge #1716). The
+    views give DCP each shard's global offset: saving writes every expert under its global index, loading
+    reshards into any layout. Collective (it builds the (ep, edp) mesh): call it on every rank, once.
+    """
+    if meshes.expert is None:
+        return None
+    if meshes["etp"].size() > 1:
+        raise MixtralError("checkpoints with parallel.etp > 1 are not supported yet (an etp shard of the fused "
+                           "gate_up weight is not one contiguous block); set parallel.etp=1 (ExTP: spread whole "
+                           "experts with parallel.ep) or checkpoint.interval=0")
+    ranks = meshes.expert.mesh.permute(0, 2, 1, 3)  # (pp, edp, ep, etp) -> (pp, ep, edp, etp)
+    mesh = DeviceMesh(meshes.expert.device_type, ranks, mesh_dim_names=("pp", "ep", "edp", "etp"))["ep", "edp"]
+    ep = mesh.size(0)
+
+    def view(tensor: torch.Tensor) -> torch.Tensor:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        inner = tensor.placements[0] if isinstance(tensor, DTensor) else Replicate()  # FSDP2's, over edp
+        shape = torch.Size([tensor.shape[0] * ep, *tensor.shape[1:]])
+        return DTensor.from_local(local, mesh, (Shard(0), inner), run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    def views(state: dict, path: str = "") -> dict:
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            name = f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict):
+                out[key] = views(value, name)
+            elif isinstance(value, torch.Tensor) and value.dim() == 3 and ".mlp.experts." in f".{name}":
+                out[key] = view(value)
+            else:
+                out[key] = value
+        return out
+
+    return views

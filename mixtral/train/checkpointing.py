@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,11 @@ def _save_fsynced(obj: Any, file: Path) -> None:
 def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                              config: ModelConfig, trainer_state: dict[str, Any], keep_last: int,
                              layout: dict[str, int] | None = None, tokenizer_path: str | Path | None = None,
-                             device_type: str = "cpu") -> Path:
-    """Publish step's checkpoint (collective on many ranks): model and optimizer shards, trainer state, RNG."""
+                             device_type: str = "cpu", views: Callable[[dict], dict] | None = None) -> Path:
+    """Publish step's checkpoint (collective on many ranks): model and optimizer shards, trainer state, RNG.
+    views: the state dicts as DCP should see them (expert_parallel.expert_checkpoint_views)."""
     rng = rng_state(device_type)
+    views = views or (lambda state: state)
 
     def add_files(tmp: Path) -> None:
         _save_fsynced(rng, rng_file(tmp, _rank()))
@@ -110,19 +113,19 @@ def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optim
             _fsync(tmp / TOKENIZER)
 
     extra = {TRAINER_KEY: {**trainer_state, "world_size": _world_size()}}
-    return save_native_step(ckpt_dir, step, get_model_state_dict(module), get_optimizer_state_dict(module, optimizer),
-                            config=config, layout=layout, manifest_extra=extra, keep_last=keep_last,
+    return save_native_step(ckpt_dir, step, views(get_model_state_dict(module)),
+                            views(get_optimizer_state_dict(module, optimizer)), config=config, layout=layout, manifest_extra=extra, keep_last=keep_last,
                             add_files=add_files)
 
 
 def load_training_checkpoint(step_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                             device_type: str = "cpu") -> dict[str, Any]:
+                             device_type: str = "cpu", views: Callable[[dict], dict] | None = None) -> dict[str, Any]:
     """Load model and optimizer (resharded to module's layout) and this rank's RNG; returns the trainer state.
 
     The RNG states are restored only when the world size matches the saving run's (each rank has its own);
     on another layout the run continues with the RNG it was started with, so it is not bit-identical.
     """
-    manifest: Manifest = load_native(step_dir, module, optimizer)
+    manifest: Manifest = load_native(step_dir, module, optimizer, views)
     state = manifest.extra.get(TRAINER_KEY)
     if not isinstance(state, dict):
         raise MixtralError(f"{step_dir}: holds no trainer state (a converted or weights-only checkpoint); --resume "

@@ -32,6 +32,7 @@ from mixtral.parallel import (
     ParallelDims,
     Pipeline,
     clip_grad_norm_,
+    expert_checkpoint_views,
     expert_parameters,
     mean_over,
     microbatch_sync,
@@ -102,6 +103,7 @@ class Trainer:
         random.seed(r.train.seed)
         self.param_dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
         self.model, self.pipeline = self._build_model()
+        self.checkpoint_views = expert_checkpoint_views(self.meshes) if self.meshes else None
         named = list(self.model.named_parameters())
         experts = {id(q) for q in expert_parameters(self.model)} if self.meshes and self.meshes.expert else set()
         self.is_expert = [id(param) in experts for _, param in named]  # shards over ep / etp: their norm sums there
@@ -257,7 +259,8 @@ class Trainer:
         module = ckpt.optimized_module(self.model, self.masters)
         return ckpt.save_training_checkpoint(r.checkpoint_dir, self.step, module, self.optimizer, self.config,
                                              self.state_dict(), r.checkpoint.keep_last, layout,
-                                             r.data.tokenizer or default_tokenizer_path(), self.device.type)
+                                             r.data.tokenizer or default_tokenizer_path(), self.device.type,
+                                             self.checkpoint_views)
 
     def restore(self) -> Path:
         """Continue from `latest`: weights, optimizer, data position, RNG states and the step."""
@@ -266,7 +269,8 @@ class Trainer:
             raise MixtralError(f"--resume: no complete checkpoint in {self.recipe.checkpoint_dir} (no "
                                f"{ckpt.LATEST}/manifest.json); start the run without --resume")
         module = ckpt.optimized_module(self.model, self.masters)
-        state = ckpt.load_training_checkpoint(step_dir, module, self.optimizer, self.device.type)
+        state = ckpt.load_training_checkpoint(step_dir, module, self.optimizer, self.device.type,
+                                              self.checkpoint_views)
         with torch.no_grad():
             for param, master in zip(self.model.parameters(), self.masters):
                 param.copy_(master)
