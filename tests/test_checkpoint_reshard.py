@@ -205,7 +205,8 @@ MODEL = ("model.router_aux_loss_coef=0", "model.num_local_experts=4")
 
 LAYOUTS = {"dp2_zero3": ("parallel.dp=2", "parallel.zero=3"),
            # every expert must land under its global index: Megatron-Bridge #1716 exports wrong ones with EP
-           "dp2_ep2": ("parallel.dp=2", "parallel.ep=2")}
+           "dp2_ep2": ("parallel.dp=2", "parallel.ep=2"),
+           "tp2_etp2": ("parallel.tp=2", "parallel.etp=2")}  # etp shards are gathered whole, and cut back
 
 
 def _fit(run_dir: Path, layout: tuple[str, ...], resume: bool = False, crash_at: int = -1) -> int:
@@ -252,7 +253,8 @@ def test_trainer_resume_on_two_ranks_and_on_one(tmp_path, layout):
 
     assert run_ranks(_whole_split_resumed, 2, str(tmp_path), LAYOUTS[layout], timeout_s=400.0)[0] == [6, 4, 6]
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
-    assert read_manifest(published(tmp_path / "single" / "checkpoints")).layout["dp"] == 2
+    saved = read_manifest(published(tmp_path / "single" / "checkpoints")).layout
+    assert saved["dp"] * saved["tp"] * saved["pp"] * saved["cp"] == 2
 
     single = tiny_trainer(tmp_path / "single", *MODEL)
     with pytest.warns(UserWarning, match="saved by 2 ranks, this run has 1"):

@@ -496,13 +496,14 @@ def _check_config(manifest: Manifest, config: ModelConfig, file: Path) -> None:
 
 
 def load_native(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                views: Callable[[dict], dict] | None = None) -> Manifest:
+                views: Any = None) -> Manifest:
     """Load a native checkpoint into model (and optimizer) in whatever layout they are sharded now.
 
     Collective when a process group is up; a pipeline stage loads only the layers it holds (global names).
     Routing-state buffers the checkpoint lacks (an HF conversion) keep their values; a missing parameter
     is an error, and so is a tensor of a module the model has that the model lacks (another moe recipe).
-    views maps the state dicts to what DCP reads into (sharing storage): expert_parallel.expert_checkpoint_views.
+    views maps the state dicts to what DCP reads into, and its restore() runs after the read
+    (mixtral.parallel.expert_parallel.ExpertCheckpointViews: expert stacks under their global indices).
     """
     path = resolve_native(path)
     manifest = read_manifest(path)
@@ -523,14 +524,15 @@ def load_native(path: str | Path, model: torch.nn.Module, optimizer: torch.optim
         raise MixtralError(f"{path}: the checkpoint holds '{unexpected[0]}', which the model lacks; build the model "
                            f"with the recipe it was trained with (moe.expert_bias / moe.dispatcher)")
     loadable = {k: v for k, v in state.items() if k not in missing}
-    views = views or (lambda state: state)
     to_load: dict[str, Any] = {"model": loadable}
     if optimizer is not None:
         if not any(k.startswith("optimizer.") for k in stored):
             raise MixtralError(f"{path}: holds no optimizer state (a converted or weights-only checkpoint); "
                                f"resume needs a checkpoint saved by training, or start a fresh run from it")
         to_load["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    _dcp_load({part: views(state) for part, state in to_load.items()}, path)
+    _dcp_load({part: views(state) for part, state in to_load.items()} if views else to_load, path)
+    if views is not None:
+        views.restore()
     set_model_state_dict(model, state, options=StateDictOptions(strict=True))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, to_load["optimizer"])

@@ -22,7 +22,6 @@ the data ranks' mean loss, also when ep folds over tp ranks that hold the same t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # private, same in torch 2.9
 
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
@@ -230,42 +230,70 @@ def apply_expert_data_parallel(model: Mixtral, meshes: ParallelMeshes, zero: int
         fully_shard(experts, mesh=meshes["edp"], reshard_after_forward=zero == 3, shard_placement_fn=placement)
 
 
-def expert_checkpoint_views(meshes: ParallelMeshes) -> Callable[[dict], dict] | None:
-    """For checkpoints under expert parallelism: a state dict -> the same dict with every expert stack seen
-    as one global DTensor [num_experts, ...] (ep outer, the edp FSDP shard inner), sharing storage.
+class ExpertCheckpointViews:
+    """State dicts as DCP must see them under expert parallelism: every expert stack (and its optimizer states)
+    as the global [num_experts, ...] tensor.
 
-    An ep rank's expert parameters (and their optimizer states) hold its experts only, under the global
-    names, so DCP would keep one rank's experts as if they were all of them (Megatron-Bridge #1716). The
-    views give DCP each shard's global offset: saving writes every expert under its global index, loading
-    reshards into any layout. Collective (it builds the (ep, edp) mesh): call it on every rank, once.
+    An ep rank's expert parameters hold its experts only, under the global names, so DCP would keep one rank's
+    experts as if they were all of them (Megatron-Bridge #1716). With etp 1 each stack becomes a global DTensor
+    view (ep outer, the edp FSDP shard inner) sharing the shard's storage: each rank writes and reads only its
+    own experts, and any layout reshards. With etp > 1 an etp shard of the fused gate_up weight is two blocks
+    ([gate_j; up_j]), which a DTensor cannot describe: the stacks are gathered whole instead (memory: one full
+    stack at a time per rank) and, after a load, each rank's shard is cut back out (restore).
+    Collective: build it, and call it, on every rank in the same order.
     """
-    if meshes.expert is None:
-        return None
-    if meshes["etp"].size() > 1:
-        raise MixtralError("checkpoints with parallel.etp > 1 are not supported yet (an etp shard of the fused "
-                           "gate_up weight is not one contiguous block); set parallel.etp=1 (ExTP: spread whole "
-                           "experts with parallel.ep) or checkpoint.interval=0")
-    ranks = meshes.expert.mesh.permute(0, 2, 1, 3)  # (pp, edp, ep, etp) -> (pp, ep, edp, etp)
-    mesh = DeviceMesh(meshes.expert.device_type, ranks, mesh_dim_names=("pp", "ep", "edp", "etp"))["ep", "edp"]
-    ep = mesh.size(0)
 
-    def view(tensor: torch.Tensor) -> torch.Tensor:
-        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        inner = tensor.placements[0] if isinstance(tensor, DTensor) else Replicate()  # FSDP2's, over edp
-        shape = torch.Size([tensor.shape[0] * ep, *tensor.shape[1:]])
-        return DTensor.from_local(local, mesh, (Shard(0), inner), run_check=False, shape=shape,
-                                  stride=torch.empty(shape, device="meta").stride())
+    def __init__(self, meshes: ParallelMeshes) -> None:
+        self.meshes = meshes
+        self.ep = meshes["ep"].size()
+        self.mesh: DeviceMesh | None = None
+        if meshes["etp"].size() == 1:
+            ranks = meshes.expert.mesh.permute(0, 2, 1, 3)  # (pp, edp, ep, etp) -> (pp, ep, edp, etp)
+            names = ("pp", "ep", "edp", "etp")
+            self.mesh = DeviceMesh(meshes.expert.device_type, ranks, mesh_dim_names=names)["ep", "edp"]
+        self.gathered: list[tuple[torch.Tensor, torch.Tensor, str]] = []  # (shard, whole, weight name)
 
-    def views(state: dict, path: str = "") -> dict:
+    def __call__(self, state: dict, path: str = "") -> dict:
         out: dict[str, Any] = {}
         for key, value in state.items():
             name = f"{path}.{key}" if path else str(key)
             if isinstance(value, dict):
-                out[key] = views(value, name)
+                out[key] = self(value, name)
             elif isinstance(value, torch.Tensor) and value.dim() == 3 and ".mlp.experts." in f".{name}":
-                out[key] = view(value)
+                weight = name.split(".mlp.experts.")[1].split(".")[0]  # gate_up_proj or down_proj
+                out[key] = self._view(value) if self.mesh is not None else self._whole(value, weight)
             else:
                 out[key] = value
         return out
 
-    return views
+    def _view(self, tensor: torch.Tensor) -> DTensor:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        inner = tensor.placements[0] if isinstance(tensor, DTensor) else Replicate()  # FSDP2's, over edp
+        shape = torch.Size([tensor.shape[0] * self.ep, *tensor.shape[1:]])
+        return DTensor.from_local(local, self.mesh, (Shard(0), inner), run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    def _whole(self, tensor: torch.Tensor, weight: str) -> torch.Tensor:
+        whole = full_expert_weight(tensor.full_tensor() if isinstance(tensor, DTensor) else tensor, weight, self.meshes)
+        self.gathered.append((tensor, whole, weight))
+        return whole
+
+    def restore(self) -> None:
+        """After a load into gathered stacks (etp > 1): each rank's shards copied back out of them."""
+        meshes = self.meshes
+        with torch.no_grad():
+            for shard, whole, weight in self.gathered:
+                mine = local_expert_weight(whole, weight, meshes["ep"].get_local_rank(), self.ep,
+                                           meshes["etp"].get_local_rank(), meshes["etp"].size())
+                if isinstance(shard, DTensor):  # FSDP2's edp shard of it
+                    sizes, offsets = compute_local_shape_and_global_offset(mine.shape, shard.device_mesh,
+                                                                           shard.placements)
+                    mine = mine[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+                    shard = shard.to_local()
+                shard.copy_(mine)
+        self.gathered.clear()
+
+
+def expert_checkpoint_views(meshes: ParallelMeshes) -> ExpertCheckpointViews | None:
+    """The state-dict views checkpoints need under expert parallelism (None without it)."""
+    return ExpertCheckpointViews(meshes) if meshes.expert is not None else None

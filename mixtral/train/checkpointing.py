@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from mixtral.checkpoint.native import LATEST, Manifest, load_native, remove_stal
 from mixtral.checkpoint.native import published as latest_step_dir
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
+from mixtral.parallel.expert_parallel import ExpertCheckpointViews
 
 TRAINER_KEY = "trainer"  # manifest extra: step, tokens, skipped, loader, world_size
 RNG_DIR = "rng"
@@ -100,11 +100,10 @@ def _save_fsynced(obj: Any, file: Path) -> None:
 def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                              config: ModelConfig, trainer_state: dict[str, Any], keep_last: int,
                              layout: dict[str, int] | None = None, tokenizer_path: str | Path | None = None,
-                             device_type: str = "cpu", views: Callable[[dict], dict] | None = None) -> Path:
+                             device_type: str = "cpu", views: ExpertCheckpointViews | None = None) -> Path:
     """Publish step's checkpoint (collective on many ranks): model and optimizer shards, trainer state, RNG.
     views: the state dicts as DCP should see them (expert_parallel.expert_checkpoint_views)."""
     rng = rng_state(device_type)
-    views = views or (lambda state: state)
 
     def add_files(tmp: Path) -> None:
         _save_fsynced(rng, rng_file(tmp, _rank()))
@@ -113,13 +112,16 @@ def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optim
             _fsync(tmp / TOKENIZER)
 
     extra = {TRAINER_KEY: {**trainer_state, "world_size": _world_size()}}
-    return save_native_step(ckpt_dir, step, views(get_model_state_dict(module)),
-                            views(get_optimizer_state_dict(module, optimizer)), config=config, layout=layout, manifest_extra=extra, keep_last=keep_last,
+    model_state, optimizer_state = get_model_state_dict(module), get_optimizer_state_dict(module, optimizer)
+    if views is not None:
+        model_state, optimizer_state = views(model_state), views(optimizer_state)
+        views.gathered.clear()  # what a load would restore into: nothing to restore after a save
+    return save_native_step(ckpt_dir, step, model_state, optimizer_state, config=config, layout=layout, manifest_extra=extra, keep_last=keep_last,
                             add_files=add_files)
 
 
 def load_training_checkpoint(step_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                             device_type: str = "cpu", views: Callable[[dict], dict] | None = None) -> dict[str, Any]:
+                             device_type: str = "cpu", views: ExpertCheckpointViews | None = None) -> dict[str, Any]:
     """Load model and optimizer (resharded to module's layout) and this rank's RNG; returns the trainer state.
 
     The RNG states are restored only when the world size matches the saving run's (each rank has its own);
