@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -32,6 +35,17 @@ def big_random_model() -> tuple[Mixtral, float]:
         for param in model.parameters():
             param.uniform_(-0.05, 0.05)
     return model, sum(p.numel() * 4 for p in model.parameters()) / 2**20
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers cost seconds a step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

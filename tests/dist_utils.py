@@ -89,3 +89,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
                 p.kill()
                 p.join()
     return [out[r] for r in range(world_size)]
+
+
+def run_layouts(fn: Callable[[list[str]], dict], layouts: dict[str, Any], timeout_s: float = 240.0) -> dict:
+    """fn(names) on each world size's ranks, for the named layouts of that size (each has .world): one spawn
+    per world size keeps process start-ups few. Returns rank 0's results of every layout, merged."""
+    results: dict = {}
+    for world in sorted({layout.world for layout in layouts.values()}):
+        names = [name for name, layout in layouts.items() if layout.world == world]
+        results.update(run_ranks(fn, world, names, timeout_s=timeout_s)[0])
+    return results

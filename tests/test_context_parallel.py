@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import small_config
-from dist_utils import run_ranks
+from conftest import single_thread, small_config
+from dist_utils import run_layouts
 from test_expert_parallel import assert_matches, gather_expert_grads
 from test_parallel_equivalence import train
 from torch import nn
@@ -108,21 +108,13 @@ def _rejections(cp_mesh) -> list[str]:
 @pytest.fixture(scope="module")
 def distributed() -> dict:
     """Rank 0's results of every layout: one spawn per world size."""
-    results = {}
-    for world in sorted({layout.world for layout in LAYOUTS.values()}):
-        names = [name for name, layout in LAYOUTS.items() if layout.world == world]
-        results.update(run_ranks(_run_layouts, world, names, timeout_s=240.0)[0])
-    return results
+    return run_layouts(_run_layouts, LAYOUTS)
 
 
 @functools.cache
 def reference(window: int | None) -> tuple:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return train(make_model(window), 1, range(1))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

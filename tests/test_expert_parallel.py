@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import small_config
-from dist_utils import run_ranks
+from conftest import single_thread, small_config
+from dist_utils import run_layouts
 from test_parallel_equivalence import STEPS, assert_close, train
 
 from mixtral.backend import Ops
@@ -150,23 +150,15 @@ def _rejections() -> list[str]:
 @pytest.fixture(scope="module")
 def distributed() -> dict[str, tuple]:
     """Rank 0's results of every layout: one spawn per world size."""
-    results = {}
-    for world in sorted({layout.world for layout in LAYOUTS.values()}):
-        names = [name for name, layout in LAYOUTS.items() if layout.world == world]
-        results.update(run_ranks(_run_layouts, world, names, timeout_s=240.0)[0])
-    return results
+    return run_layouts(_run_layouts, LAYOUTS)
 
 
 @functools.cache
 def reference(name: str) -> tuple:
     """One process: the same micro-batches accumulated, with the layout's dispatcher and routing bias."""
     layout = LAYOUTS[name]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return train(make_model(layout), layout.micro_batches, range(layout.micro_batches))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import small_config
+from conftest import single_thread, small_config
 from safetensors.torch import load_file, save_file
 
 from mixtral.backend import get_backend
@@ -25,11 +25,8 @@ NEW_TOKENS = 64
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers cost seconds a step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def hf_pair(config: ModelConfig) -> tuple[transformers.MixtralForCausalLM, Mixtral]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import small_config
-from dist_utils import run_ranks
+from conftest import single_thread, small_config
+from dist_utils import run_layouts
 
 from mixtral.backend import Ops
 from mixtral.model import IGNORE_INDEX, Mixtral
@@ -126,23 +126,15 @@ def _run_layouts(names: list[str]) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def distributed() -> dict[str, tuple]:
     """Rank 0's results of every layout: one spawn per world size keeps process start-ups few."""
-    results = {}
-    for world in sorted({layout.world for layout in LAYOUTS.values()}):
-        names = [name for name, layout in LAYOUTS.items() if layout.world == world]
-        results.update(run_ranks(_run_layouts, world, names, timeout_s=240.0)[0])
-    return results
+    return run_layouts(_run_layouts, LAYOUTS)
 
 
 @functools.cache
 def reference(micro_batches: int, tied: bool) -> tuple:
     """One process, no torch.distributed: the same micro-batches accumulated (one thread: tiny ops on a
     busy machine run many times slower with several)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return train(make_model(tied), micro_batches, range(micro_batches))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:

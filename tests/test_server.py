@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 import torch
-from conftest import small_config
+from conftest import single_thread, small_config
 
 from mixtral.backend import get_backend
 from mixtral.checkpoint.hf import load_hf_model, save_hf
@@ -67,11 +67,8 @@ class Served:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers cost seconds a step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
