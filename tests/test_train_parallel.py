@@ -80,7 +80,11 @@ def test_pipeline_cli_matches_one_process(tmp_path) -> None:
 
 
 def test_a_failing_worker_fails_the_launch(tmp_path, capsys) -> None:
-    """A layout the world size cannot hold: every worker stops, and the launch says which failed."""
+    """A layout only the workers can refuse (kv heads by tp, checked against the model): every worker stops, and
+    the launch says which failed. A layout whose ranks differ from --nproc-per-node fails before launching."""
     assert main(["train", "--recipe", "cpu-tiny", "--nproc-per-node", "2", *SHORT, f"train.output_dir={tmp_path}",
-                 "parallel.tp=4"]) == 1
+                 "parallel.tp=2", "model.num_key_value_heads=1"]) == 1
     assert re.search(r"rank [01] failed first \(exit code 1\)", capsys.readouterr().out)
+    assert main(["train", "--recipe", "cpu-tiny", "--nproc-per-node", "2", *SHORT, "parallel.tp=4"]) == 2
+    assert ("the recipe's layout has 4 ranks (parallel.dp x tp x pp x cp) but --nproc-per-node is 2"
+            in capsys.readouterr().err)
