@@ -11,17 +11,20 @@ Each decoder block is its own FSDP unit, the root holds the embedding, final nor
 
 Gradients are averaged over the data ranks, so each rank's loss must be the mean over its own
 micro-batch: the result equals one process averaging the same micro-batches' losses (gradient
-accumulation). Cross-entropy then equals the concatenated batch's token mean whenever every rank has
-the same number of counted targets; the load-balancing loss is per micro-batch (Megatron's default).
+accumulation). With `Mixtral.loss_group` set (parallelize does) the losses are over the group's whole
+batch instead: cross-entropy over its counted targets, the load-balancing loss over its router totals.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from mixtral.errors import MixtralError
 
@@ -39,10 +42,20 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, tp_ena
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=dp_mesh)
-    reshard = zero == 3
+    reshard, placement = zero == 3, spread_over(dp_mesh.size())
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
-    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
+    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
+
+
+def spread_over(ranks: int) -> Callable[[nn.Parameter], Shard | None]:
+    """FSDP2's placement for a parameter: dim 0, unless it has fewer rows than ranks (8 experts stacked over
+    256 ranks would sit on 8 of them, whole), then its largest dim. Tensor-parallel DTensors keep dim 0."""
+    def placement(param: nn.Parameter) -> Shard | None:
+        if isinstance(param, DTensor) or param.dim() == 0 or param.shape[0] >= ranks:
+            return None  # FSDP2's default, Shard(0)
+        return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+    return placement
 
 
 def microbatch_sync(model: nn.Module, zero: int, last: bool) -> None:

@@ -40,6 +40,7 @@ from mixtral.model import Mixtral
 from mixtral.model.dispatch import Capacity, CapacityBinned, Context, Dropless, Routing
 from mixtral.model.moe import GroupedExperts, MoE
 from mixtral.parallel.context_parallel import gather_dim
+from mixtral.parallel.data_parallel import spread_over
 from mixtral.parallel.dims import ParallelMeshes
 
 EP_COMMS = ("alltoall", "allgather")
@@ -219,13 +220,7 @@ def apply_expert_parallel(model: Mixtral, meshes: ParallelMeshes, comm: str = "a
 def apply_expert_data_parallel(model: Mixtral, meshes: ParallelMeshes, zero: int) -> None:
     """FSDP2 for the expert shards over edp (gradients averaged there, module docstring). Call before
     apply_data_parallel, whose fully_shard then leaves the experts alone."""
-    edp = meshes["edp"].size()
-
-    def placement(param: nn.Parameter) -> Shard:
-        """Dim 0 (experts) when every edp rank gets some, else dim 1: fewer local experts than edp ranks
-        would leave the whole stack on the first (FSDP2's dim-0 split), as torchtitan also avoids."""
-        return Shard(0) if param.shape[0] >= edp else Shard(1)
-
+    placement = spread_over(meshes["edp"].size())  # fewer local experts than edp ranks: not all on the first
     for experts in expert_modules(model):
         fully_shard(experts, mesh=meshes["edp"], reshard_after_forward=zero == 3, shard_placement_fn=placement)
 
