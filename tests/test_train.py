@@ -236,3 +236,25 @@ def test_init_from_a_run_directory(tmp_path):
     base = load_model(tmp_path / "base" / "checkpoints" / "latest")
     for name, param in base.named_parameters():
         assert torch.equal(param, dict(tuned.model.named_parameters())[name].detach()), name
+
+
+@pytest.mark.parametrize("moe, bins", [(("moe.dispatcher=capacity", "moe.capacity_factor=0.5"), False),
+                                       (("moe.dispatcher=capacity_bins",
+                                         "moe.capacity_bins={num_bins: 2, alignment: 4}"), True)])
+def test_routing_metrics_are_logged_and_plotted(tmp_path, moe, bins):
+    """Per layer: dropped fraction (capacity 0.5 must drop about half the pairs, bins never drop) and the bin used."""
+    from mixtral.train.metrics import read_metrics
+    from mixtral.train.plot import plot_run
+
+    trainer = tiny_trainer(tmp_path, *moe)
+    trainer.fit()
+    loads = [r for r in read_metrics(tmp_path) if "expert_load" in r]
+    layers = trainer.config.num_hidden_layers
+    assert loads and all(len(r["dropped_fraction"]) == len(r["capacity_bin"]) == layers for r in loads)
+    if bins:
+        assert all(f == 0 for r in loads for f in r["dropped_fraction"])
+        assert all(0 <= b < 2 for r in loads for b in r["capacity_bin"])
+    else:
+        assert all(0.3 < f < 0.7 for r in loads for f in r["dropped_fraction"])
+        assert all(b == -1 for r in loads for b in r["capacity_bin"])
+    assert [p.name for p in plot_run(tmp_path)] == ["loss.png", "expert_load.png"]

@@ -56,7 +56,7 @@ class PipelineStageModel(nn.Module):
         self.sequence_shards = sequence_shards  # tp under sequence parallelism: hidden states hold S / tp positions
         self.num_experts, self.top_k = model.config.num_local_experts, model.config.num_experts_per_tok
         self.layer_inputs, self.losses = model.layer_inputs, model.losses  # the whole model's rope tables, loss group
-        self.expert_counts: list[torch.Tensor] = []  # [stage layers, experts] per forward, for load metrics
+        self.expert_counts: list[torch.Tensor] = []  # [stage layers, experts + 2] per forward, for load metrics
         owned = set(self.modules())
         for module in (model.embed_tokens, *model.layers, model.norm, model.lm_head):
             if module not in owned:
@@ -73,8 +73,10 @@ class PipelineStageModel(nn.Module):
         for layer in self.layers:
             x, layer_stats = layer(x, cos, sin, start, mask, causal)
             stats.append(layer_stats)
-        if self.training:
-            self.expert_counts.append(torch.stack([s.counts for s in stats]))
+        if self.training:  # per layer: tokens per expert, dropped pairs, capacity bin (-1: none)
+            self.expert_counts.append(torch.stack([torch.cat([
+                s.counts, (s.counts.new_zeros(()) if s.dropped is None else s.dropped.to(s.counts.dtype)).reshape(1),
+                s.counts.new_tensor([-1 if s.bin is None else s.bin])]) for s in stats]))
         stage_totals = router_totals([s.logits for s in stats], self.num_experts, self.top_k)
         totals = stage_totals if totals is None else totals + stage_totals
         if self.norm is None:
@@ -116,7 +118,7 @@ class Pipeline:
         """Forward and backward of a batch split into the micro-batches, gradients averaged over them.
 
         Returns the last stage's (loss, ce loss, aux loss) per micro-batch [microbatches, 3], on every rank, and this
-        stage's [stage layers, experts] expert counts per micro-batch. On its first call the schedule runs the stages
+        stage's [stage layers, experts + 2] routing counts per micro-batch (tokens per expert, dropped, bin). On its first call the schedule runs the stages
         once more to learn the shapes; only the last `microbatches` losses and counts are the step's own.
         """
         self.losses, self.model.expert_counts = [], []

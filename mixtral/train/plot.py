@@ -25,7 +25,8 @@ def _pyplot():
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path]:
-    """Write loss.png, and expert_load.png when the run logged expert load; return the paths written."""
+    """Write loss.png, and expert_load.png (imbalance, dropped fraction, load per expert) when the run logged
+    expert load; return the paths written."""
     from mixtral.train.metrics import METRICS, read_metrics
 
     run_dir = Path(run_dir)
@@ -51,13 +52,20 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path
 
     loads = [r for r in records if "expert_load" in r]
     if loads:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+        drops = any(any(r.get("dropped_fraction", ())) for r in loads)  # capacity dispatchers that dropped pairs
+        fig, axes = plt.subplots(1, 3 if drops else 2, figsize=(19 if drops else 13, 5))
+        left, right = axes[0], axes[-1]
         steps = [r["step"] for r in loads]
         for layer in range(len(loads[-1]["expert_imbalance"])):
             left.plot(steps, [r["expert_imbalance"][layer] for r in loads], label=f"layer {layer}")
         left.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         left.set(xlabel="step", ylabel="max / mean tokens per expert", title="load imbalance (1 = balanced)")
         left.legend(fontsize="small")
+        if drops:
+            for layer in range(len(loads[-1]["dropped_fraction"])):
+                axes[1].plot(steps, [r["dropped_fraction"][layer] for r in loads], label=f"layer {layer}")
+            axes[1].set(xlabel="step", ylabel="dropped token-expert pairs / routed", title="dropped by capacity")
+            axes[1].legend(fontsize="small")
         image = right.imshow(loads[-1]["expert_load"], aspect="auto", cmap="viridis")
         right.set(xlabel="expert", ylabel="layer", title=f"fraction of tokens per expert, step {steps[-1]}")
         fig.colorbar(image, ax=right)

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,6 +73,7 @@ class StepStats:
     aux_loss: float
     grad_norm: float
     tokens_per_expert: torch.Tensor  # [layers, experts], summed over the step's micro-batches
+    routing: dict[str, list] = field(default_factory=dict)  # per layer: dropped_fraction, capacity_bin
 
     @property
     def finite(self) -> bool:
@@ -162,11 +163,12 @@ class Trainer:
             tokens, targets = self._inputs(torch.cat(batches))
             with self.autocast():
                 losses, stage_counts = self.pipeline.step(tokens, targets)
-            totals, counts = losses.sum(0), self._stage_counts(stage_counts)
+            totals, routed = losses.sum(0), self._stage_counts(stage_counts)
+            counts, dropped, bins = routed[:, :-2], routed[:, -2], routed[:, -1]
             if self.masters:
                 self._accumulate_master_grads()
         else:
-            totals, counts = torch.zeros(3, device=self.device), 0
+            totals, counts, dropped = torch.zeros(3, device=self.device), 0, 0
             for i, batch in enumerate(batches):
                 tokens, targets = self._inputs(batch)
                 with self.autocast():
@@ -175,6 +177,8 @@ class Trainer:
                 (out.loss / len(batches)).backward()
                 totals += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float()
                 counts = counts + out.tokens_per_expert
+                dropped = dropped + out.moe_metrics["dropped_fraction"] * out.tokens_per_expert.sum(1)  # pairs
+                bins = out.moe_metrics["bin"]
                 if self.masters:
                     self._accumulate_master_grads()
         params = self.parameters()
@@ -183,6 +187,9 @@ class Trainer:
         grad_norm = clip_grad_norm_(dense, experts, self.recipe.optimizer.grad_clip or float("inf"), self.meshes)
         loss, ce_loss, aux_loss = self._data_mean(totals / len(batches)).tolist()
         stats = StepStats(loss, ce_loss, aux_loss, grad_norm.item(), self._data_sum(counts).cpu())
+        pairs = stats.tokens_per_expert.sum(1).clamp_min(1)
+        stats.routing = {"dropped_fraction": [round(x, 5) for x in (self._data_sum(dropped).cpu() / pairs).tolist()],
+                         "capacity_bin": bins.tolist()}
         if stats.finite:
             self.optimizer.step()
             if self.masters:
@@ -214,12 +221,14 @@ class Trainer:
         return counts
 
     def _stage_counts(self, microbatch_counts: list[torch.Tensor]) -> torch.Tensor:
-        """Every layer's tokens per expert [layers, experts] from each stage's own layers' (summed over the stages)."""
-        counts = torch.zeros(self.config.num_hidden_layers, self.config.num_local_experts, dtype=torch.int64,
-                             device=self.device)
-        counts[[int(i) for i in self.model.layers.keys()]] = torch.stack(microbatch_counts).sum(0).to(torch.int64)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
-        return counts
+        """Every layer's [tokens per expert, dropped pairs, bin] from the stage that holds it: counts summed over
+        the micro-batches, the bin of the last one."""
+        held = torch.stack(microbatch_counts)
+        held = torch.cat([held[:, :, :-1].sum(0), held[-1, :, -1:]], dim=1).to(torch.int64)
+        routed = torch.zeros(self.config.num_hidden_layers, held.shape[1], dtype=torch.int64, device=self.device)
+        routed[[int(i) for i in self.model.layers.keys()]] = held
+        dist.all_reduce(routed, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
+        return routed
 
     def _accumulate_master_grads(self) -> None:
         """Move the bf16 micro-batch gradients into fp32 master gradients (accumulation in fp32)."""
@@ -337,7 +346,7 @@ class Trainer:
                           "mfu": round(flops_per_token * tokens_per_s / peak, 5), "tokens": self.tokens}
                 every = r.train.expert_load_interval
                 if every and self.step % every == 0:
-                    record.update(expert_load(stats.tokens_per_expert))
+                    record.update(expert_load(stats.tokens_per_expert), **stats.routing)
                 if self.step % r.train.log_interval == 0 or self.step == r.train.steps:
                     self._log(log, record)
                 summary.update(record)
