@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from conftest import single_thread, small_config
 from dist_utils import run_layouts
-from test_expert_parallel import assert_matches, gather_expert_grads
-from test_parallel_equivalence import train
+from test_expert_parallel import gather_expert_grads
+from test_parallel_equivalence import assert_matches, train
 from torch import nn
 
 from mixtral.backend import Ops
