@@ -1,14 +1,18 @@
-"""The CPU backend: SDPA attention, torch._grouped_mm experts, gloo collectives."""
+"""The CPU backend: SDPA attention, torch._grouped_mm experts, gloo collectives.
+
+bf16 / fp16 GEMMs run in fp32 on CPUs whose PyTorch has no fast kernel for them (kernels.fp32_compute).
+"""
 
 from __future__ import annotations
 
 from mixtral.backend import Backend, Capabilities, Ops, hookimpl
-from mixtral.kernels import native
+from mixtral.kernels import fp32_compute, native
 
 
 class CPUBackend(Backend):
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=native.attention, grouped_mm=native.grouped_mm, rms_norm=native.rms_norm)
+        return Ops.reference(attention=native.attention, linear=fp32_compute.linear, grouped_mm=fp32_compute.grouped_mm,
+                             rms_norm=native.rms_norm)
 
 
 @hookimpl

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
 
@@ -127,7 +128,7 @@ def swiglu(npu_swiglu: Callable[..., torch.Tensor], gate_up: torch.Tensor) -> to
 
 def make_ops(torch_npu: ModuleType | object) -> Ops:
     """The NPU op table from torch_npu (the real module, or a simulation with the same functions in tests)."""
-    return Ops(attention=functools.partial(attention, torch_npu.npu_fusion_attention),
+    return Ops(attention=functools.partial(attention, torch_npu.npu_fusion_attention), linear=F.linear,
                grouped_mm=functools.partial(grouped_mm, torch_npu.npu_grouped_matmul),
                permute=functools.partial(permute, torch_npu.npu_moe_token_permute),
                unpermute=functools.partial(unpermute, torch_npu.npu_moe_token_unpermute),

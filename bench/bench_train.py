@@ -4,7 +4,7 @@ Config A: vocab 32000, hidden 512, 4 layers, 8 heads / 2 kv heads, intermediate 
 fp32: both models in fp32. bf16: transformers with bf16 parameters and AdamW on them (pure bf16); ours with the
 trainer's bf16_master precision (bf16 parameters and gradients, fp32 master weights in AdamW: more work, not less).
 
-    python bench/bench_train.py [--threads 2] [--repeat 3]
+    python bench/bench_train.py [--threads 2] [--repeat 3] [--precisions fp32,bf16]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -85,6 +86,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH} x {SEQ}, median of {args.repeat}")
     print("| precision | transformers tok/s | ours tok/s | ratio |\n| --- | --- | --- | --- |")
     for name, dtype, precision in (("fp32", torch.float32, "fp32"), ("bf16", torch.bfloat16, "bf16_master")):
+        if name not in args.precisions.split(","):
+            continue
         ref = tokens / seconds(transformers_step(dtype, batch), args.repeat)
         mine = tokens / seconds(ours(precision, batch), args.repeat)
         print(f"| {name} | {ref:.0f} | {mine:.0f} | {mine / ref:.2f}x |", flush=True)

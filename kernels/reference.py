@@ -30,6 +30,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ w [N, K].T: the dense projections (attention, lm head)."""
+    return F.linear(x, w)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Row-segment g of x (rows offs[g-1]:offs[g]) times w[g]. x [N, K], w [G, K, M], offs [G] int32."""
     out = x.new_empty(x.shape[0], w.shape[-1])

@@ -49,6 +49,7 @@ class Ops:
     """The op table; each field has the signature of its namesake in mixtral.kernels.reference."""
 
     attention: Callable[..., torch.Tensor]
+    linear: Callable[..., torch.Tensor]
     grouped_mm: Callable[..., torch.Tensor]
     permute: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     unpermute: Callable[..., torch.Tensor]

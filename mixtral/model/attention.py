@@ -10,6 +10,7 @@ from torch import nn
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig
 from mixtral.model.kv_cache import KVCache
+from mixtral.model.linear import Linear
 
 
 class Attention(nn.Module):
@@ -18,10 +19,10 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.n_heads * self.head_dim, ops.linear)
+        self.k_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, ops.linear)
+        self.v_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, ops.linear)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, ops.linear)
         self.attend, self.rope = ops.attention, ops.rope
         self.kv_cache: KVCache | None = None
         self.gather_kv: Callable | None = None  # context parallel: K or V of this chunk -> the whole sequence's

@@ -17,6 +17,7 @@ from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.kv_cache import KVCache
+from mixtral.model.linear import Linear
 from mixtral.model.moe import MoE, moe_metrics, moe_step_end, router_losses, router_totals
 from mixtral.model.rope import rope_tables
 
@@ -69,7 +70,8 @@ class Mixtral(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, ops, self.moe) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, ops.linear)
+        self.linear = ops.linear
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -88,7 +90,7 @@ class Mixtral(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The logits: a module call for an untied head (tensor parallelism shards it over the vocabulary),
         the embedding's weight for a tied one."""
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed_tokens.weight)
+        return self.lm_head(x) if self.lm_head is not None else self.linear(x, self.embed_tokens.weight)
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | None = None) -> None:

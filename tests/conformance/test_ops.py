@@ -82,6 +82,14 @@ def test_grouped_mm(backend, dtype, counts, k, m) -> None:
             inputs, backend.device(), dtype, f"grouped_mm{counts}")
 
 
+@ON_AVAILABLE
+@DTYPES
+@pytest.mark.parametrize("rows", [1, 3, 37], ids=["gemv", "few_rows", "many_rows"])
+def test_linear(backend, dtype, rows) -> None:
+    compare(backend.ops.linear, reference.linear, [torch.randn(1, rows, 48).to(dtype), torch.randn(40, 48).to(dtype)],
+            backend.device(), dtype, f"linear[{rows} rows]")
+
+
 PERMUTE_CASES = {"empty_experts": (2, (0, 2, 3, 5)), "one_expert": (1, (3,))}  # name: (top_k, experts that get tokens)
 
 

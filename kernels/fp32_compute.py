@@ -1,0 +1,121 @@
+"""bf16 / fp16 GEMMs computed in fp32, for CPUs without low-precision GEMM instructions.
+
+PyTorch multiplies bf16 on the CPU through oneDNN only where the CPU has the instructions for it (AVX-512,
+AMX, Arm BF16); elsewhere (AVX2) its fallback GEMM runs 7-9x slower than fp32. Products of two bf16 numbers
+are exact in fp32 and both paths accumulate in fp32, so computing in fp32 and rounding the result once gives
+the bf16 GEMM's numbers, only faster. Weights stay in bf16 (half the memory); each GEMM converts its operand
+in column blocks of at most BLOCK_ELEMENTS (fp32 blocks that stay in cache). Below MIN_ROWS rows converting
+the weight costs more than the native kernel's slowness (measured on a 2-core AVX2 EPYC: the crossover is
+between 8 and 16 rows for 512-wide weights), so the native kernel is kept: decoding is unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from mixtral.kernels import native
+
+BLOCK_ELEMENTS = 1 << 17
+MIN_ROWS = 16
+
+
+@functools.cache
+def needed(dtype: torch.dtype) -> bool:
+    """Whether PyTorch's CPU GEMM for this dtype is the slow fallback (no oneDNN support on this CPU)."""
+    if dtype == torch.bfloat16:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] in fp32 (fp32 result), converting b in column blocks when it is large."""
+    a = a.float()
+    block = max(1, BLOCK_ELEMENTS // max(1, b.shape[0]))
+    if b.shape[1] <= block:
+        return a @ b.float()
+    return torch.cat([a @ part.float() for part in b.split(block, dim=1)], dim=1)
+
+
+def _no_autocast() -> torch.autocast:
+    return torch.autocast("cpu", enabled=False)
+
+
+class Linear(torch.autograd.Function):
+    """x [M, K] @ w[N, K].T in fp32, rounded to x's dtype; saves the low-precision operands, not fp32 copies."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        with _no_autocast():
+            return mm(x, w.t()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, w = ctx.saved_tensors
+        with _no_autocast():
+            grad_x = mm(grad, w).to(x.dtype) if ctx.needs_input_grad[0] else None
+            grad_w = mm(grad.t(), x).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def _applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return x.device.type == "cpu" and not isinstance(x, DTensor) and needed(dtype) and x.numel() >= MIN_ROWS * x.shape[-1]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w), in fp32 where `needed` (under CPU autocast, after its cast to the autocast dtype)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if not _applies(x, dtype):
+        return F.linear(x, w)
+    out = Linear.apply(x.reshape(-1, x.shape[-1]).to(dtype), w.to(dtype))
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def _segments(offs: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(group, start, end) of each non-empty row segment."""
+    bounds = [0] + offs.tolist()
+    return [(g, bounds[g], bounds[g + 1]) for g in range(len(bounds) - 1) if bounds[g + 1] > bounds[g]]
+
+
+def _segment_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One segment's GEMM, in fp32 from MIN_ROWS rows, natively below (rounded to a's dtype)."""
+    return mm(a, b).to(a.dtype) if a.shape[0] >= MIN_ROWS else a @ b
+
+
+class GroupedMM(torch.autograd.Function):
+    """Row segment g of x times w[g] (x [N, K], w [G, K, M], offs [G]), each segment as `_segment_mm`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offs)
+        out = x.new_zeros(x.shape[0], w.shape[-1])
+        with _no_autocast():
+            for g, start, end in _segments(offs):
+                out[start:end] = _segment_mm(x[start:end], w[g])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, w, offs = ctx.saved_tensors
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        with _no_autocast():
+            for g, start, end in _segments(offs):
+                if grad_x is not None:
+                    grad_x[start:end] = _segment_mm(grad[start:end], w[g].t())
+                if grad_w is not None:
+                    grad_w[g] = mm(x[start:end].t(), grad[start:end]).to(w.dtype)
+        return grad_x, grad_w, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """native.grouped_mm, with each large segment in fp32 where `needed`."""
+    if not _applies(x, x.dtype):
+        return native.grouped_mm(x, w, offs)
+    return GroupedMM.apply(x, w, offs)
