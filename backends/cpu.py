@@ -11,7 +11,7 @@ from mixtral.kernels import fp32_compute, native
 
 class CPUBackend(Backend):
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=native.attention, linear=fp32_compute.linear, grouped_mm=fp32_compute.grouped_mm,
+        return Ops.reference(attention=fp32_compute.attention, linear=fp32_compute.linear, grouped_mm=fp32_compute.grouped_mm,
                              rms_norm=native.rms_norm)
 
 

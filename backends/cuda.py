@@ -14,7 +14,7 @@ from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl
 from mixtral.kernels import native
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-TRITON_OPS = ("triton_permute", "triton_unpermute", "triton_grouped_mm")
+TRITON_OPS = ("triton_permute", "triton_unpermute", "triton_router", "triton_grouped_mm")
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ class CUDABackend(Backend):
         from mixtral.kernels import triton_moe
 
         return Ops.reference(attention=native.attention, grouped_mm=grouped_mm, rms_norm=native.rms_norm,
-                             permute=triton_moe.permute, unpermute=triton_moe.unpermute)
+                             permute=triton_moe.permute, unpermute=triton_moe.unpermute, router=triton_moe.router)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
+from mixtral.errors import MixtralError
 
-COMPILE_BACKEND = "hpu_backend"  # torch.compile backend registered by habana_frameworks
 
 
 def attention(fused_sdpa: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -100,9 +100,12 @@ class HPUBackend(Backend):
 
             htcore.mark_step()
 
-    def compile(self, module: nn.Module) -> nn.Module:
+    def compile(self, module: nn.Module) -> None:
         """The eager-mode alternative to lazy mode: torch.compile with Habana's graph backend."""
-        return torch.compile(module, backend=COMPILE_BACKEND)
+        if lazy_mode():
+            raise MixtralError("compile: true needs Gaudi's eager mode: set PT_HPU_LAZY_MODE=0 (lazy mode builds its "
+                               "own graphs; keep compile: false with it)")
+        super().compile(module)
 
     def synchronize(self) -> None:
         import habana_frameworks.torch.hpu as hthpu
@@ -113,6 +116,7 @@ class HPUBackend(Backend):
 @hookimpl
 def mixtral_register_backends(register) -> None:
     register(HPUBackend(name="hpu", device_type="hpu", dist_backend="hccl",
-                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins",
+                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins", 
+                                                  compile_backend="hpu_backend",  # registered by habana_frameworks
                                                   fused_ops=("FusedSDPA", "FusedRMSNorm", "RotaryPosEmbeddingHelperV1")),
                         install_hint="install Intel Gaudi's PyTorch stack (habana-torch-plugin) from the Intel Gaudi software release"))

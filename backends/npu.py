@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
+from mixtral.kernels import reference
 
 CAUSAL_SPARSE_MODE = 2  # leftUpCausal: the kernel builds the causal mask from a compressed 2048 x 2048 triangle
 LAYOUTS = ("BNSD", "BSND")
@@ -128,7 +129,7 @@ def swiglu(npu_swiglu: Callable[..., torch.Tensor], gate_up: torch.Tensor) -> to
 
 def make_ops(torch_npu: ModuleType | object) -> Ops:
     """The NPU op table from torch_npu (the real module, or a simulation with the same functions in tests)."""
-    return Ops(attention=functools.partial(attention, torch_npu.npu_fusion_attention), linear=F.linear,
+    return Ops(attention=functools.partial(attention, torch_npu.npu_fusion_attention), linear=F.linear, router=reference.router,
                grouped_mm=functools.partial(grouped_mm, torch_npu.npu_grouped_matmul),
                permute=functools.partial(permute, torch_npu.npu_moe_token_permute),
                unpermute=functools.partial(unpermute, torch_npu.npu_moe_token_unpermute),

@@ -69,5 +69,6 @@ class XLABackend(Backend):
 @hookimpl
 def mixtral_register_backends(register) -> None:
     register(XLABackend(name="xla", device_type="xla", dist_backend="xla",
-                        capabilities=Capabilities(dynamic_shapes=False, spmd=True, preferred_dispatcher="capacity"),
+                        capabilities=Capabilities(dynamic_shapes=False, spmd=True, preferred_dispatcher="capacity",
+                                                  compile_backend=None),
                         install_hint="pip install 'mixtral-run[xla]' (torch_xla 2.9 with torch 2.9)"))

@@ -4,7 +4,7 @@ Config A: vocab 32000, hidden 512, 4 layers, 8 heads / 2 kv heads, intermediate 
 fp32: both models in fp32. bf16: transformers with bf16 parameters and AdamW on them (pure bf16); ours with the
 trainer's bf16_master precision (bf16 parameters and gradients, fp32 master weights in AdamW: more work, not less).
 
-    python bench/bench_train.py [--threads 2] [--repeat 3] [--precisions fp32,bf16]
+    python bench/bench_train.py [--threads 2] [--repeat 3] [--precisions fp32,bf16] [--compile]
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def seconds(step, repeat: int) -> float:
     return statistics.median(times)
 
 
-def ours(precision: str, batch: torch.Tensor):
+def ours(precision: str, batch: torch.Tensor, compile: bool = False):
     recipe = recipe_from_dict({"model": CONFIG_A, "seq_len": SEQ, "precision": precision, "backend": "cpu",
+                               "compile": compile,
                                "batch": {"micro_batch": BATCH, "global_batch": BATCH},
                                "train": {"output_dir": tempfile.mkdtemp(), "tensorboard": False}})
     trainer = Trainer(recipe, data=(RandomTokens(BATCH), RandomTokens(BATCH)))
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--compile", action="store_true", help="ours with compile: true (torch.compile per block)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,7 +91,7 @@ def main() -> None:
         if name not in args.precisions.split(","):
             continue
         ref = tokens / seconds(transformers_step(dtype, batch), args.repeat)
-        mine = tokens / seconds(ours(precision, batch), args.repeat)
+        mine = tokens / seconds(ours(precision, batch, args.compile), args.repeat)
         print(f"| {name} | {ref:.0f} | {mine:.0f} | {mine / ref:.2f}x |", flush=True)
 
 

@@ -11,35 +11,41 @@ between 8 and 16 rows for 512-wide weights), so the native kernel is kept: decod
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from mixtral.kernels import native
 
-BLOCK_ELEMENTS = 1 << 17
+BLOCK_ELEMENTS = 1 << 20
 MIN_ROWS = 16
 
 
-@functools.cache
+# The dtypes whose CPU GEMM is PyTorch's slow fallback here (no oneDNN support on this CPU).
+SLOW_DTYPES = frozenset(dtype for dtype, fast in ((torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                                  (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported()))
+                        if not fast)
+
+
 def needed(dtype: torch.dtype) -> bool:
-    """Whether PyTorch's CPU GEMM for this dtype is the slow fallback (no oneDNN support on this CPU)."""
-    if dtype == torch.bfloat16:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
+    """Whether this dtype's GEMMs should run in fp32 here."""
+    return dtype in SLOW_DTYPES
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N] in fp32 (fp32 result), converting b in column blocks when it is large."""
+    """a [M, K] @ b [K, N] in fp32 (fp32 result), converting b in blocks along its longer side when it is large:
+    column blocks side by side, or row blocks (with a's matching columns) summed."""
     a = a.float()
-    block = max(1, BLOCK_ELEMENTS // max(1, b.shape[0]))
-    if b.shape[1] <= block:
+    k, n = b.shape
+    if k * n <= BLOCK_ELEMENTS:
         return a @ b.float()
-    return torch.cat([a @ part.float() for part in b.split(block, dim=1)], dim=1)
+    if n >= k:
+        return torch.cat([a @ part.float() for part in b.split(max(64, BLOCK_ELEMENTS // k), dim=1)], dim=1)
+    rows = max(64, BLOCK_ELEMENTS // n)
+    out = a[:, :rows] @ b[:rows].float()
+    for start in range(rows, k, rows):
+        out.addmm_(a[:, start:start + rows], b[start:start + rows].float())
+    return out
 
 
 def _no_autocast() -> torch.autocast:
@@ -64,14 +70,24 @@ class Linear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _applies(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return x.device.type == "cpu" and not isinstance(x, DTensor) and needed(dtype) and x.numel() >= MIN_ROWS * x.shape[-1]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """native.attention, on fp32 copies where `needed` and the queries are many (PyTorch's CPU flash attention
+    multiplies bf16 with the same slow GEMM); a decode step keeps the native kernel rather than convert the cache."""
+    if not _applies(q, q.dtype, q.shape[-2]):
+        return native.attention(q, k, v, mask=mask, causal=causal, scale=scale)
+    return native.attention(q.float(), k.float(), v.float(), mask=mask, causal=causal, scale=scale).to(q.dtype)
+
+
+def _applies(x: torch.Tensor, dtype: torch.dtype, rows: int) -> bool:
+    """x is a CPU tensor (not a DTensor) of a `needed` dtype, in a product of at least MIN_ROWS rows."""
+    return x.device.type == "cpu" and not isinstance(x, DTensor) and needed(dtype) and rows >= MIN_ROWS
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w), in fp32 where `needed` (under CPU autocast, after its cast to the autocast dtype)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if not _applies(x, dtype):
+    if not _applies(x, dtype, x.numel() // x.shape[-1]):
         return F.linear(x, w)
     out = Linear.apply(x.reshape(-1, x.shape[-1]).to(dtype), w.to(dtype))
     return out.view(*x.shape[:-1], w.shape[0])
@@ -116,6 +132,6 @@ class GroupedMM(torch.autograd.Function):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """native.grouped_mm, with each large segment in fp32 where `needed`."""
-    if not _applies(x, x.dtype):
+    if not _applies(x, x.dtype, x.shape[0]):
         return native.grouped_mm(x, w, offs)
     return GroupedMM.apply(x, w, offs)

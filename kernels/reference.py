@@ -35,6 +35,13 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def router(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing of logits [T, E]: softmax in fp32, top-k, kept weights renormalised to sum to 1.
+    -> (weights [T, k] fp32, expert_ids [T, k] int64)."""
+    weights, expert_ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), expert_ids
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Row-segment g of x (rows offs[g-1]:offs[g]) times w[g]. x [N, K], w [G, K, M], offs [G] int32."""
     out = x.new_empty(x.shape[0], w.shape[-1])

@@ -42,6 +42,7 @@ class Capabilities:
     spmd: bool = False
     preferred_dispatcher: str = "dropless"
     fused_ops: tuple[str, ...] = ()
+    compile_backend: str | None = "inductor"  # torch.compile's backend here; None: the device does not use it
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Ops:
 
     attention: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    router: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     grouped_mm: Callable[..., torch.Tensor]
     permute: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     unpermute: Callable[..., torch.Tensor]
@@ -110,6 +112,13 @@ class Backend:
 
     def mark_step(self) -> None:
         """End of a step for lazy-graph backends (XLA, Gaudi lazy mode); a no-op for eager ones."""
+
+    def compile(self, module: torch.nn.Module) -> None:
+        """torch.compile module in place with this device's compiler (parameter names and hooks unchanged)."""
+        if self.capabilities.compile_backend is None:
+            raise MixtralError(f"compile: true is not supported by the {self.name} backend (it builds its own graphs); "
+                               f"set compile: false")
+        module.compile(backend=self.capabilities.compile_backend)
 
     def memory_stats(self) -> dict[str, int]:
         return {}

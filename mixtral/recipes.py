@@ -138,6 +138,7 @@ class Recipe:
     mode: Literal["train", "inference"] = "train"  # inference recipes: memory of weights and KV cache, no step time
     # none; selective: every other block; full: every block; moe: the MoE layer only (Megatron --moe-layer-recompute)
     activation_checkpointing: Literal["none", "selective", "moe", "full"] = "none"
+    compile: bool = False  # torch.compile every block (the backend's compiler); dropless / EP dispatch stays eager
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     eval: EvalSection = field(default_factory=EvalSection)

@@ -56,11 +56,12 @@ def test_linear_keeps_the_native_kernel_for_few_rows(forced) -> None:
     assert torch.equal(fp32_compute.linear(x, w), F.linear(x, w))
 
 
-def test_blocked_conversion_equals_one_block(forced, monkeypatch) -> None:
-    a, b = torch.randn(9, 40).to(BF16), torch.randn(40, 70).to(BF16)
+@pytest.mark.parametrize("k, n", [(100, 300), (300, 100)], ids=["column_blocks", "row_blocks_summed"])
+def test_blocked_conversion_equals_one_block(forced, monkeypatch, k, n) -> None:
+    a, b = torch.randn(9, k).to(BF16), torch.randn(k, n).to(BF16)
     whole = fp32_compute.mm(a, b)
-    monkeypatch.setattr(fp32_compute, "BLOCK_ELEMENTS", 40 * 16)  # 16 columns per block: 5 blocks
-    torch.testing.assert_close(fp32_compute.mm(a, b), whole, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(fp32_compute, "BLOCK_ELEMENTS", 64 * 100)  # 64-wide blocks: 5 of them
+    torch.testing.assert_close(fp32_compute.mm(a, b), whole, rtol=1e-5, atol=1e-5)
     assert whole.dtype == torch.float32
 
 
@@ -96,6 +97,17 @@ def test_grouped_mm_against_float64(forced, counts) -> None:
     for g, n in enumerate(counts):
         if n == 0:
             assert not params.grad[g].any(), f"expert {g} got no rows but a gradient"
+
+
+def test_attention_in_fp32_for_many_queries_native_for_decode(forced) -> None:
+    from mixtral.kernels import native
+
+    q, k, v = (torch.randn(1, 4, n, 16).to(BF16) for n in (20, 20, 20))
+    exact = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    out = fp32_compute.attention(q, k, v, causal=True)
+    assert out.dtype == BF16 and rel(out, exact) <= rel(native.attention(q, k, v, causal=True), exact) * 1.01
+    one = q[:, :, -1:]
+    assert torch.equal(fp32_compute.attention(one, k, v), native.attention(one, k, v))
 
 
 def test_fp32_inputs_take_the_plain_path() -> None:

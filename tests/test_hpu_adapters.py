@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mixtral.backend import registry
+from mixtral.errors import MixtralError
 from mixtral.backends import hpu
 from mixtral.kernels import reference
 from mixtral.model.rope import rope_tables
@@ -125,16 +126,16 @@ def test_mark_step_only_in_lazy_mode(monkeypatch, env, steps) -> None:
     assert calls[-1] == "synchronize"
 
 
-def test_compile_uses_the_hpu_backend(monkeypatch) -> None:
+def test_compile_uses_the_hpu_backend_in_eager_mode_only(monkeypatch) -> None:
     seen = {}
-
-    def fake_compile(module, backend):
-        seen["backend"] = backend
-        return module
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, backend: seen.update(module=self, backend=backend))
     module = torch.nn.Linear(2, 2)
-    assert registry().backends["hpu"].compile(module) is module and seen["backend"] == "hpu_backend"
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "0")
+    registry().backends["hpu"].compile(module)
+    assert seen == {"module": module, "backend": "hpu_backend"}
+    monkeypatch.setenv("PT_HPU_LAZY_MODE", "1")
+    with pytest.raises(MixtralError, match="PT_HPU_LAZY_MODE=0"):
+        registry().backends["hpu"].compile(module)
 
 
 def test_registered_with_hccl_and_capacity_bins() -> None:

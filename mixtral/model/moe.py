@@ -12,23 +12,30 @@ from torch import nn
 
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
+from mixtral.kernels import reference
 from mixtral.model.capacity_bins import step_bins
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
 
 __all__ = ["MoE", "MoEStats", "Routing", "route", "router_totals", "router_losses", "moe_metrics", "moe_step_end"]
 
 
-def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> Routing:
-    """Mixtral routing: softmax in fp32, top-k, kept weights renormalised to sum to 1.
+@torch.compiler.disable
+def run_eagerly(fn: Callable, *args):
+    """fn(*args) outside torch.compile: dropless and expert-parallel dispatch have data-dependent shapes."""
+    return fn(*args)
+
+
+def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+          router: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.router) -> Routing:
+    """Mixtral routing (the backend's `router` op): softmax in fp32, top-k, kept weights renormalised to sum to 1.
 
     bias (aux-loss-free balancing) shifts which experts are chosen, never their weights.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
     if bias is None:
-        weights, expert_ids = torch.topk(probs, top_k, dim=-1)
-    else:
-        expert_ids = torch.topk(probs + bias, top_k, dim=-1).indices
-        weights = probs.gather(1, expert_ids)
+        return Routing(logits, *router(logits, top_k))
+    probs = torch.softmax(logits.float(), dim=-1)
+    expert_ids = torch.topk(probs + bias, top_k, dim=-1).indices
+    weights = probs.gather(1, expert_ids)
     return Routing(logits, weights / weights.sum(dim=-1, keepdim=True), expert_ids)
 
 
@@ -81,6 +88,7 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.jitter = config.router_jitter_noise if moe.jitter is None else moe.jitter
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.router = ops.router
         self.experts = GroupedExperts(config, ops)
         self.dispatcher = build_dispatcher(config, moe, ops)
         self.exchange: Callable | None = None  # set by expert parallelism: (moe, x, routing, batch) -> (out, ctx)
@@ -94,15 +102,21 @@ class MoE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if self.training and self.jitter > 0:  # as transformers: the experts see the jittered input too
             flat = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        routing = route(F.linear(flat.float(), self.gate.weight.float()), self.top_k, self.expert_bias)
-        if self.exchange is None:
-            rows, counts, ctx = self.dispatcher.dispatch(flat, routing, x.shape[0])
-            out = self.dispatcher.combine(self.experts(rows, counts), ctx)
-        else:  # expert parallel (mixtral.parallel.expert_parallel): experts on other ranks too
-            out, ctx = self.exchange(self, flat, routing, x.shape[0])
+        routing = route(F.linear(flat.float(), self.gate.weight.float()), self.top_k, self.expert_bias, self.router)
+        if self.exchange is None and not isinstance(self.dispatcher, Dropless):  # static shapes: compiles whole
+            out, ctx = self.expert_outputs(flat, routing, x.shape[0])
+        else:
+            out, ctx = run_eagerly(self.expert_outputs, flat, routing, x.shape[0])
         if self.expert_bias is not None and self.training:
             self.expert_load += ctx.counts
         return out.view_as(x), MoEStats(routing.logits, ctx.counts, ctx.dropped, ctx.capacity, ctx.bin)
+
+    def expert_outputs(self, flat: torch.Tensor, routing: Routing, batch: int):
+        """(combined expert output [T, H], dispatch context): this rank's experts, or expert parallel's exchange."""
+        if self.exchange is not None:  # expert parallel (mixtral.parallel.expert_parallel): experts on other ranks too
+            return self.exchange(self, flat, routing, batch)
+        rows, counts, ctx = self.dispatcher.dispatch(flat, routing, batch)
+        return self.dispatcher.combine(self.experts(rows, counts), ctx), ctx
 
     @torch.no_grad()
     def update_expert_bias(self, dp_group: dist.ProcessGroup | None = None) -> None:

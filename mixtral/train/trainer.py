@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from mixtral.backend import get_backend
+from mixtral.backend import Backend, get_backend
 from mixtral.checkpoint.loading import load_parameters
 from mixtral.data.loader import Loader, SampleSource, build_datasets
 from mixtral.data.tokenizer import default_tokenizer_path, load_tokenizer
@@ -64,6 +64,15 @@ def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
         module = layer.mlp if mode == "moe" else layer
         if mode in ("full", "moe") or i % 2 == 0:
             module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+
+
+def apply_compile(model: Mixtral, backend: Backend) -> None:
+    """torch.compile every block in place (parameter names unchanged), before the parallel layout as torchtitan does.
+
+    One compiled graph serves all blocks; dropless and expert-parallel dispatch run eagerly inside it (moe.run_eagerly).
+    """
+    for layer in model.layers:
+        backend.compile(layer)
 
 
 @dataclass
@@ -128,6 +137,8 @@ class Trainer:
             model.init_weights()
         model.to(device=self.device, dtype=self.param_dtype).train()
         apply_activation_checkpointing(model, r.activation_checkpointing)
+        if r.compile:
+            apply_compile(model, self.backend)
         if self.meshes is None:
             return model, None
         parts = parallelize(model, self.dims, self.meshes, zero=r.parallel.zero, ep_comm=r.moe.ep_comm,

@@ -90,6 +90,23 @@ def test_linear(backend, dtype, rows) -> None:
             backend.device(), dtype, f"linear[{rows} rows]")
 
 
+@ON_AVAILABLE
+@DTYPES
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_router(backend, dtype, top_k) -> None:
+    """The same experts as the reference, fp32 weights summing to one, and the weights' gradient."""
+    logits = torch.randn(37, 8).to(dtype)
+    dev = logits.to(backend.device(), copy=True).requires_grad_()
+    ref = logits.to(torch.float64, copy=True).requires_grad_()
+    (weights, ids), (ref_weights, ref_ids) = backend.ops.router(dev, top_k), reference.router(ref, top_k)
+    assert weights.dtype == torch.float32 and torch.equal(ids.cpu(), ref_ids)
+    assert_close(weights, ref_weights, TOLERANCE[torch.float32], f"router weights (top {top_k})")
+    grad = torch.randn(37, top_k)
+    weights.backward(grad.to(backend.device()))
+    ref_weights.backward(grad.double())
+    assert_close(dev.grad, ref.grad, GRAD_TOLERANCE[dtype], f"router gradient (top {top_k})")
+
+
 PERMUTE_CASES = {"empty_experts": (2, (0, 2, 3, 5)), "one_expert": (1, (3,))}  # name: (top_k, experts that get tokens)
 
 
