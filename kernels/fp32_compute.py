@@ -1,13 +1,13 @@
-"""bf16 / fp16 GEMMs computed in fp32, for CPUs without low-precision GEMM instructions.
+"""bf16 / fp16 GEMMs (and attention) computed in fp32, for CPUs without low-precision GEMM instructions.
 
 PyTorch multiplies bf16 on the CPU through oneDNN only where the CPU has the instructions for it (AVX-512,
-AMX, Arm BF16); elsewhere (AVX2) its fallback GEMM runs 7-9x slower than fp32. Products of two bf16 numbers
-are exact in fp32 and both paths accumulate in fp32, so computing in fp32 and rounding the result once gives
-the bf16 GEMM's numbers, only faster. Weights stay in bf16 (half the memory); each GEMM converts its operand
-in column blocks of at most BLOCK_ELEMENTS (fp32 blocks that stay in cache). Below MIN_ROWS rows converting
-the weight costs more than the native kernel's slowness (measured on a 2-core AVX2 EPYC: the crossover is
-between 8 and 16 rows for 512-wide weights), so the native kernel is kept: decoding is unaffected.
-"""
+AMX, Arm BF16); elsewhere (AVX2) its fallback GEMM runs 7-9x slower than fp32, and so does its CPU flash
+attention. Products of two bf16 numbers are exact in fp32 and both paths accumulate in fp32, so computing in
+fp32 and rounding the result once gives the bf16 GEMM's numbers, only faster. Weights stay in bf16 (half the
+memory); each GEMM converts its operand in blocks of at most BLOCK_ELEMENTS along its longer side. Below
+MIN_ROWS rows converting the weight (or the KV cache) costs more than the native kernel's slowness (measured on
+a 2-core AVX2 EPYC: the crossover is between 8 and 16 rows for 512-wide weights), so the native kernel is kept
+and decoding is unaffected."""
 
 from __future__ import annotations
 
