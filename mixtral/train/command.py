@@ -52,6 +52,9 @@ def train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     trainer = Trainer(recipe)
+    if trainer.spmd_mesh:
+        print(f"one SPMD program over {recipe.parallel.world_size} {trainer.device.type} devices, mesh "
+              + " ".join(f"{axis}={size}" for axis, size in trainer.spmd_mesh.items()), flush=True)
     summary = trainer.fit(resume=args.resume)
     if trainer.is_main:
         latest = recipe.checkpoint_dir / "latest"

@@ -94,13 +94,18 @@ class Trainer:
         """Build model, optimizer and data; data overrides the recipe's corpus (tests, custom sources)."""
         r = self.recipe = recipe
         p = r.parallel
-        if not dist.is_initialized() and p.world_size > 1:
+        self.backend = get_backend(r.backend).configure(r.backend_options)
+        self.spmd = self.backend.capabilities.spmd and p.world_size > 1  # one process drives every device
+        self.spmd_mesh: dict[str, int] | None = None
+        if self.spmd and (p.pp > 1 or p.cp > 1):
+            raise MixtralError(f"the {self.backend.name} backend runs parallel.dp, tp and ep as one SPMD program; "
+                               f"pipeline and context parallelism are not supported there: set parallel.pp=1 cp=1")
+        if not dist.is_initialized() and p.world_size > 1 and not self.spmd:
             raise MixtralError(f"this recipe's layout needs {p.world_size} ranks (parallel.dp x tp x pp x cp); launch "
                                f"it with `mixtral-run train --recipe ... --nproc-per-node {p.world_size}` or torchrun")
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = dist.get_world_size() if dist.is_initialized() else p.world_size if self.spmd else 1
         self.dims = ParallelDims(p.dp, p.tp, p.pp, p.cp, p.ep, p.etp, p.sp, world_size=world)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0  # logs, prints and writes run files
-        self.backend = get_backend(r.backend).configure(r.backend_options)
         self.device = self.backend.device(int(os.environ.get("LOCAL_RANK", "0")))
         self.config = r.model_config()
         if r.seq_len > self.config.max_position_embeddings:
@@ -123,8 +128,11 @@ class Trainer:
             named = [(n, m) for (n, _), m in zip(named, self.masters)]
         self.optimizer = build_optimizer(named, r.optimizer)
         train, self.valid = data if data is not None else self._build_data()
-        dp_rank = self.meshes["dp"].get_local_rank() if self.meshes else 0
-        self.loader = Loader(train, r.batch.micro_batch, r.train.seed, dp_rank, self.dims.dp)
+        if self.spmd:  # every data-parallel micro-batch in one tensor, split over the devices by its sharding
+            self.loader = Loader(train, r.batch.micro_batch * self.dims.dp, r.train.seed, 0, 1)
+        else:
+            dp_rank = self.meshes["dp"].get_local_rank() if self.meshes else 0
+            self.loader = Loader(train, r.batch.micro_batch, r.train.seed, dp_rank, self.dims.dp)
         self.step, self.tokens, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
 
     def _build_model(self) -> tuple[torch.nn.Module, Pipeline | None]:
@@ -139,6 +147,10 @@ class Trainer:
         apply_activation_checkpointing(model, r.activation_checkpointing)
         if r.compile:
             apply_compile(model, self.backend)
+        if self.spmd:  # the MLPerf mesh: batch over fsdp x expert, experts over expert, Megatron TP over tensor
+            d = self.dims
+            self.spmd_mesh = {"fsdp": d.dp // d.ep, "tensor": d.tp, **({"expert": d.ep} if d.ep > 1 else {})}
+            return self.backend.parallelize(model, self.spmd_mesh), None
         if self.meshes is None:
             return model, None
         parts = parallelize(model, self.dims, self.meshes, zero=r.parallel.zero, ep_comm=r.moe.ep_comm,
