@@ -120,6 +120,10 @@ class Backend:
                                f"set compile: false")
         module.compile(backend=self.capabilities.compile_backend)
 
+    def parallelize(self, model: torch.nn.Module, mesh_shape: dict[str, int]) -> torch.nn.Module:
+        """SPMD backends (capabilities.spmd) shard model over every device on a named mesh; others use torch.distributed."""
+        raise MixtralError(f"the {self.name} backend declares SPMD but does not implement parallelize(model, mesh_shape)")
+
     def memory_stats(self) -> dict[str, int]:
         return {}
 

@@ -142,6 +142,12 @@ def test_compile_refused_where_the_backend_has_no_compiler():
         backend.compile(torch.nn.Linear(2, 2))
 
 
+def test_spmd_backend_without_parallelize_is_named():
+    backend = Backend(name="mesh", device_type="cpu", dist_backend="gloo", capabilities=Capabilities(spmd=True))
+    with pytest.raises(MixtralError, match="mesh backend declares SPMD but does not implement parallelize"):
+        backend.parallelize(torch.nn.Linear(2, 2), {"fsdp": 2})
+
+
 def test_bf16_master_keeps_fp32_masters(tmp_path):
     trainer = tiny_trainer(tmp_path, "precision=bf16_master")
     assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
