@@ -5,9 +5,9 @@ AMX, Arm BF16); elsewhere (AVX2) its fallback GEMM runs 7-9x slower than fp32, a
 attention. Products of two bf16 numbers are exact in fp32 and both paths accumulate in fp32, so computing in
 fp32 and rounding the result once gives the bf16 GEMM's numbers, only faster. Weights stay in bf16 (half the
 memory); each GEMM converts its operand in blocks of at most BLOCK_ELEMENTS along its longer side. Below
-MIN_ROWS rows converting the weight (or the KV cache) costs more than the native kernel's slowness (measured on
-a 2-core AVX2 EPYC: the crossover is between 8 and 16 rows for 512-wide weights), so the native kernel is kept
-and decoding is unaffected."""
+MIN_ROWS rows converting the weight costs more than the native kernel's slowness (measured on a 2-core AVX2
+EPYC: the crossover is between 8 and 16 rows for 512-wide weights), so decoding keeps the native GEMMs; its
+attention still runs in fp32."""
 
 from __future__ import annotations
 
@@ -72,22 +72,23 @@ class Linear(torch.autograd.Function):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """native.attention, on fp32 copies where `needed` and the queries are many (PyTorch's CPU flash attention
-    multiplies bf16 with the same slow GEMM); a decode step keeps the native kernel rather than convert the cache."""
-    if not _applies(q, q.dtype, q.shape[-2]):
+    """native.attention, on fp32 copies where `needed` (PyTorch's CPU flash attention multiplies bf16 with the same
+    slow GEMM). Decode steps too: converting the cache once is 2-5x faster than the bf16 kernel reading it (1 and 8
+    queries over 64-2048 keys, measured)."""
+    if not _slow_here(q, q.dtype):
         return native.attention(q, k, v, mask=mask, causal=causal, scale=scale)
     return native.attention(q.float(), k.float(), v.float(), mask=mask, causal=causal, scale=scale).to(q.dtype)
 
 
-def _applies(x: torch.Tensor, dtype: torch.dtype, rows: int) -> bool:
-    """x is a CPU tensor (not a DTensor) of a `needed` dtype, in a product of at least MIN_ROWS rows."""
-    return x.device.type == "cpu" and not isinstance(x, DTensor) and needed(dtype) and rows >= MIN_ROWS
+def _slow_here(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """x is a CPU tensor (not a DTensor) and its product is in a `needed` dtype."""
+    return x.device.type == "cpu" and not isinstance(x, DTensor) and needed(dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w), in fp32 where `needed` (under CPU autocast, after its cast to the autocast dtype)."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if not _applies(x, dtype, x.numel() // x.shape[-1]):
+    if x.numel() < MIN_ROWS * x.shape[-1] or not _slow_here(x, dtype):
         return F.linear(x, w)
     out = Linear.apply(x.reshape(-1, x.shape[-1]).to(dtype), w.to(dtype))
     return out.view(*x.shape[:-1], w.shape[0])
@@ -132,6 +133,6 @@ class GroupedMM(torch.autograd.Function):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """native.grouped_mm, with each large segment in fp32 where `needed`."""
-    if not _applies(x, x.dtype, x.shape[0]):
+    if x.shape[0] < MIN_ROWS or not _slow_here(x, x.dtype):
         return native.grouped_mm(x, w, offs)
     return GroupedMM.apply(x, w, offs)

@@ -99,15 +99,19 @@ def test_grouped_mm_against_float64(forced, counts) -> None:
             assert not params.grad[g].any(), f"expert {g} got no rows but a gradient"
 
 
-def test_attention_in_fp32_for_many_queries_native_for_decode(forced) -> None:
+@pytest.mark.parametrize("queries", [20, 1], ids=["prefill", "decode"])
+def test_attention_in_fp32_at_least_as_accurate_as_native(forced, queries) -> None:
+    """Prefill and decode steps (one query over a cache prefix, grouped KV heads) both run on fp32 copies."""
     from mixtral.kernels import native
 
-    q, k, v = (torch.randn(1, 4, n, 16).to(BF16) for n in (20, 20, 20))
-    exact = reference.attention(q.double(), k.double(), v.double(), causal=True)
-    out = fp32_compute.attention(q, k, v, causal=True)
-    assert out.dtype == BF16 and rel(out, exact) <= rel(native.attention(q, k, v, causal=True), exact) * 1.01
-    one = q[:, :, -1:]
-    assert torch.equal(fp32_compute.attention(one, k, v), native.attention(one, k, v))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, queries, 16).to(BF16), torch.randn(2, 2, 20, 16).to(BF16), torch.randn(2, 2, 20, 16).to(BF16)
+    causal = queries == k.shape[2]
+    exact = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    out = fp32_compute.attention(q, k, v, causal=causal)
+    expected = native.attention(q.float(), k.float(), v.float(), causal=causal).to(BF16)
+    assert out.dtype == BF16 and torch.equal(out, expected)
+    assert rel(out, exact) <= rel(native.attention(q, k, v, causal=causal), exact) * 1.01
 
 
 def test_fp32_inputs_take_the_plain_path() -> None:
