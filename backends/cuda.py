@@ -23,7 +23,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
         return torch._grouped_mm(x, w, offs=offs)
     from mixtral.kernels import triton_grouped_mm
 
-    return triton_grouped_mm.grouped_mm(x, w, offs)
+    return torch.compiler.disable(triton_grouped_mm.grouped_mm)(x, w, offs)
 
 
 class CUDABackend(Backend):
@@ -39,8 +39,10 @@ class CUDABackend(Backend):
             return Ops.reference(attention=native.attention, grouped_mm=native.grouped_mm, rms_norm=native.rms_norm)
         from mixtral.kernels import triton_moe
 
+        eager = torch.compiler.disable  # the Triton ops run outside torch.compile graphs (not verified inside them)
         return Ops.reference(attention=native.attention, grouped_mm=grouped_mm, rms_norm=native.rms_norm,
-                             permute=triton_moe.permute, unpermute=triton_moe.unpermute, router=triton_moe.router)
+                             permute=eager(triton_moe.permute), unpermute=eager(triton_moe.unpermute),
+                             router=eager(triton_moe.router))
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()

@@ -5,7 +5,10 @@ threads: prefill (batch 4 x 512, last-position logits) and greedy decode (batch 
 128 new tokens, prefill included), fp32 and bf16. Each number is the best of --repeats timed runs
 after one warm-up (the best is the least disturbed by other processes on a shared machine).
 
-    python bench/bench_inference.py [--repeats 3] [--only prefill|decode] [--dtypes fp32,bf16]
+    python bench/bench_inference.py [--repeats 3] [--only prefill|decode] [--dtypes fp32,bf16] [--compile]
+
+--compile runs ours as `generate --compile` does (torch.compile of the whole model, dynamic shapes); the
+warm-up call compiles, so the times exclude compilation.
 """
 
 from __future__ import annotations
@@ -76,14 +79,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["prefill", "decode"])
     parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--compile", action="store_true", help="ours compiled as `generate --compile` does")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}" + (", ours compiled" if args.compile else ""))
     print("| case | dtype | ours tok/s | transformers tok/s | ours / transformers |")
     print("| --- | --- | --- | --- | --- |")
     for name in args.dtypes.split(","):
         ours, hf = build(DTYPES[name])
+        if args.compile:
+            get_backend("cpu").compile(ours, dynamic=True)
         cases = []
         if args.only in (None, "prefill"):
             cases.append(("prefill 4x512", lambda: prefill(ours, hf, args.repeats)))

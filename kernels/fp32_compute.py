@@ -135,4 +135,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """native.grouped_mm, with each large segment in fp32 where `needed`."""
     if x.shape[0] < MIN_ROWS or not _slow_here(x, x.dtype):
         return native.grouped_mm(x, w, offs)
+    return _grouped_mm_in_fp32(x, w, offs)
+
+
+@torch.compiler.disable  # loops over the segments on the host: under torch.compile it runs eagerly
+def _grouped_mm_in_fp32(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return GroupedMM.apply(x, w, offs)

@@ -5,8 +5,6 @@ Each function keeps the signature and numerics of its namesake in mixtral.kernel
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +18,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-@functools.cache
+_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: probed at trace time, the answer is a constant
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm runs here for this dtype (absent on the CPU before 2.10; bf16-only on older GPUs)."""
+    key = (device_type, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        _GROUPED_MM_SUPPORT[key] = _probe_grouped_mm(device_type, dtype)
+    return _GROUPED_MM_SUPPORT[key]
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
@@ -41,11 +49,21 @@ def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
     return aligned and grouped_mm_supported(x.device.type, x.dtype)
 
 
+@torch.compiler.disable
+def _grouped_mm_eagerly(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """One grouped GEMM over contiguous row segments; falls back to a loop of mm where it cannot run."""
-    if grouped_mm_runs(x, w):
-        return torch._grouped_mm(x, w, offs=offs)
-    return reference.grouped_mm(x, w, offs)
+    """One grouped GEMM over contiguous row segments; falls back to a loop of mm where it cannot run.
+
+    torch.compile traces torch._grouped_mm in bf16 only (its meta function's rule); other dtypes run it eagerly.
+    """
+    if not grouped_mm_runs(x, w):
+        return reference.grouped_mm(x, w, offs)
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eagerly(x, w, offs)
+    return torch._grouped_mm(x, w, offs=offs)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

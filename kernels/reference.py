@@ -42,6 +42,7 @@ def router(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor
     return weights / weights.sum(dim=-1, keepdim=True), expert_ids
 
 
+@torch.compiler.disable  # its loop reads the offsets on the host: under torch.compile it runs eagerly
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Row-segment g of x (rows offs[g-1]:offs[g]) times w[g]. x [N, K], w [G, K, M], offs [G] int32."""
     out = x.new_empty(x.shape[0], w.shape[-1])
@@ -61,8 +62,13 @@ def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
     """
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    return x[order // expert_ids.shape[1]], order, counts
+    return x[order // expert_ids.shape[1]], order, expert_counts(flat, num_experts)
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 pairs per expert: bincount with a static output shape, so torch.compile traces it."""
+    flat = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def unpermute(rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -113,12 +113,13 @@ class Backend:
     def mark_step(self) -> None:
         """End of a step for lazy-graph backends (XLA, Gaudi lazy mode); a no-op for eager ones."""
 
-    def compile(self, module: torch.nn.Module) -> None:
-        """torch.compile module in place with this device's compiler (parameter names and hooks unchanged)."""
+    def compile(self, module: torch.nn.Module, dynamic: bool | None = None) -> None:
+        """torch.compile module in place with this device's compiler (parameter names and hooks unchanged);
+        dynamic=True when its input shapes vary from call to call (generation)."""
         if self.capabilities.compile_backend is None:
-            raise MixtralError(f"compile: true is not supported by the {self.name} backend (it builds its own graphs); "
-                               f"set compile: false")
-        module.compile(backend=self.capabilities.compile_backend)
+            raise MixtralError(f"torch.compile is not supported by the {self.name} backend (it builds its own graphs); "
+                               f"set compile: false in the recipe, or drop --compile")
+        module.compile(backend=self.capabilities.compile_backend, dynamic=dynamic)
 
     def parallelize(self, model: torch.nn.Module, mesh_shape: dict[str, int]) -> torch.nn.Module:
         """SPMD backends (capabilities.spmd) shard model over every device on a named mesh; others use torch.distributed."""

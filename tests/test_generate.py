@@ -153,6 +153,36 @@ def test_cli_prompt_stream_and_file(model_dir, reference, capsys, tmp_path):
         assert row["completion"] == tokenizer.decode(ids)
 
 
+def test_cli_compile_gives_the_eager_tokens(model_dir, reference, capsys):
+    """--compile (inductor, the whole model, dynamic shapes; compiled before the first prompt) completes as eager, fp32."""
+    generator, tokenizer = reference
+    expected = tokenizer.decode(generator.generate([tokenizer.encode("The capital of France")], 12)[0])
+    code, out, err = cli(capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12",
+                         "--compile")
+    assert (code, out) == (0, expected + "\n") and "compiling the model for generation" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_traces_as_one_graph(monkeypatch, dtype):
+    """Dropless MoE inference has no graph break: a padded batched prefill and a decode step are one graph each,
+    the grouped GEMM one opaque node even where it loops over segments on the host (fp32 compute forced on)."""
+    from mixtral.kernels import fp32_compute
+
+    monkeypatch.setattr(fp32_compute, "needed", lambda dt: dt == torch.bfloat16)
+    torch.manual_seed(0)
+    model = Mixtral(small_config(), get_backend("cpu"))
+    model.init_weights()
+    model = model.to(dtype).eval()
+    model.setup_caches(2, 32)
+    pad = torch.tensor([0, 3])
+    with torch.inference_mode():
+        prefill = torch._dynamo.explain(model)(torch.randint(3, 101, (2, 12)), last_only=True, pad=pad)
+        decode = torch._dynamo.explain(model)(torch.randint(3, 101, (2, 1)), start=12, pad=pad)
+    for run in (prefill, decode):
+        assert (run.graph_count, run.graph_break_count) == (1, 0), run.break_reasons
+    assert "mixtral.grouped_mm" in str(prefill.graphs[0].graph)
+
+
 def test_cli_interactive(model_dir, reference, capsys, monkeypatch):
     generator, tokenizer = reference
     script = "/set temperature 0.7\n/set top_k 40\n/set top_p 2\n/show\n/help\nWho are you?\n/bogus\n/quit\nignored\n"
@@ -188,6 +218,8 @@ def test_cli_bad_inputs(model_dir, capsys, tmp_path):
         (["--model", str(model_dir), "--prompt", "hi", "--backend", "nope"], "unknown backend 'nope'"),
         (["--model", str(model_dir), "--prompt", "hi", "--backend", "cuda"], "backend 'cuda' is not available"),
         (["--model", str(model_dir), "--prompts-file", str(tmp_path / "none.txt")], "prompts file not found"),
+        (["--model", str(model_dir), "--prompt", "hi", "--compile", "--tp", "2"],
+         "--compile runs a single rank's model; it does not combine with --tp / --ep / --pp yet"),
     ]
     for args, message in cases:
         code, out, err = cli(capsys, *args)

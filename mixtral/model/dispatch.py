@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.backend import Ops
+from mixtral.kernels import reference
 from mixtral.model.capacity_bins import CapacityBins, CapacityBinsConfig
 
 
@@ -128,7 +129,7 @@ class Capacity(nn.Module):
         cap = self.capacity(x.shape[0] // groups)
         position = slot_positions(ids, routing.weights, self.num_experts, groups, self.by_probs)
         keep = position < cap
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        counts = reference.expert_counts(ids, self.num_experts)
         dropped = (~keep).sum()
         if self.pad:
             group = torch.arange(ids.numel(), device=x.device) // (ids.numel() // groups)
@@ -159,7 +160,7 @@ class CapacityBinned(nn.Module):
 
     def dispatch(self, x: torch.Tensor, routing: Routing, batch: int = 1):
         ids = routing.expert_ids
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        counts = reference.expert_counts(ids, self.num_experts)
         cap, index = self.bins.capacity(counts, x.shape[0])
         position = slot_positions(ids, routing.weights, self.num_experts, 1, False)
         slots = ids.reshape(-1) * cap + position

@@ -21,8 +21,30 @@ __all__ = ["MoE", "MoEStats", "Routing", "route", "router_totals", "router_losse
 
 @torch.compiler.disable
 def run_eagerly(fn: Callable, *args):
-    """fn(*args) outside torch.compile: dropless and expert-parallel dispatch have data-dependent shapes."""
+    """fn(*args) outside torch.compile: expert parallelism's exchange has data-dependent split sizes."""
     return fn(*args)
+
+
+_GROUPED_MM: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_grouped_mm(fn: Callable[..., torch.Tensor]) -> str:
+    """Name a backend's grouped_mm for `opaque_grouped_mm`."""
+    key = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    _GROUPED_MM[key] = fn
+    return key
+
+
+@torch.library.custom_op("mixtral::grouped_mm", mutates_args=())
+def opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
+    """A registered grouped_mm as one node of a torch.compile graph (inference: no autograd through it), so an
+    implementation that loops over the segments on the host breaks no graph."""
+    return _GROUPED_MM[impl](x, w, offs)
+
+
+@opaque_grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
 
 
 def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
@@ -48,6 +70,7 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h))  # [w1; w3] per expert
         self.down_proj = nn.Parameter(torch.empty(e, h, f))          # w2 per expert
         self.grouped_mm, self.swiglu = ops.grouped_mm, ops.swiglu
+        self.grouped_mm_key = register_grouped_mm(ops.grouped_mm)
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         """rows [N, H] grouped by expert with counts [E] (grouped GEMM), or static rows [E, C, H]
@@ -56,8 +79,14 @@ class GroupedExperts(nn.Module):
             return torch.bmm(self.swiglu(torch.bmm(rows, self.gate_up_proj.transpose(1, 2))),
                              self.down_proj.transpose(1, 2))
         offs = counts.cumsum(0).to(torch.int32)
-        hidden = self.swiglu(self.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
-        return self.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs)
+        hidden = self.swiglu(self.segments_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
+        return self.segments_mm(hidden, self.down_proj.transpose(1, 2), offs)
+
+    def segments_mm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """The backend's grouped_mm; a compiled inference graph calls it as one opaque node."""
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return opaque_grouped_mm(x, w, offs, self.grouped_mm_key)
+        return self.grouped_mm(x, w, offs)
 
 
 @dataclass
@@ -103,7 +132,7 @@ class MoE(nn.Module):
         if self.training and self.jitter > 0:  # as transformers: the experts see the jittered input too
             flat = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         routing = route(F.linear(flat.float(), self.gate.weight.float()), self.top_k, self.expert_bias, self.router)
-        if self.exchange is None and not isinstance(self.dispatcher, Dropless):  # static shapes: compiles whole
+        if self.exchange is None:  # static shapes outside the grouped GEMM's offsets: compiles whole
             out, ctx = self.expert_outputs(flat, routing, x.shape[0])
         else:
             out, ctx = run_eagerly(self.expert_outputs, flat, routing, x.shape[0])
@@ -161,7 +190,7 @@ def router_totals(router_logits: list[torch.Tensor], num_experts: int, top_k: in
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = torch.topk(probs, top_k, dim=-1).indices
-        counts = torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+        counts = reference.expert_counts(chosen, num_experts).float()
         rows = counts.new_tensor([probs.shape[0]])
         z = torch.logsumexp(logits.float(), dim=-1).square().sum().reshape(1)
         totals = totals + torch.stack([torch.cat([counts, rows]), torch.cat([probs.sum(dim=0), z])])

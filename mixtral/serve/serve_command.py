@@ -9,7 +9,7 @@ from pathlib import Path
 from mixtral.backend import add_backend_argument
 from mixtral.errors import MixtralError
 from mixtral.serve.distributed import add_parallel_arguments
-from mixtral.serve.generate_command import DTYPES
+from mixtral.serve.generate_command import DTYPES, add_compile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="new tokens one request may ask for")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     parser.add_argument("--model-name", default=None, help="the id /v1/models reports (default: the directory name)")
+    add_compile_argument(parser)
     add_backend_argument(parser)
     add_parallel_arguments(parser)
 

@@ -69,7 +69,8 @@ def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
 def apply_compile(model: Mixtral, backend: Backend) -> None:
     """torch.compile every block in place (parameter names unchanged), before the parallel layout as torchtitan does.
 
-    One compiled graph serves all blocks; dropless and expert-parallel dispatch run eagerly inside it (moe.run_eagerly).
+    One compiled graph serves all blocks; grouped GEMMs that loop on the host and expert parallelism's exchange run
+    eagerly inside it (torch.compiler.disable), everything else of the MoE compiles.
     """
     for layer in model.layers:
         backend.compile(layer)
