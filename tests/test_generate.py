@@ -48,14 +48,36 @@ def hf_greedy(hf: transformers.MixtralForCausalLM, prompt: list[int]) -> list[in
 
 
 @pytest.mark.parametrize("overrides", [{}, {"sliding_window": 8, "tie_word_embeddings": True}])
-def test_greedy_equals_transformers_generate(overrides):
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["dynamic", "fixed_shapes"])
+def test_greedy_equals_transformers_generate(overrides, fixed_shapes):
+    """Also with the fixed-shape decoding XLA and Gaudi get: prompts padded to 16, the whole cache attended."""
     hf, ours = hf_pair(small_config(**overrides))
     prompts = [torch.randint(3, 101, (n,)).tolist() for n in (5, 12)]
     expected = [hf_greedy(hf, p) for p in prompts]
-    generator = Generator(ours)
+    generator = Generator(ours, fixed_shapes=fixed_shapes)
     assert generator.generate(prompts[:1], NEW_TOKENS) == expected[:1]
     # one batch of different lengths (left-padded) gives what each prompt gives alone
     assert generator.generate(prompts, NEW_TOKENS) == expected
+
+
+def test_fixed_shapes_decode_compiles_once():
+    """Fixed-shape decoding: every decode step, at every position, reuses one graph (dynamic=False), and prompts of
+    5 and 9 tokens share one prefill graph; the backends that compile per shape pick it from their capabilities."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    _, model = hf_pair(small_config())
+    model.compile(backend=counting_backend, dynamic=False)
+    generator = Generator(model, fixed_shapes=True)
+    generator.generate([list(range(3, 8))], 4)
+    compiled = len(graphs)
+    assert generator.generate([list(range(3, 12))], 12)
+    assert len(graphs) == compiled == 2  # one prefill graph, one decode graph
+    assert Generator(model).fixed_shapes is False
+    assert Generator(model, device="xla").fixed_shapes is Generator(model, device="hpu").fixed_shapes is True
 
 
 def test_seeds_streaming_and_eos():

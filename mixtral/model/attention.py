@@ -43,18 +43,19 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-def attention_mask(start: int, seq: int, kv_len: int, window: int | None,
+def attention_mask(start: int | torch.Tensor, seq: int, kv_len: int, window: int | None,
                    device: torch.device, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
     """(mask, causal) for queries at start..start+seq over keys 0..kv_len: the cheapest exact form.
 
     pad [B] (left padding per row) masks each row's first pad[b] keys; a pad query sees only itself.
+    start a device tensor (fixed shapes): always a mask, which also hides the cache's unwritten keys.
     """
-    if pad is None and (window is None or kv_len <= window):
+    if pad is None and not isinstance(start, torch.Tensor) and (window is None or kv_len <= window):
         if start == 0 and seq == kv_len:
             return None, True
         if seq == 1:
             return None, False
-    q_pos = torch.arange(start, start + seq, device=device).unsqueeze(1)
+    q_pos = (start + torch.arange(seq, device=device)).unsqueeze(1)
     k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
     allowed = k_pos <= q_pos
     if window is not None:

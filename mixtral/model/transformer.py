@@ -107,13 +107,15 @@ class Mixtral(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start: int = 0,
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start: int | torch.Tensor = 0,
                 last_only: bool = False, pad: torch.Tensor | None = None) -> ModelOutput:
         """tokens [B, S] at positions start..start+S; targets [B, S] (IGNORE_INDEX skipped) give the losses.
 
         last_only computes logits for the final position only (generation prefill). pad [B] int64 says
         how many slots row b is left-padded by (batched prompts of different lengths): those keys are
-        masked and row b's positions start pad[b] slots later.
+        masked and row b's positions start pad[b] slots later. start as a 0-dim device tensor (decoding on
+        backends that compile fixed shapes) keeps every step's shapes and graph the same: the whole KV cache
+        is attended under a mask.
         """
         x = self.embed_tokens(tokens)
         start, cos, sin, mask, causal = self.layer_inputs(tokens, start, pad, x.dtype)
@@ -129,8 +131,8 @@ class Mixtral(nn.Module):
             out.moe_metrics = moe_metrics(stats)
         return out
 
-    def layer_inputs(self, tokens: torch.Tensor, start: int, pad: torch.Tensor | None, dtype: torch.dtype
-                     ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    def layer_inputs(self, tokens: torch.Tensor, start: int | torch.Tensor, pad: torch.Tensor | None, dtype: torch.dtype
+                     ) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """(start, cos, sin, mask, causal) every block takes for tokens [B, S] at positions start..start+S.
 
         Under context parallelism the tokens are chunk i of `chunks` equal chunks: their positions
@@ -142,20 +144,27 @@ class Mixtral(nn.Module):
         if chunks > 1 and has_cache:
             raise ValueError("context parallelism runs training forwards only; generate without a KV cache "
                              "or with parallel.cp = 1")
-        start += chunk * seq
-        kv_len = start + seq if has_cache else seq * chunks
-        if start + seq > self.config.max_position_embeddings:
-            raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+        static = isinstance(start, torch.Tensor)  # positions on the device: the cache's whole length is attended
+        start = start + chunk * seq
+        if static:
+            kv_len = self.layers[0].self_attn.kv_cache.k.shape[2]
+        else:
+            kv_len = start + seq if has_cache else seq * chunks
+            if start + seq > self.config.max_position_embeddings:
+                raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
+                                 f"{self.config.max_position_embeddings}")
         mask, causal = attention_mask(start if has_cache or chunks > 1 else 0, seq, kv_len,
                                       self.config.sliding_window, tokens.device, pad)
-        if pad is None:
+        if pad is None and not static:
             cos = self.rope_cos[start:start + seq].to(dtype)
             sin = self.rope_sin[start:start + seq].to(dtype)
-        else:  # per-row positions [B, 1, S, D]
-            positions = (torch.arange(start, start + seq, device=tokens.device) - pad.view(-1, 1)).clamp_min(0)
-            cos = self.rope_cos[positions].unsqueeze(1).to(dtype)
-            sin = self.rope_sin[positions].unsqueeze(1).to(dtype)
+        else:  # positions gathered: [S, D], or per row [B, 1, S, D]
+            positions = start + torch.arange(seq, device=tokens.device)
+            if pad is not None:
+                positions = (positions - pad.view(-1, 1)).clamp_min(0)
+            cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+            if pad is not None:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return start, cos, sin, mask, causal
 
     def losses(self, out: ModelOutput, targets: torch.Tensor, totals: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from mixtral.model import Mixtral
 from mixtral.serve.sampling import SamplingParams, make_generators, sample
 
 CACHE_ROUND = 256  # cache lengths round up to this, so successive requests reuse one cache
+PROMPT_ROUND = 16  # fixed-shape backends: padded prompt lengths round up to this, so prefill graphs are few
 
 
 def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
@@ -23,14 +24,24 @@ def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.no_grad() if device.type == "xla" else torch.inference_mode()
 
 
+def needs_fixed_shapes(device_type: str) -> bool:
+    """Whether the backend of this device type compiles a graph per input shape (capabilities.dynamic_shapes)."""
+    from mixtral.backend import all_backends
+
+    return any(b.device_type == device_type and not b.capabilities.dynamic_shapes for b in all_backends())
+
+
 class Generator:
     """Generates token ids from a Mixtral; the model keeps its KV cache between calls (reused when it fits)."""
 
-    def __init__(self, model: Mixtral, tokenizer=None, device: torch.device | str | None = None) -> None:
+    def __init__(self, model: Mixtral, tokenizer=None, device: torch.device | str | None = None,
+                 fixed_shapes: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+        # backends that compile a graph per shape: every decode step keeps one shape, prompts pad to few lengths
+        self.fixed_shapes = fixed_shapes if fixed_shapes is not None else needs_fixed_shapes(self.device.type)
 
     @property
     def max_positions(self) -> int:
@@ -78,10 +89,12 @@ class Generator:
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, on_token
                   ) -> list[list[int]]:
         batch, longest = len(prompts), max(len(p) for p in prompts)
+        if self.fixed_shapes:  # a padded length of few values, within the positions left for the new tokens
+            longest = max(longest, min(-(-longest // PROMPT_ROUND) * PROMPT_ROUND, self.max_positions - max_new_tokens))
         self.ensure_cache(batch, longest + max_new_tokens)
         pads = [longest - len(p) for p in prompts]
         tokens = torch.tensor([[0] * n + p for n, p in zip(pads, prompts)], dtype=torch.long, device=self.device)
-        pad = torch.tensor(pads, device=self.device) if any(pads) else None
+        pad = torch.tensor(pads, device=self.device) if any(pads) or self.fixed_shapes else None
         params = SamplingParams.build(batch, temperature, top_k, top_p, device=self.device)
         generators = make_generators(seed, batch, self.device)
         eos = self.eos_id if stop_at_eos else None
@@ -99,7 +112,10 @@ class Generator:
                     active[row] = token != eos
             if step == max_new_tokens - 1 or not any(active):
                 break
-            logits = self.model(next_ids.view(batch, 1), start=longest + step, pad=pad).logits[:, -1]
+            start = longest + step
+            if self.fixed_shapes:
+                start = torch.tensor(start, device=self.device)
+            logits = self.model(next_ids.view(batch, 1), start=start, pad=pad).logits[:, -1]
         return out
 
 

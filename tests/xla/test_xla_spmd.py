@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("torch_xla", reason="torch_xla is not installed: the XLA tests run in ci/xla.sh's venv")
 
 import torch_xla  # noqa: E402
+import torch_xla.debug.metrics as met  # noqa: E402
 import torch_xla.runtime as xr  # noqa: E402
 
 from conftest import small_config  # noqa: E402
@@ -112,5 +113,11 @@ def test_greedy_generation_on_sharded_xla_equals_cpu(xla):
     xla.parallelize(model, MESHES["fsdp2xtensor2"])
     prompts = [[5, 17, 3, 44, 9], [8, 2]]  # different lengths: the left-padded path
     expected = Generator(cpu).generate(prompts, max_new_tokens=6, stop_at_eos=False)
-    got = Generator(model).generate(prompts, max_new_tokens=6, stop_at_eos=False)  # no_grad on XLA
-    assert got == expected
+    generator = Generator(model)  # no_grad on XLA; fixed shapes: the xla backend compiles per shape
+    assert generator.fixed_shapes and generator.generate(prompts, max_new_tokens=6, stop_at_eos=False) == expected
+    # fixed shapes: more tokens at new positions, and other prompt lengths under 16, compile no new graph
+    compiles = met.metric_data("CompileTime")[0]
+    longer = [[7, 1, 30], [12, 9, 4, 4, 6, 11, 2]]
+    assert generator.generate(longer, max_new_tokens=12, stop_at_eos=False) == \
+        Generator(cpu).generate(longer, max_new_tokens=12, stop_at_eos=False)
+    assert met.metric_data("CompileTime")[0] == compiles
