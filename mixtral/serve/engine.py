@@ -24,11 +24,11 @@ def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.no_grad() if device.type == "xla" else torch.inference_mode()
 
 
-def needs_fixed_shapes(device_type: str) -> bool:
-    """Whether the backend of this device type compiles a graph per input shape (capabilities.dynamic_shapes)."""
+def device_backend(device_type: str):
+    """The registered backend of this device type (its shape rules and its end-of-step hook), if any."""
     from mixtral.backend import all_backends
 
-    return any(b.device_type == device_type and not b.capabilities.dynamic_shapes for b in all_backends())
+    return next((b for b in all_backends() if b.device_type == device_type), None)
 
 
 class Generator:
@@ -40,8 +40,12 @@ class Generator:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
+        backend = device_backend(self.device.type)
         # backends that compile a graph per shape: every decode step keeps one shape, prompts pad to few lengths
-        self.fixed_shapes = fixed_shapes if fixed_shapes is not None else needs_fixed_shapes(self.device.type)
+        self.fixed_shapes = fixed_shapes if fixed_shapes is not None else bool(
+            backend and not backend.capabilities.dynamic_shapes)
+        # lazy backends run each step's graph here; otherwise the cache's in-place updates chain across steps
+        self.end_step = backend.mark_step if backend else lambda: None
 
     @property
     def max_positions(self) -> int:
@@ -100,6 +104,7 @@ class Generator:
         eos = self.eos_id if stop_at_eos else None
 
         logits = self.model(tokens, last_only=True, pad=pad).logits[:, -1]
+        self.end_step()
         out: list[list[int]] = [[] for _ in prompts]
         active = [True] * batch
         for step in range(max_new_tokens):
@@ -112,10 +117,11 @@ class Generator:
                     active[row] = token != eos
             if step == max_new_tokens - 1 or not any(active):
                 break
-            start = longest + step
-            if self.fixed_shapes:
-                start = torch.tensor(start, device=self.device)
+            start: int | torch.Tensor = longest + step
+            if self.fixed_shapes:  # the position lives on the device, advanced in place: one graph for every step
+                start = position = torch.tensor(start, device=self.device) if step == 0 else position.add_(1)
             logits = self.model(next_ids.view(batch, 1), start=start, pad=pad).logits[:, -1]
+            self.end_step()
         return out
 
 
