@@ -21,9 +21,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """torch._grouped_mm where it runs for this dtype and shape (bf16 on Hopper), else the Triton grouped GEMM."""
     if native.grouped_mm_runs(x, w):
         return torch._grouped_mm(x, w, offs=offs)
+    return _triton_grouped_mm(x, w, offs)
+
+
+@torch.compiler.disable  # the Triton kernels run outside torch.compile graphs (not verified inside them)
+def _triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     from mixtral.kernels import triton_grouped_mm
 
-    return torch.compiler.disable(triton_grouped_mm.grouped_mm)(x, w, offs)
+    return triton_grouped_mm.grouped_mm(x, w, offs)
 
 
 class CUDABackend(Backend):
@@ -39,7 +44,7 @@ class CUDABackend(Backend):
             return Ops.reference(attention=native.attention, grouped_mm=native.grouped_mm, rms_norm=native.rms_norm)
         from mixtral.kernels import triton_moe
 
-        eager = torch.compiler.disable  # the Triton ops run outside torch.compile graphs (not verified inside them)
+        eager = torch.compiler.disable  # as _triton_grouped_mm
         return Ops.reference(attention=native.attention, grouped_mm=grouped_mm, rms_norm=native.rms_norm,
                              permute=eager(triton_moe.permute), unpermute=eager(triton_moe.unpermute),
                              router=eager(triton_moe.router))

@@ -205,6 +205,17 @@ def test_inference_traces_as_one_graph(monkeypatch, dtype):
     assert "mixtral.grouped_mm" in str(prefill.graphs[0].graph)
 
 
+def test_opaque_grouped_mm_names_are_stable_and_distinct():
+    """Two implementations with one qualified name get two keys; the same one keeps its key (run to run too)."""
+    from mixtral.model.moe import opaque_grouped_mm, register_grouped_mm
+
+    first, second = (lambda x, w, offs: x @ w[0]), (lambda x, w, offs: x @ w[1])
+    keys = [register_grouped_mm(first), register_grouped_mm(second), register_grouped_mm(first)]
+    assert keys[0] == keys[2] != keys[1] and keys[0].endswith("<lambda>")
+    x, w, offs = torch.randn(3, 4), torch.randn(2, 4, 5), torch.tensor([3, 3], dtype=torch.int32)
+    assert torch.equal(opaque_grouped_mm(x, w, offs, keys[1]), x @ w[1])
+
+
 def test_cli_interactive(model_dir, reference, capsys, monkeypatch):
     generator, tokenizer = reference
     script = "/set temperature 0.7\n/set top_k 40\n/set top_p 2\n/show\n/help\nWho are you?\n/bogus\n/quit\nignored\n"

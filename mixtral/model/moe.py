@@ -29,8 +29,13 @@ _GROUPED_MM: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def register_grouped_mm(fn: Callable[..., torch.Tensor]) -> str:
-    """Name a backend's grouped_mm for `opaque_grouped_mm`."""
-    key = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    """Name a backend's grouped_mm for `opaque_grouped_mm`: its qualified name, numbered when another function has
+    it (names stay the same from run to run, so compiled graphs can come from inductor's on-disk cache)."""
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    key, number = name, 1
+    while _GROUPED_MM.get(key, fn) is not fn:
+        number += 1
+        key = f"{name}#{number}"
     _GROUPED_MM[key] = fn
     return key
 
