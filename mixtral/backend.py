@@ -204,3 +204,8 @@ def add_backend_argument(parser) -> None:
 
 def all_backends() -> Iterable[Backend]:
     return registry().backends.values()
+
+
+def backend_for_device(device_type: str) -> Backend | None:
+    """The registered backend of this torch device type (its shape rules, its end-of-step hook), if any."""
+    return next((b for b in all_backends() if b.device_type == device_type), None)

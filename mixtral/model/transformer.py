@@ -144,9 +144,9 @@ class Mixtral(nn.Module):
         if chunks > 1 and has_cache:
             raise ValueError("context parallelism runs training forwards only; generate without a KV cache "
                              "or with parallel.cp = 1")
-        static = isinstance(start, torch.Tensor)  # positions on the device: the cache's whole length is attended
+        fixed_shapes = isinstance(start, torch.Tensor)  # positions on the device: the whole cache is attended
         start = start + chunk * seq
-        if static:
+        if fixed_shapes:
             kv_len = self.layers[0].self_attn.kv_cache.k.shape[2]
         else:
             kv_len = start + seq if has_cache else seq * chunks
@@ -155,7 +155,7 @@ class Mixtral(nn.Module):
                                  f"{self.config.max_position_embeddings}")
         mask, causal = attention_mask(start if has_cache or chunks > 1 else 0, seq, kv_len,
                                       self.config.sliding_window, tokens.device, pad)
-        if pad is None and not static:
+        if pad is None and not fixed_shapes:
             cos = self.rope_cos[start:start + seq].to(dtype)
             sin = self.rope_sin[start:start + seq].to(dtype)
         else:  # positions gathered: [S, D], or per row [B, 1, S, D]

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from mixtral.backend import backend_for_device
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.serve.sampling import SamplingParams, make_generators, sample
@@ -24,13 +25,6 @@ def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.no_grad() if device.type == "xla" else torch.inference_mode()
 
 
-def device_backend(device_type: str):
-    """The registered backend of this device type (its shape rules and its end-of-step hook), if any."""
-    from mixtral.backend import all_backends
-
-    return next((b for b in all_backends() if b.device_type == device_type), None)
-
-
 class Generator:
     """Generates token ids from a Mixtral; the model keeps its KV cache between calls (reused when it fits)."""
 
@@ -40,7 +34,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
-        backend = device_backend(self.device.type)
+        backend = backend_for_device(self.device.type)
         # backends that compile a graph per shape: every decode step keeps one shape, prompts pad to few lengths
         self.fixed_shapes = fixed_shapes if fixed_shapes is not None else bool(
             backend and not backend.capabilities.dynamic_shapes)
