@@ -100,12 +100,12 @@ class HPUBackend(Backend):
 
             htcore.mark_step()
 
-    def compile(self, module: nn.Module, dynamic: bool | None = None) -> None:
+    def compile(self, module: nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
         """The eager-mode alternative to lazy mode: torch.compile with Habana's graph backend."""
         if lazy_mode():
             raise MixtralError("torch.compile needs Gaudi's eager mode: set PT_HPU_LAZY_MODE=0 (lazy mode builds its "
                                "own graphs; keep compile: false / no --compile with it)")
-        super().compile(module, dynamic)
+        super().compile(module, dynamic, inference)
 
     def synchronize(self) -> None:
         import habana_frameworks.torch.hpu as hthpu

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from mixtral.kernels import native
+from mixtral.kernels import native, row_products
 
 BLOCK_ELEMENTS = 1 << 20
 MIN_ROWS = 16
@@ -86,7 +86,10 @@ def _slow_here(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w), in fp32 where `needed` (under CPU autocast, after its cast to the autocast dtype)."""
+    """F.linear(x, w), in fp32 where `needed` (under CPU autocast, after its cast to the autocast dtype); one row
+    in a compiled inference graph as a fused multiply-sum (row_products)."""
+    if row_products.applies(x):
+        return row_products.linear(x, w)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if x.numel() < MIN_ROWS * x.shape[-1] or not _slow_here(x, dtype):
         return F.linear(x, w)

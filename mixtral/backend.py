@@ -113,13 +113,18 @@ class Backend:
     def mark_step(self) -> None:
         """End of a step for lazy-graph backends (XLA, Gaudi lazy mode); a no-op for eager ones."""
 
-    def compile(self, module: torch.nn.Module, dynamic: bool | None = None) -> None:
+    def compile(self, module: torch.nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
         """torch.compile module in place with this device's compiler (parameter names and hooks unchanged);
-        dynamic=True when its input shapes vary from call to call (generation)."""
+        dynamic=True when its input shapes vary from call to call, inference=True for generation."""
         if self.capabilities.compile_backend is None:
             raise MixtralError(f"torch.compile is not supported by the {self.name} backend (it builds its own graphs); "
                                f"set compile: false in the recipe, or drop --compile")
-        module.compile(backend=self.capabilities.compile_backend, dynamic=dynamic)
+        module.compile(backend=self.capabilities.compile_backend, dynamic=dynamic,
+                       options=self.compile_options(inference) or None)
+
+    def compile_options(self, inference: bool) -> dict[str, Any]:
+        """The compiler's options (inductor config keys) for training or inference graphs; none by default."""
+        return {}
 
     def parallelize(self, model: torch.nn.Module, mesh_shape: dict[str, int]) -> torch.nn.Module:
         """SPMD backends (capabilities.spmd) shard model over every device on a named mesh; others use torch.distributed."""

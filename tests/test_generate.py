@@ -186,8 +186,9 @@ def test_cli_compile_gives_the_eager_tokens(model_dir, reference, capsys):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_traces_as_one_graph(monkeypatch, dtype):
-    """Dropless MoE inference has no graph break: a padded batched prefill and a decode step are one graph each,
-    the grouped GEMM one opaque node even where it loops over segments on the host (fp32 compute forced on)."""
+    """Dropless MoE inference has no graph break: a padded batched prefill and decode steps are one graph each,
+    the grouped GEMM one opaque node even where it loops over segments on the host (fp32 compute forced on),
+    or, for a single token, no node of its own."""
     from mixtral.kernels import fp32_compute
 
     monkeypatch.setattr(fp32_compute, "needed", lambda dt: dt == torch.bfloat16)
@@ -200,9 +201,12 @@ def test_inference_traces_as_one_graph(monkeypatch, dtype):
     with torch.inference_mode():
         prefill = torch._dynamo.explain(model)(torch.randint(3, 101, (2, 12)), last_only=True, pad=pad)
         decode = torch._dynamo.explain(model)(torch.randint(3, 101, (2, 1)), start=12, pad=pad)
-    for run in (prefill, decode):
+        model.setup_caches(1, 32)
+        single = torch._dynamo.explain(model)(torch.randint(3, 101, (1, 1)), start=12)
+    for run in (prefill, decode, single):
         assert (run.graph_count, run.graph_break_count) == (1, 0), run.break_reasons
-    assert "mixtral.grouped_mm" in str(prefill.graphs[0].graph)
+    assert "mixtral.grouped_mm" in str(prefill.graphs[0].graph) and "mixtral.grouped_mm" in str(decode.graphs[0].graph)
+    assert "mixtral.grouped_mm" not in str(single.graphs[0].graph)  # one token's experts: row_products.grouped_mm, fused
 
 
 def test_opaque_grouped_mm_names_are_stable_and_distinct():

@@ -129,11 +129,12 @@ def test_mark_step_only_in_lazy_mode(monkeypatch, env, steps) -> None:
 def test_compile_uses_the_hpu_backend_in_eager_mode_only(monkeypatch) -> None:
     seen = {}
     monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, backend, dynamic: seen.update(module=self, backend=backend, dynamic=dynamic))
+                        lambda self, backend, dynamic, options: seen.update(module=self, backend=backend, dynamic=dynamic,
+                                                                            options=options))
     module = torch.nn.Linear(2, 2)
     monkeypatch.setenv("PT_HPU_LAZY_MODE", "0")
-    registry().backends["hpu"].compile(module, dynamic=True)
-    assert seen == {"module": module, "backend": "hpu_backend", "dynamic": True}
+    registry().backends["hpu"].compile(module, dynamic=True, inference=True)
+    assert seen == {"module": module, "backend": "hpu_backend", "dynamic": True, "options": None}
     monkeypatch.setenv("PT_HPU_LAZY_MODE", "1")
     with pytest.raises(MixtralError, match="PT_HPU_LAZY_MODE=0"):
         registry().backends["hpu"].compile(module)

@@ -12,7 +12,7 @@ from torch import nn
 
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
-from mixtral.kernels import reference
+from mixtral.kernels import reference, row_products
 from mixtral.model.capacity_bins import step_bins
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
 
@@ -76,6 +76,7 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, f))          # w2 per expert
         self.grouped_mm, self.swiglu = ops.grouped_mm, ops.swiglu
         self.grouped_mm_key = register_grouped_mm(ops.grouped_mm)
+        self.top_k = config.num_experts_per_tok
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         """rows [N, H] grouped by expert with counts [E] (grouped GEMM), or static rows [E, C, H]
@@ -88,8 +89,11 @@ class GroupedExperts(nn.Module):
         return self.segments_mm(hidden, self.down_proj.transpose(1, 2), offs)
 
     def segments_mm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """The backend's grouped_mm; a compiled inference graph calls it as one opaque node."""
+        """The backend's grouped_mm; a compiled inference graph calls it as one opaque node, or for one token's
+        rows (each on another expert) fuses it whole (row_products.grouped_mm)."""
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            if x.shape[0] <= self.top_k:
+                return row_products.grouped_mm(x, w, offs)
             return opaque_grouped_mm(x, w, offs, self.grouped_mm_key)
         return self.grouped_mm(x, w, offs)
 

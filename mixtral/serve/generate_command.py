@@ -97,7 +97,7 @@ def compile_for_generation(model, backend, device) -> None:
     and decode graphs now, so the first request does not wait for them."""
     from mixtral.serve.engine import Generator
 
-    backend.compile(model, dynamic=True)
+    backend.compile(model, dynamic=True, inference=True)
     print("compiling the model for generation (one-off) ...", file=sys.stderr, flush=True)
     Generator(model, device=device).generate([[1, 2, 3]], 2)
 

@@ -71,7 +71,7 @@ def uniforms(batch: int, generators: list[torch.Generator] | None, device: torch
 def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None
            ) -> torch.Tensor:
     """logits [B, V] -> next token ids [B] (int64)."""
-    greedy_ids = logits.argmax(dim=-1)
+    greedy_ids = logits.float().argmax(dim=-1)  # the same ids; PyTorch's CPU argmax is 2x slower over bf16
     if params.greedy:
         return greedy_ids
     temperature = params.temperature.clamp_min(1e-5).unsqueeze(1)

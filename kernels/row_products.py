@@ -1,0 +1,30 @@
+"""Products of single rows (decoding one token) as fused multiply-sums, for compiled inference graphs.
+
+Inductor compiles `x * w` summed over K into one vectorized reduction that streams each weight row once, with
+no library call and no host loop: on the CPU faster than ATen's GEMV (2-core AVX2 EPYC, lm head 32000 x 512:
+fp32 6.2 -> 3.1 ms, bf16 2.2 -> 1.8 ms), and for a token's experts it replaces a grouped GEMM that loops over
+every expert on the host. Both accumulate in fp32 and round once, like the GEMMs they replace. Eagerly the
+expressions would materialise the products (and gather the expert weights): compiled graphs only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def applies(x: torch.Tensor) -> bool:
+    """x is a single row in a compiled inference graph."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.numel() == x.shape[-1]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for x [..., K] holding one row, w [N, K]."""
+    return (x.float().unsqueeze(-2) * w.float()).sum(dim=-1).to(x.dtype)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grouped_mm (x [R, K] grouped by expert at offs, w [E, K, N]) as each row times its own expert's weight:
+    for few rows on distinct experts, as one token's are."""
+    rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
+    expert = (rows.unsqueeze(1) >= offs.unsqueeze(0)).sum(dim=1)
+    return (x.float().unsqueeze(-1) * w[expert].float()).sum(dim=1).to(x.dtype)
