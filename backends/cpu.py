@@ -17,8 +17,8 @@ class CPUBackend(Backend):
                              rms_norm=native.rms_norm)
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
-        """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, which halves
-        the overhead of a decode step here (measured: bench/RESULTS.md); training steps are GEMM-bound."""
+        """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less
+        overhead per decode step (measured: bench/RESULTS.md); training steps are GEMM-bound."""
         return {"cpp_wrapper": True} if inference else {}
 
 
