@@ -17,9 +17,17 @@ def applies(x: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.numel() == x.shape[-1]
 
 
+def stored(x: torch.Tensor) -> torch.Tensor:
+    """x written to memory once: inductor would otherwise inline its producer (an RMSNorm, the SwiGLU) into the
+    reduction and recompute it for every output (bf16 lm head here: 2.8 ms instead of 1.9 ms). Inductor's own prim,
+    registered when inductor is loaded; other compilers and eager calls get x as it is."""
+    store = getattr(torch.ops.prims, "inductor_force_stride_order", None)
+    return store(x, x.stride()) if store is not None and torch.compiler.is_compiling() else x
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) for x [..., K] holding one row, w [N, K]."""
-    return (x.float().unsqueeze(-2) * w.float()).sum(dim=-1).to(x.dtype)
+    return (stored(x).float().unsqueeze(-2) * w.float()).sum(dim=-1).to(x.dtype)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -27,4 +35,4 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     for few rows on distinct experts, as one token's are."""
     rows = torch.arange(x.shape[0], device=x.device, dtype=offs.dtype)
     expert = (rows.unsqueeze(1) >= offs.unsqueeze(0)).sum(dim=1)
-    return (x.float().unsqueeze(-1) * w[expert].float()).sum(dim=1).to(x.dtype)
+    return (stored(x).float().unsqueeze(-1) * w[expert].float()).sum(dim=1).to(x.dtype)
