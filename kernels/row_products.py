@@ -12,9 +12,14 @@ from __future__ import annotations
 import torch
 
 
+def compiled_inference() -> bool:
+    """Tracing a torch.compile graph without autograd (generation)."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 def applies(x: torch.Tensor) -> bool:
     """x is a single row in a compiled inference graph."""
-    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.numel() == x.shape[-1]
+    return compiled_inference() and x.numel() == x.shape[-1]
 
 
 def stored(x: torch.Tensor) -> torch.Tensor:

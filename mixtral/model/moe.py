@@ -91,7 +91,7 @@ class GroupedExperts(nn.Module):
     def segments_mm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """The backend's grouped_mm; a compiled inference graph calls it as one opaque node, or for one token's
         rows (each on another expert) fuses it whole (row_products.grouped_mm)."""
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        if row_products.compiled_inference():
             if x.shape[0] <= self.top_k:
                 return row_products.grouped_mm(x, w, offs)
             return opaque_grouped_mm(x, w, offs, self.grouped_mm_key)
