@@ -115,7 +115,8 @@ class Backend:
 
     def compile(self, module: torch.nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
         """torch.compile module in place with this device's compiler (parameter names and hooks unchanged);
-        dynamic=True when its input shapes vary from call to call, inference=True for generation."""
+        dynamic=True when its input shapes vary from call to call, inference=True for generation (the weights stay
+        as they are from then on: a backend may compile them into its graphs)."""
         if self.capabilities.compile_backend is None:
             raise MixtralError(f"torch.compile is not supported by the {self.name} backend (it builds its own graphs); "
                                f"set compile: false in the recipe, or drop --compile")

@@ -184,6 +184,33 @@ def test_cli_compile_gives_the_eager_tokens(model_dir, reference, capsys):
     assert (code, out) == (0, expected + "\n") and "compiling the model for generation" in err
 
 
+def test_compiled_batched_decoding_gives_the_eager_tokens():
+    """The cpu backend's generation graphs (a batch's decode steps frozen and multiplied by inductor's GEMM
+    template) complete a padded batch of prompts as eager does, fp32."""
+    torch.manual_seed(0)
+    model = Mixtral(small_config(), get_backend("cpu"))
+    model.init_weights()
+    model.eval()
+    prompts = [torch.randint(3, 101, (n,)).tolist() for n in (5, 12, 7)]
+    expected = Generator(model).generate(prompts, 8)
+    torch._dynamo.reset()
+    get_backend("cpu").compile(model, dynamic=True, inference=True)
+    assert Generator(model).generate(prompts, 8) == expected
+
+
+def test_only_batched_decode_steps_are_frozen():
+    """Prefill and single-row graphs stay unfrozen: freezing would fold their fp32 weight conversions into copies."""
+    from mixtral.backends.cpu import frozen_when_decoding_a_batch
+
+    seen = {}
+    call = frozen_when_decoding_a_batch(lambda tokens, **kw: seen.setdefault(tuple(tokens.shape),
+                                                                             torch._inductor.config.freezing))
+    for shape in [(3, 1), (1, 1), (3, 9), (1, 9)]:
+        call(torch.zeros(shape, dtype=torch.long), start=4)
+    assert seen == {(3, 1): True, (1, 1): False, (3, 9): False, (1, 9): False}
+    assert not torch._inductor.config.freezing
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_traces_as_one_graph(monkeypatch, dtype):
     """Dropless MoE inference has no graph break: a padded batched prefill and decode steps are one graph each,
