@@ -21,7 +21,7 @@ class CPUBackend(Backend):
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less
         overhead per decode step (measured: bench/RESULTS.md); training steps are GEMM-bound."""
-        return {"cpp_wrapper": True} if inference else {}
+        return {"cpp_wrapper": True, "guard_filter_fn": unguarded_kv_cache} if inference else {}
 
     def compile(self, module: torch.nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
         """For generation, as Backend.compile with a batch's decode steps frozen (frozen_when_decoding_a_batch):
@@ -36,6 +36,13 @@ class CPUBackend(Backend):
 # It multiplies constant weights only: the graph is compiled with its parameters frozen, which inductor reads when
 # dynamo traces, so it is set around the call rather than in the compile options.
 BATCHED_DECODE_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def unguarded_kv_cache(guards: list) -> list[bool]:
+    """Keeps every dynamo guard but the identity checks a frozen graph puts on the KV cache: the graph writes the
+    cache, so it stays a graph input (not a constant), and a cache reallocated for another batch and back would
+    otherwise recompile the step and soon reach dynamo's recompile limit. Its shape guards stay."""
+    return [not (guard.guard_type == "ID_MATCH" and "kv_cache" in guard.name) for guard in guards]
 
 
 def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:

@@ -186,7 +186,10 @@ def test_cli_compile_gives_the_eager_tokens(model_dir, reference, capsys):
 
 def test_compiled_batched_decoding_gives_the_eager_tokens():
     """The cpu backend's generation graphs (a batch's decode steps frozen and multiplied by inductor's GEMM
-    template) complete a padded batch of prompts as eager does, fp32."""
+    template) complete a padded batch as eager does, fp32; a reallocated KV cache (another batch came in between)
+    reuses the graphs: the frozen graph writes the cache, so it is an input, not a constant."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = Mixtral(small_config(), get_backend("cpu"))
     model.init_weights()
@@ -195,7 +198,13 @@ def test_compiled_batched_decoding_gives_the_eager_tokens():
     expected = Generator(model).generate(prompts, 8)
     torch._dynamo.reset()
     get_backend("cpu").compile(model, dynamic=True, inference=True)
-    assert Generator(model).generate(prompts, 8) == expected
+    generator = Generator(model)
+    assert generator.generate(prompts, 8) == expected
+    graphs, cache = counters["stats"]["unique_graphs"], model.layers[0].self_attn.kv_cache.k
+    with torch.inference_mode():  # as Generator allocates it
+        model.setup_caches(cache.shape[0], cache.shape[2])
+    assert generator.generate(prompts, 8) == expected
+    assert counters["stats"]["unique_graphs"] == graphs and model.layers[0].self_attn.kv_cache.k is not cache
 
 
 def test_only_batched_decode_steps_are_frozen():
