@@ -49,10 +49,11 @@ def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
     """compiled(tokens, ...) with BATCHED_DECODE_CONFIG where tokens is one new token for each of several rows.
     Prefill and single-row graphs stay unfrozen: they convert weights to fp32 (fp32_compute, row_products), and
     freezing would fold those conversions into fp32 copies of the weights."""
+    from torch._inductor import config as inductor_config
 
     def call(tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if tokens.dim() == 2 and tokens.shape[0] > 1 and tokens.shape[1] == 1:
-            with torch._inductor.config.patch(BATCHED_DECODE_CONFIG):
+            with inductor_config.patch(BATCHED_DECODE_CONFIG):
                 return compiled(tokens, *args, **kwargs)
         return compiled(tokens, *args, **kwargs)
 
