@@ -20,7 +20,8 @@ class CPUBackend(Backend):
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less
-        overhead per decode step (measured: bench/RESULTS.md); training steps are GEMM-bound."""
+        overhead per decode step (measured: bench/RESULTS.md), and no identity guards on the KV cache
+        (unguarded_kv_cache); training steps are GEMM-bound."""
         return {"cpp_wrapper": True, "guard_filter_fn": unguarded_kv_cache} if inference else {}
 
     def compile(self, module: torch.nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
@@ -42,7 +43,8 @@ def unguarded_kv_cache(guards: list) -> list[bool]:
     """Keeps every dynamo guard but the identity checks a frozen graph puts on the KV cache: the graph writes the
     cache, so it stays a graph input (not a constant), and a cache reallocated for another batch and back would
     otherwise recompile the step and soon reach dynamo's recompile limit. Its shape guards stay."""
-    return [not (guard.guard_type == "ID_MATCH" and "kv_cache" in guard.name) for guard in guards]
+    return [not (guard.guard_type == "ID_MATCH" and "kv_cache" in guard.name)  # Attention.kv_cache's buffers
+            for guard in guards]
 
 
 def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
