@@ -161,6 +161,22 @@ def test_bf16_master_keeps_fp32_masters(tmp_path):
         assert torch.equal(param, master.to(torch.bfloat16))
 
 
+def test_bf16_master_gradients_start_afresh_each_step(tmp_path):
+    """The fp32 master gradients' buffers are reused across steps: each step's gradient is its own micro-batches'
+    sum, never added to the last step's (with lr 0 the parameters stay, so two steps see the same gradient)."""
+    trainer = tiny_trainer(tmp_path, "precision=bf16_master")
+    set_lr(trainer.optimizer, 0.0)
+    batches = [next(trainer.loader), next(trainer.loader)]
+    first = trainer.train_step(batches)
+    grads = [m.grad.clone() for m in trainer.masters]
+    buffers = [m.grad.data_ptr() for m in trainer.masters]
+    second = trainer.train_step(batches)
+    assert second.grad_norm == pytest.approx(first.grad_norm, rel=1e-6)
+    assert [m.grad.data_ptr() for m in trainer.masters] == buffers
+    for master, grad in zip(trainer.masters, grads):
+        assert torch.equal(master.grad, grad)
+
+
 def test_bf16_autocast_step(tmp_path):
     trainer = tiny_trainer(tmp_path, "precision=bf16")
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

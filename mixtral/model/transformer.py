@@ -10,18 +10,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
+from mixtral.model.cross_entropy import IGNORE_INDEX, cross_entropy
 from mixtral.model.kv_cache import KVCache
 from mixtral.model.linear import Linear
 from mixtral.model.moe import MoE, moe_metrics, moe_step_end, router_losses, router_totals
 from mixtral.model.rope import rope_tables
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -173,15 +171,14 @@ class Mixtral(nn.Module):
         With a loss_group each rank's loss is its share of the group's whole batch: the token sum over
         the group's counted targets, times the group size, so the ranks' mean is the whole-batch loss.
         """
-        logits, flat = out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
+        logits, flat = out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
         group = self.loss_group
         if group is None or dist.get_world_size(group) == 1:
-            out.ce_loss = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX)
+            out.ce_loss = cross_entropy(logits, flat)
         else:
             counted = (flat != IGNORE_INDEX).sum().float()
             dist.all_reduce(counted, op=dist.ReduceOp.SUM, group=group)
-            total = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum")
-            out.ce_loss = total * dist.get_world_size(group) / counted
+            out.ce_loss = cross_entropy(logits, flat, reduction="sum") * dist.get_world_size(group) / counted
         out.aux_loss, z_loss = router_losses(totals, group)
         out.loss = out.ce_loss + self.aux_loss_coeff * out.aux_loss
         if self.moe.z_loss_coeff:

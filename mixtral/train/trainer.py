@@ -182,7 +182,7 @@ class Trainer:
 
     def train_step(self, batches: list[torch.Tensor]) -> StepStats:
         """Forward and backward over the micro-batches, then clip and AdamW unless the loss or a gradient is not finite."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         if self.pipeline is not None:  # the pipeline's micro-batches are the step's micro-batches
             tokens, targets = self._inputs(torch.cat(batches))
             with self.autocast():
@@ -190,7 +190,7 @@ class Trainer:
             totals, routed = losses.sum(0), self._stage_counts(stage_counts)
             counts, dropped, bins = routed[:, :-2], routed[:, -2], routed[:, -1]
             if self.masters:
-                self._accumulate_master_grads()
+                self._accumulate_master_grads(first=True)
         else:
             totals, counts, dropped = torch.zeros(3, device=self.device), 0, 0
             for i, batch in enumerate(batches):
@@ -204,7 +204,7 @@ class Trainer:
                 dropped = dropped + out.moe_metrics["dropped_fraction"] * out.tokens_per_expert.sum(1)  # pairs
                 bins = out.moe_metrics["bin"]
                 if self.masters:
-                    self._accumulate_master_grads()
+                    self._accumulate_master_grads(first=i == 0)
         params = self.parameters()
         dense = [q for q, expert in zip(params, self.is_expert) if not expert]
         experts = [q for q, expert in zip(params, self.is_expert) if expert]
@@ -220,9 +220,15 @@ class Trainer:
                 with torch.no_grad():
                     for param, master in zip(self.model.parameters(), self.masters):
                         param.copy_(master)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.zero_grad(set_to_none=True)
+        self._zero_grad()
         return stats
+
+    def _zero_grad(self) -> None:
+        """Drop the gradients, but keep the fp32 master gradients' buffers: the next step writes into them
+        (_accumulate_master_grads) rather than allocating them anew."""
+        if not self.masters:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
     def _inputs(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and targets of samples [B, S + 1] on this device; under context parallelism this rank's chunk."""
@@ -254,13 +260,21 @@ class Trainer:
         dist.all_reduce(routed, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
         return routed
 
-    def _accumulate_master_grads(self) -> None:
-        """Move the bf16 micro-batch gradients into fp32 master gradients (accumulation in fp32)."""
+    def _accumulate_master_grads(self, first: bool) -> None:
+        """Move the bf16 micro-batch gradients into the fp32 master gradients (accumulation in fp32); the first
+        micro-batch of a step overwrites the previous step's: on the CPU a fresh fp32 copy of every gradient is
+        page-faulted in again each step (bench/RESULTS.md)."""
         for param, master in zip(self.model.parameters(), self.masters):
-            if param.grad is not None:
-                grad = param.grad.float()
-                master.grad = grad if master.grad is None else master.grad.add_(grad)
-                param.grad = None
+            if param.grad is None:
+                if first:
+                    master.grad = None
+            elif master.grad is None:
+                master.grad = param.grad.float()
+            elif first:
+                master.grad.copy_(param.grad)
+            else:
+                master.grad.add_(param.grad)
+            param.grad = None
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,0 +1,54 @@
+"""The blockwise cross-entropy against F.cross_entropy on fp32 copies of the logits (what the model used before)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixtral.model import cross_entropy as ce
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(ce, "BLOCK_ELEMENTS", 7 * 1000)  # 7 rows a block: 300 rows end in a partial block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_loss_and_gradient_match_torch(dtype, reduction):
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 1000) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (300,))
+    targets[::5] = ce.IGNORE_INDEX
+    ours = ce.cross_entropy(logits, targets, reduction=reduction)
+    (grad,) = torch.autograd.grad(ours * 2.5, logits)
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=ce.IGNORE_INDEX, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref * 2.5, logits)
+    assert ours.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)  # fp32 math on both sides
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+    else:  # both round an fp32 gradient to bf16 once: equal, or one bf16 step apart where fp32 rounding differed
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2**-7, atol=0)
+        assert (grad != ref_grad).float().mean() < 0.001
+    assert grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_logits_are_left_intact():
+    logits = torch.randn(20, 50, requires_grad=True)
+    before = logits.detach().clone()
+    ce.cross_entropy(logits, torch.randint(0, 50, (20,))).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_all_rows_ignored_is_nan_like_torch():
+    logits = torch.randn(4, 10)
+    targets = torch.full((4,), ce.IGNORE_INDEX)
+    assert ce.cross_entropy(logits, targets).isnan() and F.cross_entropy(logits, targets).isnan()
+    assert ce.cross_entropy(logits, targets, reduction="sum") == 0
+
+
+def test_unknown_reduction_is_named():
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        ce.cross_entropy(torch.randn(2, 3), torch.zeros(2, dtype=torch.int64), reduction="none")
