@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from mixtral.backend import Backend, Capabilities, Ops, hookimpl
-from mixtral.kernels import fp32_compute, native
+from mixtral.kernels import fp32_compute, native, packed_experts
 
 
 class CPUBackend(Backend):
@@ -25,11 +25,12 @@ class CPUBackend(Backend):
         return {"cpp_wrapper": True, "guard_filter_fn": unguarded_kv_cache} if inference else {}
 
     def compile(self, module: torch.nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
-        """For generation, as Backend.compile with a batch's decode steps frozen (frozen_when_decoding_a_batch):
-        the weights must not change after this call."""
+        """For generation, as Backend.compile with a batch's decode steps frozen (frozen_when_decoding_a_batch) and
+        the experts' weights packed for oneDNN (use_packed_experts): the weights must not change after this call."""
         super().compile(module, dynamic=dynamic, inference=inference)
         if inference:  # nn.Module.compile keeps the compiled call here
             module._compiled_call_impl = frozen_when_decoding_a_batch(module._compiled_call_impl)
+            use_packed_experts(module)
 
 
 # Inductor's C++ GEMM template for a decode step's few rows: it blocks the weight once for all of them, where the
@@ -60,6 +61,17 @@ def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
         return compiled(tokens, *args, **kwargs)
 
     return call
+
+
+def use_packed_experts(module: torch.nn.Module) -> None:
+    """Compiled generation multiplies the experts on weights packed once (kernels.packed_experts), where oneDNN
+    takes their dtype."""
+    from mixtral.model.moe import GroupedExperts, register_grouped_mm
+
+    packed = packed_experts.PackedGroupedMM()
+    for experts in module.modules():
+        if isinstance(experts, GroupedExperts) and packed_experts.available(experts.gate_up_proj.dtype):
+            experts.grouped_mm_key = register_grouped_mm(packed)
 
 
 @hookimpl

@@ -186,8 +186,9 @@ def test_cli_compile_gives_the_eager_tokens(model_dir, reference, capsys):
 
 def test_compiled_batched_decoding_gives_the_eager_tokens():
     """The cpu backend's generation graphs (a batch's decode steps frozen and multiplied by inductor's GEMM
-    template) complete a padded batch as eager does, fp32; a reallocated KV cache (another batch came in between)
-    reuses the graphs: the frozen graph writes the cache, so it is an input, not a constant."""
+    template, the experts on packed weights) complete a padded batch as eager does, fp32; a reallocated KV cache
+    (another batch came in between) reuses the graphs: the frozen graph writes the cache, so it is an input, not a
+    constant."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -198,6 +199,7 @@ def test_compiled_batched_decoding_gives_the_eager_tokens():
     expected = Generator(model).generate(prompts, 8)
     torch._dynamo.reset()
     get_backend("cpu").compile(model, dynamic=True, inference=True)
+    assert all("PackedGroupedMM" in layer.mlp.experts.grouped_mm_key for layer in model.layers)
     generator = Generator(model)
     assert generator.generate(prompts, 8) == expected
     graphs, cache = counters["stats"]["unique_graphs"], model.layers[0].self_attn.kv_cache.k

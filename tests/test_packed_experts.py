@@ -1,0 +1,45 @@
+"""kernels.packed_experts: the experts' grouped GEMM on weights packed once for oneDNN, against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral.kernels import packed_experts, reference
+
+pytestmark = pytest.mark.skipif(not packed_experts.available(torch.float32), reason="PyTorch built without oneDNN")
+
+
+def grouped_inputs(counts: list[int], k: int, n: int, dtype: torch.dtype):
+    torch.manual_seed(0)
+    x = torch.randn(sum(counts), k).to(dtype)
+    w = torch.randn(len(counts), n, k).to(dtype).transpose(1, 2)  # [E, K, N] views, as the model passes them
+    return x, w, torch.tensor(counts).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0], [0, 0, 9, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]],
+                         ids=["uneven", "one-expert", "one-row-each", "no-rows"])
+def test_fp32_matches_the_reference(counts):
+    x, w, offs = grouped_inputs(counts, 48, 40, torch.float32)
+    torch.testing.assert_close(packed_experts.PackedGroupedMM()(x, w, offs), reference.grouped_mm(x, w, offs),
+                               rtol=1e-5, atol=1e-5)  # fp32, another summation order
+
+
+def test_bf16_matches_the_reference():
+    """bf16 where oneDNN takes it (packed), else the reference itself: both accumulate in fp32 and round once."""
+    x, w, offs = grouped_inputs([4, 0, 7, 2], 64, 96, torch.bfloat16)
+    out = packed_experts.PackedGroupedMM()(x, w, offs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference.grouped_mm(x, w, offs).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_packs_once_and_again_after_an_in_place_change():
+    x, w, offs = grouped_inputs([2, 3], 16, 8, torch.float32)
+    grouped_mm = packed_experts.PackedGroupedMM()
+    grouped_mm(x, w, offs)
+    first = grouped_mm.packed[next(iter(grouped_mm.packed))][1][0]
+    grouped_mm(x, w, offs)
+    assert grouped_mm.packed[next(iter(grouped_mm.packed))][1][0] is first  # reused, not packed per call
+    w.mul_(2)
+    torch.testing.assert_close(grouped_mm(x, w, offs), reference.grouped_mm(x, w, offs), rtol=1e-5, atol=1e-5)
+    assert len(grouped_mm.packed) == 1
