@@ -5,7 +5,7 @@ on every call, and in fp32 at a few rows runs MKL's GEMM about once per row. A w
 (mkldnn._reorder_linear_weight, what inductor's freezing does for nn.Linear) skips both: 8 experts x 2816 x 512,
 2 rows each, fp32 7.9 -> 2.6 ms, bf16 1.7 -> 1.2 ms; 1176 rows each, fp32 188 -> 130 ms (2-core Zen 4, measured).
 The packed copies live beside the weights (their memory again), so this is for generation only, where the weights
-stay fixed (Backend.compile(inference=True)); a weight changed in place is packed afresh.
+stay fixed (Backend.compile(inference=True)): a weight changed in place afterwards is not seen.
 """
 
 from __future__ import annotations
@@ -24,19 +24,18 @@ def available(dtype: torch.dtype) -> bool:
 
 class PackedGroupedMM:
     """grouped_mm(x, w, offs) (reference.grouped_mm's contract: w [E, K, N], x's rows grouped by expert at offs) with
-    each expert's weight packed at its first use and kept, keyed by the weight's storage and version."""
+    each expert's weight packed at its first use and kept, keyed by where the weight lives. Not by its version
+    counter: a frozen graph passes the same weight as another tensor with a counter of its own."""
 
     def __init__(self) -> None:
-        self.packed: dict[tuple, tuple[int, list[torch.Tensor]]] = {}
+        self.packed: dict[tuple, list[torch.Tensor]] = {}
 
     def pack(self, w: torch.Tensor) -> list[torch.Tensor]:
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
-        version = 0 if w.is_inference() else w._version
-        held = self.packed.get(key)
-        if held is None or held[0] != version:
-            held = self.packed[key] = (version, [torch.ops.mkldnn._reorder_linear_weight(w[e].t().contiguous())
-                                                 for e in range(w.shape[0])])
-        return held[1]
+        if key not in self.packed:
+            self.packed[key] = [torch.ops.mkldnn._reorder_linear_weight(w[e].t().contiguous())
+                                for e in range(w.shape[0])]
+        return self.packed[key]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         if not available(x.dtype) or w.dtype != x.dtype:
