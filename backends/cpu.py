@@ -1,4 +1,4 @@
-"""The CPU backend: SDPA attention, torch._grouped_mm experts, gloo collectives.
+"""The CPU backend: SDPA attention (causal prefill in query blocks), torch._grouped_mm experts, gloo collectives.
 
 bf16 / fp16 GEMMs run in fp32 on CPUs whose PyTorch has no fast kernel for them (kernels.fp32_compute).
 """
@@ -10,13 +10,13 @@ from typing import Any, Callable
 import torch
 
 from mixtral.backend import Backend, Capabilities, Ops, hookimpl
-from mixtral.kernels import fp32_compute, native, packed_experts
+from mixtral.kernels import causal_blocks, fp32_compute, native, packed_experts
 
 
 class CPUBackend(Backend):
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=fp32_compute.attention, linear=fp32_compute.linear, grouped_mm=fp32_compute.grouped_mm,
-                             rms_norm=native.rms_norm)
+        return Ops.reference(attention=causal_blocks.attention, linear=fp32_compute.linear,
+                             grouped_mm=fp32_compute.grouped_mm, rms_norm=native.rms_norm)
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less
