@@ -5,6 +5,7 @@ bf16 / fp16 GEMMs run in fp32 on CPUs whose PyTorch has no fast kernel for them 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -65,13 +66,14 @@ def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
 
 def use_packed_experts(module: torch.nn.Module) -> None:
     """Compiled generation multiplies the experts on weights packed once (kernels.packed_experts), where oneDNN
-    takes their dtype."""
-    from mixtral.model.moe import GroupedExperts, register_grouped_mm
+    takes their dtype; the packed copies go with the module."""
+    from mixtral.model.moe import GroupedExperts, forget_grouped_mm, register_grouped_mm
 
-    packed = packed_experts.PackedGroupedMM()
+    key = register_grouped_mm(packed_experts.PackedGroupedMM())
+    weakref.finalize(module, forget_grouped_mm, key)
     for experts in module.modules():
         if isinstance(experts, GroupedExperts) and packed_experts.available(experts.gate_up_proj.dtype):
-            experts.grouped_mm_key = register_grouped_mm(packed)
+            experts.grouped_mm_key = key
 
 
 @hookimpl

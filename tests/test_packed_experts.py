@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
+from conftest import small_config
 
+from mixtral.backend import get_backend
 from mixtral.kernels import packed_experts, reference
+from mixtral.model import Mixtral
+from mixtral.model.moe import _GROUPED_MM
 
 pytestmark = pytest.mark.skipif(not packed_experts.available(torch.float32), reason="PyTorch built without oneDNN")
 
@@ -43,3 +49,15 @@ def test_each_weight_is_packed_once():
     assert grouped_mm.pack(w.detach()) is first  # another tensor object, the same weight
     torch.testing.assert_close(grouped_mm(x, other, offs), reference.grouped_mm(x, other, offs), rtol=1e-5, atol=1e-5)
     assert len(grouped_mm.packed) == 2 and grouped_mm.pack(w) is first
+
+
+def test_compiled_generation_uses_them_and_lets_them_go_with_the_model():
+    """Every layer's experts take the packed grouped GEMM; the registry drops it when the model is freed."""
+    model = Mixtral(small_config(), get_backend("cpu"))
+    get_backend("cpu").compile(model, dynamic=True, inference=True)
+    key = model.layers[0].mlp.experts.grouped_mm_key
+    assert isinstance(_GROUPED_MM[key], packed_experts.PackedGroupedMM)
+    assert all(layer.mlp.experts.grouped_mm_key == key for layer in model.layers)
+    del model
+    gc.collect()
+    assert key not in _GROUPED_MM

@@ -40,6 +40,11 @@ def register_grouped_mm(fn: Callable[..., torch.Tensor]) -> str:
     return key
 
 
+def forget_grouped_mm(key: str) -> None:
+    """Drop a registered grouped_mm whose model is gone: the registry would keep it, and all it holds, alive."""
+    _GROUPED_MM.pop(key, None)
+
+
 @torch.library.custom_op("mixtral::grouped_mm", mutates_args=())
 def opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
     """A registered grouped_mm as one node of a torch.compile graph (inference: no autograd through it), so an
