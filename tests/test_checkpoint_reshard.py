@@ -180,11 +180,13 @@ def _load_hf_into_fsdp(hf_dir: str) -> dict:
 
 
 def test_hf_into_a_sharded_model_reads_only_each_ranks_shards(tmp_path):
-    """A ~210 MB model loads into FSDP2 on 2 ranks with each rank's peak RSS growing by its half plus at most
-    15% of the model (one tensor in flight), not by the whole model."""
+    """A ~210 MB model loads into FSDP2 on 2 ranks with each rank's peak RSS growing by its half, one whole tensor
+    in flight (the largest, a layer's fused gate_up, is 19% of the model) and 5% of the model for the allocator,
+    not by the whole model. (Measured: 120-135 MB against a 101 MB half.)"""
     from mixtral.checkpoint.hf import save_hf
 
     model, model_mb = big_random_model()
+    largest_mb = max(p.numel() * 4 for p in model.parameters()) / 2**20
     save_hf(model, tmp_path / "hf", max_shard_bytes=64 * 2**20)
     del model
     for rank, result in enumerate(run_ranks(_load_hf_into_fsdp, 2, str(tmp_path / "hf"), timeout_s=300.0)):
@@ -192,7 +194,7 @@ def test_hf_into_a_sharded_model_reads_only_each_ranks_shards(tmp_path):
               f"peak RSS grew {result['grown_mb']:.0f} MB")
         assert result["equal"]
         assert result["local_mb"] <= 0.51 * model_mb
-        assert result["grown_mb"] <= result["local_mb"] + 0.15 * model_mb
+        assert result["grown_mb"] <= result["local_mb"] + largest_mb + 0.05 * model_mb < model_mb
 
 
 # --- the trainer itself on 2 ranks: FSDP2 ZeRO-3 resume is bit-identical, one process resumes its checkpoint -------
