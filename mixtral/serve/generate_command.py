@@ -105,6 +105,8 @@ def compile_for_generation(model, backend, device) -> None:
 def with_generator(args: argparse.Namespace, body: Callable) -> int:
     """body(Generator, tokenizer) in this process, or on rank 0 of several (--nproc-per-node, torchrun)
     while the other ranks replay its model calls (mixtral.serve.distributed)."""
+    import torch.distributed as dist
+
     from mixtral.parallel.launch import fail_fast, init_distributed, launch_workers, launched
     from mixtral.serve.distributed import lead_or_follow, parallel_model
     from mixtral.serve.engine import Generator
@@ -124,8 +126,10 @@ def with_generator(args: argparse.Namespace, body: Callable) -> int:
 
     def rank_main() -> int:
         model, tokenizer, device = load(args, info.device)
-        return lead_or_follow(parallel_model(model, args, device),
+        code = lead_or_follow(parallel_model(model, args, device),
                               lambda leader: body(Generator(leader, tokenizer, device), tokenizer))
+        dist.destroy_process_group()  # now: torn down at interpreter exit, gloo's threads can abort the process
+        return code
 
     return fail_fast(rank_main)
 
