@@ -10,11 +10,14 @@ stay fixed (Backend.compile(inference=True)): a weight changed in place afterwar
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mixtral.kernels import reference
 
 
+@functools.cache  # asked on every call of the grouped GEMM: probe once per dtype
 def available(dtype: torch.dtype) -> bool:
     """oneDNN is built in and multiplies this dtype natively here."""
     if not torch.backends.mkldnn.is_available():
