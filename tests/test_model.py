@@ -118,3 +118,32 @@ def test_kv_cache_decoding_matches_full_forward(ops, window):
         steps += [model(tokens[:, t:t + 1], start=t).logits for t in range(6, 14)]
         model.clear_caches()
     assert rel(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize("ops", OPS)
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_last_only_prefill_fills_the_cache_and_keeps_the_last_logits(ops, window, padded):
+    """The last block runs attention and experts for the last position only: its logits, the KV cache of
+    every layer and the decoding that follows equal those of a prefill that computes every position."""
+    config = small_config(sliding_window=window, num_hidden_layers=3)
+    model = random_model(config, OPS[ops]())
+    tokens = torch.randint(0, config.vocab_size, (2, 10))
+    pad = torch.tensor([0, 3]) if padded else None
+    results = []
+    with torch.no_grad():
+        for last_only in (False, True):
+            model.setup_caches(batch=2, max_len=16)
+            prefill = model(tokens[:, :8], last_only=last_only, pad=pad)
+            caches = [torch.cat([layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v]) for layer in model.layers]
+            steps = [model(tokens[:, t:t + 1], start=t, pad=pad).logits for t in (8, 9)]
+            results.append((prefill, caches, torch.cat(steps, dim=1)))
+        model.clear_caches()
+    (full, full_caches, full_steps), (last, last_caches, last_steps) = results
+    assert last.logits.shape == (2, 1, config.vocab_size)
+    assert rel(last.logits, full.logits[:, -1:]) <= 1e-5
+    for ours, ref in zip(last_caches, full_caches):
+        assert torch.equal(ours, ref)  # the same keys and values, computed by the same ops
+    assert rel(last_steps, full_steps) <= 1e-5
+    counts = last.tokens_per_expert.sum(-1)  # the last layer routed one token per row
+    assert counts.tolist() == [2 * 8 * config.num_experts_per_tok] * 2 + [2 * config.num_experts_per_tok]

@@ -28,19 +28,25 @@ class Attention(nn.Module):
         self.gather_kv: Callable | None = None  # context parallel: K or V of this chunk -> the whole sequence's
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+                mask: torch.Tensor | None, causal: bool, last_only: bool = False) -> torch.Tensor:
+        """last_only: keys and values for every position (the KV cache's), the output for the last query only."""
         batch, seq, _ = x.shape
+        queries = x[:, -1:] if last_only else x
         # -1 heads: under tensor parallelism each rank holds n_heads / tp (and n_kv_heads / tp) of them
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(queries).view(batch, queries.shape[1], -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        k = self.rope(k, cos, sin)
+        if last_only:  # the last query sees every key up to itself: the mask's last row, or none
+            cos, sin = cos[..., -1:, :], sin[..., -1:, :]
+            mask, causal = (None if mask is None else mask[..., -1:, :]), False
+        q = self.rope(q, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)
         if self.gather_kv is not None:
             k, v = self.gather_kv(k), self.gather_kv(v)
         out = self.attend(q, k, v, mask=mask, causal=causal)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, queries.shape[1], -1))
 
 
 def attention_mask(start: int | torch.Tensor, seq: int, kv_len: int, window: int | None,

@@ -52,8 +52,11 @@ class Block(nn.Module):
         self.mlp = MoE(config, ops, moe)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None, causal: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, causal)
+                mask: torch.Tensor | None, causal: bool, last_only: bool = False):
+        """last_only (the final block of a prefill that keeps the last logits): the KV cache gets every
+        position, attention and the MoE run for the last one, whose output is all that is read."""
+        x = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, causal,
+                                                             last_only)
         moe_out, stats = self.mlp(self.post_attention_layernorm(x))
         return x + moe_out, stats
 
@@ -109,7 +112,9 @@ class Mixtral(nn.Module):
                 last_only: bool = False, pad: torch.Tensor | None = None) -> ModelOutput:
         """tokens [B, S] at positions start..start+S; targets [B, S] (IGNORE_INDEX skipped) give the losses.
 
-        last_only computes logits for the final position only (generation prefill). pad [B] int64 says
+        last_only computes logits for the final position only (generation prefill): the last block computes
+        attention and experts for that position alone (tokens_per_expert then counts it alone in that
+        layer), every block still fills the KV cache for all positions. pad [B] int64 says
         how many slots row b is left-padded by (batched prompts of different lengths): those keys are
         masked and row b's positions start pad[b] slots later. start as a 0-dim device tensor (decoding on
         backends that compile fixed shapes) keeps every step's shapes and graph the same: the whole KV cache
@@ -119,9 +124,9 @@ class Mixtral(nn.Module):
         start, cos, sin, mask, causal = self.layer_inputs(tokens, start, pad, x.dtype)
         stats = []
         for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin, start, mask, causal)
+            x, layer_stats = layer(x, cos, sin, start, mask, causal, last_only and layer is self.layers[-1])
             stats.append(layer_stats)
-        x = self.norm(x[:, -1:] if last_only else x)
+        x = self.norm(x)
         out = ModelOutput(logits=self.head(x), tokens_per_expert=torch.stack([s.counts for s in stats]))
         if targets is not None:
             c = self.config

@@ -70,8 +70,9 @@ class PipelineStageModel(nn.Module):
         positions = x.new_empty(x.shape[0], x.shape[1] * self.sequence_shards)  # only its shape and device are read
         start, cos, sin, mask, causal = self.layer_inputs(positions, start, pad, x.dtype)
         stats = []
+        *_, final = self.layers
         for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin, start, mask, causal)
+            x, layer_stats = layer(x, cos, sin, start, mask, causal, last_only and self.norm is not None and layer is final)
             stats.append(layer_stats)
         if self.training:  # per layer: tokens per expert, dropped pairs, capacity bin (-1: none)
             self.expert_counts.append(torch.stack([torch.cat([
@@ -81,7 +82,7 @@ class PipelineStageModel(nn.Module):
         totals = stage_totals if totals is None else totals + stage_totals
         if self.norm is None:
             return x, totals
-        return self.lm_head(self.norm(x[:, -1:] if last_only else x)), totals
+        return self.lm_head(self.norm(x)), totals
 
 
 class Pipeline:

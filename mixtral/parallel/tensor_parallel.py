@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-ATTENTION_ARGS = 6  # Attention.forward(x, cos, sin, start, mask, causal): only x is laid out
+ATTENTION_ARGS = 7  # Attention.forward(x, cos, sin, start, mask, causal, last_only): only x is laid out
 
 
 class ReplicatedMoE(ParallelStyle):
