@@ -37,15 +37,18 @@ class RandomTokens:
         return self.data[i]
 
 
-def seconds(step, repeat: int) -> float:
-    """Median wall time of step() after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def seconds(steps: list, repeat: int) -> list[float]:
+    """Median wall time of each step() after one warm-up call each, the steps taking turns (a, b, a, b, ...) so
+    that a shared machine's slow and fast spells fall on all of them alike."""
+    for step in steps:
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeat):
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def ours(precision: str, batch: torch.Tensor, compile: bool = False):
@@ -85,13 +88,13 @@ def main() -> None:
     torch.manual_seed(0)
     batch = torch.randint(0, CONFIG_A["vocab_size"], (BATCH, SEQ + 1))
     tokens = BATCH * SEQ
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH} x {SEQ}, median of {args.repeat}")
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {BATCH} x {SEQ}, median of {args.repeat}, steps alternating")
     print("| precision | transformers tok/s | ours tok/s | ratio |\n| --- | --- | --- | --- |")
     for name, dtype, precision in (("fp32", torch.float32, "fp32"), ("bf16", torch.bfloat16, "bf16_master")):
         if name not in args.precisions.split(","):
             continue
-        ref = tokens / seconds(transformers_step(dtype, batch), args.repeat)
-        mine = tokens / seconds(ours(precision, batch, args.compile), args.repeat)
+        ref_s, mine_s = seconds([transformers_step(dtype, batch), ours(precision, batch, args.compile)], args.repeat)
+        ref, mine = tokens / ref_s, tokens / mine_s
         print(f"| {name} | {ref:.0f} | {mine:.0f} | {mine / ref:.2f}x |", flush=True)
 
 
