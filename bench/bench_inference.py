@@ -3,7 +3,8 @@
 Config A (vocab 32000, hidden 512, 4 layers, 8 heads, 2 kv heads, ffn 1408, 8 experts, top-2) on 2 CPU
 threads: prefill (batch 4 x 512, last-position logits) and greedy decode (batch 1 and 8, prompt 32,
 128 new tokens, prefill included), fp32 and bf16. Each number is the best of --repeats timed runs
-after one warm-up (the best is the least disturbed by other processes on a shared machine).
+after one warm-up (the best is the least disturbed by other processes on a shared machine), ours and
+transformers' runs taking turns.
 
     python bench/bench_inference.py [--repeats 3] [--only prefill|decode] [--dtypes fp32,bf16] [--compile]
 
@@ -41,23 +42,26 @@ def build(dtype: torch.dtype) -> tuple[Mixtral, transformers.MixtralForCausalLM]
     return ours.to(dtype).eval(), hf.to(dtype).eval()
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """The best time of each fn after a warm-up call each, the fns taking turns (a, b, a, b, ...) so that a shared
+    machine's slow and fast spells fall on all of them alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return [min(record) for record in times]
 
 
 @torch.inference_mode()
 def prefill(ours: Mixtral, hf: transformers.MixtralForCausalLM, repeats: int) -> tuple[float, float]:
     tokens = torch.randint(0, CONFIG_A.vocab_size, (4, 512))
     ours.setup_caches(4, 512)
-    t_ours = best_time(lambda: ours(tokens, last_only=True), repeats)
+    t_ours, t_hf = best_times([lambda: ours(tokens, last_only=True), lambda: hf(tokens, logits_to_keep=1)], repeats)
     ours.clear_caches()
-    t_hf = best_time(lambda: hf(tokens, logits_to_keep=1), repeats)
     return tokens.numel() / t_ours, tokens.numel() / t_hf
 
 
@@ -66,10 +70,11 @@ def decode(ours: Mixtral, hf: transformers.MixtralForCausalLM, batch: int, repea
            prompt_len: int = 32, new: int = 128) -> tuple[float, float]:
     prompts = torch.randint(3, CONFIG_A.vocab_size, (batch, prompt_len))
     generator = Generator(ours)  # no tokenizer: no EOS, every row makes all `new` tokens
-    t_ours = best_time(lambda: generator.generate(prompts.tolist(), new), repeats)
+    t_ours, t_hf = best_times([
+        lambda: generator.generate(prompts.tolist(), new),
+        lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                            min_new_tokens=new, max_new_tokens=new, pad_token_id=0)], repeats)
     ours.clear_caches()
-    t_hf = best_time(lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                         min_new_tokens=new, max_new_tokens=new, pad_token_id=0), repeats)
     return batch * new / t_ours, batch * new / t_hf
 
 
