@@ -72,3 +72,25 @@ def test_no_gradient_is_built_without_grad_mode():
         loss = ce.cross_entropy(logits, targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.detach(), targets), rtol=1e-6, atol=0)
     assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_gives_the_same_loss_and_gradients(dtype):
+    """The gradient written over the logits flows back through the layer that made them exactly as a separate one."""
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 16).to(dtype).requires_grad_()
+    weight = torch.randn(300, 16).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    targets[::7] = ce.IGNORE_INDEX
+    results = []
+    for in_place in (False, True):
+        loss = ce.cross_entropy(hidden @ weight.t(), targets, in_place=in_place)
+        results.append((loss, *torch.autograd.grad(loss * 2.5, (hidden, weight))))
+    for ours, ref in zip(results[1], results[0]):
+        assert torch.equal(ours, ref)
+
+
+def test_in_place_on_a_view_is_refused_by_name():
+    logits = torch.randn(2, 5, 10, requires_grad=True) * 1.0
+    with pytest.raises(ValueError, match="not a view of another tensor"):
+        ce.cross_entropy(logits.reshape(-1, 10), torch.randint(0, 10, (10,)), in_place=True)

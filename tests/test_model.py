@@ -147,3 +147,22 @@ def test_last_only_prefill_fills_the_cache_and_keeps_the_last_logits(ops, window
     assert rel(last_steps, full_steps) <= 1e-5
     counts = last.tokens_per_expert.sum(-1)  # the last layer routed one token per row
     assert counts.tolist() == [2 * 8 * config.num_experts_per_tok] * 2 + [2 * config.num_experts_per_tok]
+
+
+def test_training_forward_without_logits_gives_the_same_loss_and_gradients():
+    """keep_logits=False (the trainer's forward) writes the loss's gradient over the logits: same loss, same grads."""
+    config = small_config()
+    model = Mixtral(config, get_backend("cpu").ops)
+    model.init_weights(std=0.15)
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    targets = torch.cat([tokens[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    results = []
+    for keep_logits in (True, False):
+        out = model(tokens, targets, keep_logits=keep_logits)
+        grads = torch.autograd.grad(out.loss, list(model.parameters()))
+        results.append((out, grads))
+    (kept, kept_grads), (dropped, dropped_grads) = results
+    assert dropped.logits is None and kept.logits.shape == (2, 9, config.vocab_size)
+    assert torch.equal(dropped.loss, kept.loss)
+    for ours, ref in zip(dropped_grads, kept_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-9)  # fp32; the head's GEMM sees [18, H] vs [2, 9, H]

@@ -25,15 +25,17 @@ def _row_blocks(logits: torch.Tensor) -> list[slice]:
 
 class _CrossEntropy(torch.autograd.Function):
     """Sum over counted rows of (logsumexp(logits[i]) - logits[i, targets[i]]) * row_scale[i]; logits [N, V],
-    targets [N], row_scale [N] fp32 (0 for ignored rows). With keep_grad the gradient is built in forward."""
+    targets [N], row_scale [N] fp32 (0 for ignored rows). With keep_grad the gradient is built in forward: in a
+    new tensor, or, in_place, in the logits themselves (returned as the second output, marked dirty)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                keep_grad: bool) -> torch.Tensor:
+                keep_grad: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
         counted = targets != IGNORE_INDEX
         safe_targets = torch.where(counted, targets, 0)
+        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
         lse = logits.new_empty(logits.shape[0], dtype=torch.float32)
-        grad = torch.empty_like(logits) if keep_grad else None
+        grad = (logits if in_place else torch.empty_like(logits)) if keep_grad else None
         for rows in _row_blocks(logits):
             block = logits[rows].to(torch.float32, copy=True)
             top = block.amax(dim=-1, keepdim=True)
@@ -43,22 +45,30 @@ class _CrossEntropy(torch.autograd.Function):
                 block.mul_(row_scale[rows, None] / sums)
                 block.scatter_add_(1, safe_targets[rows, None], -row_scale[rows, None])
                 grad[rows] = block
-        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
+        if in_place:
+            ctx.mark_dirty(logits)
         ctx.save_for_backward(grad)  # scaled in place by backward: autograd refuses a second backward through it
-        return (torch.where(counted, lse - target_logits, 0.0) * row_scale).sum()
+        return (torch.where(counted, lse - target_logits, 0.0) * row_scale).sum(), logits
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx, grad_output: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output), None, None, None
+        return grad.mul_(grad_output), None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                  in_place: bool = False) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=...) for logits [N, V] in any
-    float dtype, without fp32 copies of the whole logits; reduction "mean" (over counted rows) or "sum"."""
+    float dtype, without fp32 copies of the whole logits; reduction "mean" (over counted rows) or "sum".
+
+    in_place writes the gradient over the logits (training that reads only the loss: no second logits-sized tensor,
+    on the CPU no fresh memory to fault in); the logits' values are gone after the call."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if in_place and logits._base is not None:
+        raise ValueError("cross_entropy(in_place=True) needs logits that are not a view of another tensor (autograd "
+                         "cannot rewrite a view in place here): compute them 2-D, [tokens, vocab]")
     counted = (targets != IGNORE_INDEX).float()
     row_scale = counted / counted.sum() if reduction == "mean" else counted
     keep_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _CrossEntropy.apply(logits, targets, row_scale, keep_grad)
+    return _CrossEntropy.apply(logits, targets, row_scale, keep_grad, in_place and keep_grad)[0]

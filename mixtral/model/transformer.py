@@ -24,7 +24,7 @@ from mixtral.model.rope import rope_tables
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None after a loss computed with keep_logits=False
     loss: torch.Tensor | None = None          # ce + aux coefficient * aux (+ z coefficient * z)
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -109,7 +109,7 @@ class Mixtral(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start: int | torch.Tensor = 0,
-                last_only: bool = False, pad: torch.Tensor | None = None) -> ModelOutput:
+                last_only: bool = False, pad: torch.Tensor | None = None, keep_logits: bool = True) -> ModelOutput:
         """tokens [B, S] at positions start..start+S; targets [B, S] (IGNORE_INDEX skipped) give the losses.
 
         last_only computes logits for the final position only (generation prefill): the last block computes
@@ -118,7 +118,8 @@ class Mixtral(nn.Module):
         how many slots row b is left-padded by (batched prompts of different lengths): those keys are
         masked and row b's positions start pad[b] slots later. start as a 0-dim device tensor (decoding on
         backends that compile fixed shapes) keeps every step's shapes and graph the same: the whole KV cache
-        is attended under a mask.
+        is attended under a mask. keep_logits=False (training, with targets): no logits are returned, and the
+        loss's gradient is written over them.
         """
         x = self.embed_tokens(tokens)
         start, cos, sin, mask, causal = self.layer_inputs(tokens, start, pad, x.dtype)
@@ -127,11 +128,17 @@ class Mixtral(nn.Module):
             x, layer_stats = layer(x, cos, sin, start, mask, causal, last_only and layer is self.layers[-1])
             stats.append(layer_stats)
         x = self.norm(x)
-        out = ModelOutput(logits=self.head(x), tokens_per_expert=torch.stack([s.counts for s in stats]))
+        rewrite = targets is not None and not keep_logits
+        logits = self.head(x.flatten(0, 1) if rewrite else x)  # 2-D: a tensor of its own, which can be rewritten
+        out = ModelOutput(logits=logits, tokens_per_expert=torch.stack([s.counts for s in stats]))
+        in_place = rewrite and logits._base is None  # a tensor-parallel head hands back a view: keep it
         if targets is not None:
             c = self.config
-            self.losses(out, targets, router_totals([s.logits for s in stats], c.num_local_experts, c.num_experts_per_tok))
+            totals = router_totals([s.logits for s in stats], c.num_local_experts, c.num_experts_per_tok)
+            self.losses(out, targets, totals, in_place)
             out.moe_metrics = moe_metrics(stats)
+            if not keep_logits:
+                out.logits = None
         return out
 
     def layer_inputs(self, tokens: torch.Tensor, start: int | torch.Tensor, pad: torch.Tensor | None, dtype: torch.dtype
@@ -170,20 +177,22 @@ class Mixtral(nn.Module):
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return start, cos, sin, mask, causal
 
-    def losses(self, out: ModelOutput, targets: torch.Tensor, totals: torch.Tensor) -> None:
-        """Fill out's losses from its logits, the targets and the router totals (moe.router_totals).
+    def losses(self, out: ModelOutput, targets: torch.Tensor, totals: torch.Tensor, in_place: bool = False) -> None:
+        """Fill out's losses from its logits, the targets and the router totals (moe.router_totals); in_place
+        writes the gradient over the logits (2-D, not a view: cross_entropy's in_place).
 
         With a loss_group each rank's loss is its share of the group's whole batch: the token sum over
         the group's counted targets, times the group size, so the ranks' mean is the whole-batch loss.
         """
-        logits, flat = out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1)
+        logits, flat = out.logits.flatten(0, -2), targets.reshape(-1)  # 2-D logits stay themselves
         group = self.loss_group
         if group is None or dist.get_world_size(group) == 1:
-            out.ce_loss = cross_entropy(logits, flat)
+            out.ce_loss = cross_entropy(logits, flat, in_place=in_place)
         else:
             counted = (flat != IGNORE_INDEX).sum().float()
             dist.all_reduce(counted, op=dist.ReduceOp.SUM, group=group)
-            out.ce_loss = cross_entropy(logits, flat, reduction="sum") * dist.get_world_size(group) / counted
+            out.ce_loss = (cross_entropy(logits, flat, reduction="sum", in_place=in_place)
+                           * dist.get_world_size(group) / counted)
         out.aux_loss, z_loss = router_losses(totals, group)
         out.loss = out.ce_loss + self.aux_loss_coeff * out.aux_loss
         if self.moe.z_loss_coeff:

@@ -196,7 +196,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 tokens, targets = self._inputs(batch)
                 with self.autocast():
-                    out = self.model(tokens, targets=targets)
+                    out = self.model(tokens, targets=targets, keep_logits=False)
                 microbatch_sync(self.model, self.recipe.parallel.zero, last=i == len(batches) - 1)
                 (out.loss / len(batches)).backward()
                 totals += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float()
