@@ -17,7 +17,8 @@ from mixtral.kernels import causal_blocks, fp32_compute, native, packed_experts
 class CPUBackend(Backend):
     def build_ops(self) -> Ops:
         return Ops.reference(attention=causal_blocks.attention, linear=fp32_compute.linear,
-                             grouped_mm=fp32_compute.grouped_mm, rms_norm=native.rms_norm)
+                             grouped_mm=fp32_compute.grouped_mm, rms_norm=native.rms_norm,
+                             swiglu=native.swiglu)
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less

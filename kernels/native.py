@@ -66,6 +66,35 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return torch._grouped_mm(x, w, offs=offs)
 
 
+class _SwiGLU(torch.autograd.Function):
+    """reference.swiglu with a hand-written backward: both gradient halves are written into one [..., 2F] tensor
+    (autograd's chunk backward concatenates them: a copy of the whole gradient), and only the input is saved
+    (autograd also keeps silu(gate), [..., F] more per layer); silu(gate) is recomputed. Same roundings as
+    autograd's, so the same numbers in every dtype."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.ops.aten.silu.out(gate, out=grad_up).mul_(grad)
+        torch.mul(grad, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (gate the first half of the last dimension), its backward without a concatenation."""
+    return _SwiGLU.apply(gate_up)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Fused RMSNorm in fp32, cast back before the weight as transformers does."""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)

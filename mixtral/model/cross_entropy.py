@@ -47,6 +47,7 @@ class _CrossEntropy(torch.autograd.Function):
                 grad[rows] = block
         if in_place:
             ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)  # the logits output has no gradient: not a logits-sized zero tensor
         ctx.save_for_backward(grad)  # scaled in place by backward: autograd refuses a second backward through it
         return (torch.where(counted, lse - target_logits, 0.0) * row_scale).sum(), logits
 

@@ -172,3 +172,24 @@ def test_rope(backend, dtype) -> None:
 @DTYPES
 def test_swiglu(backend, dtype) -> None:
     compare(backend.ops.swiglu, reference.swiglu, [torch.randn(17, 2 * 40).to(dtype)], backend.device(), dtype, "swiglu")
+
+
+@DTYPES
+@pytest.mark.parametrize("layout", ["2d", "3d", "strided"])
+def test_native_swiglu_backward_is_autograds_bit_for_bit(dtype, layout) -> None:
+    """native.swiglu's hand-written backward (no concatenation, silu recomputed) rounds as autograd does through
+    reference.swiglu: the same bits, eager and under torch.compile. A column-major input takes PyTorch's
+    non-vectorised silu kernels, whose last bit may differ (torch.testing's default tolerance for the dtype)."""
+    from mixtral.kernels import native
+
+    x = {"2d": torch.randn(33, 2 * 48), "3d": torch.randn(4, 9, 2 * 48),
+         "strided": torch.randn(2 * 48, 33).t()}[layout].to(dtype)
+    grad = torch.randn(*x.shape[:-1], 48).to(dtype)
+    for fn in (native.swiglu, torch.compile(native.swiglu, backend="aot_eager")):
+        ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref_out = fn(ours), reference.swiglu(ref)
+        out.backward(grad)
+        ref_out.backward(grad)
+        tolerance = {} if layout == "strided" else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(out, ref_out, **tolerance)
+        torch.testing.assert_close(ours.grad, ref.grad, **tolerance)
