@@ -82,7 +82,7 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
+        grad_gate_up = gate_up.new_empty(gate_up.shape)
         grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
         torch.ops.aten.silu.out(gate, out=grad_up).mul_(grad)
         torch.mul(grad, up, out=grad_gate)

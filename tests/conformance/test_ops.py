@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conformance import AVAILABLE, BACKENDS, GRAD_TOLERANCE, ON_AVAILABLE, TOLERANCE, assert_close
-from mixtral.kernels import reference
+from mixtral.kernels import native, reference
 from mixtral.model.rope import rope_tables
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -180,8 +180,6 @@ def test_native_swiglu_backward_is_autograds_bit_for_bit(dtype, layout) -> None:
     """native.swiglu's hand-written backward (no concatenation, silu recomputed) rounds as autograd does through
     reference.swiglu: the same bits, eager and under torch.compile. A column-major input takes PyTorch's
     non-vectorised silu kernels, whose last bit may differ (torch.testing's default tolerance for the dtype)."""
-    from mixtral.kernels import native
-
     x = {"2d": torch.randn(33, 2 * 48), "3d": torch.randn(4, 9, 2 * 48),
          "strided": torch.randn(2 * 48, 33).t()}[layout].to(dtype)
     grad = torch.randn(*x.shape[:-1], 48).to(dtype)
