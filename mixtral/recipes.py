@@ -22,7 +22,7 @@ from mixtral.data.loader import DataConfig
 from mixtral.errors import MixtralError
 from mixtral.planner import DEVICES
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).parent / "recipes"  # the repository's recipes/, shipped inside the package
 DeviceName = Literal[tuple(DEVICES)]  # h100, gaudi2, 910b, v5p, cpu: the planner's device table
 
 # The model section: where the config comes from, plus any ModelConfig field as an override (None: keep).
@@ -397,7 +397,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def find_recipe(path_or_name: str | Path) -> Path:
-    """A recipe file by path, or by name in recipes/ (the repository's, then ./recipes)."""
+    """A recipe file by path, or by name in the shipped recipes, then in ./recipes."""
     path = Path(path_or_name)
     if path.is_file():
         return path

@@ -26,6 +26,7 @@ from mixtral.backend import Backend, Ops, get_backend
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+from mixtral.model.transformer import parameter_shapes
 from mixtral.model.rope import rope_tables
 
 CONFIG = "config.json"
@@ -51,13 +52,6 @@ def hf_layout(name: str, shape: torch.Size) -> list[tuple[str, Index]]:
         base = base.removesuffix("down_proj")
         return [(f"{base}{j}.w2.weight", (j,)) for j in range(shape[0])]
     return [(base, ())]
-
-
-def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:
-    """Our parameter names and shapes for this config, from a model built on the meta device."""
-    with torch.device("meta"):
-        model = Mixtral(config)
-    return {name: param.shape for name, param in model.named_parameters()}
 
 
 def model_dir(path: str | Path) -> Path:

@@ -11,18 +11,17 @@ from typing import Protocol
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # private, same in torch 2.9
 
 from mixtral.backend import Backend, Ops
 from mixtral.checkpoint import hf
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+from mixtral.model.init import Pieces, by_leading_index, held_pieces, local_tensor
+from mixtral.model.moe import EXPERT_SUFFIXES  # [experts, ...]: readable expert by expert
 
 LATEST = "latest"  # native.LATEST; native imports torch.distributed.checkpoint (seconds), so it loads lazily
 RUN_CHECKPOINTS = "checkpoints"
-EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")  # [experts, ...]: readable expert by expert
 
 
 class Source(Protocol):
@@ -89,39 +88,40 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, backend: Backend | Ops | str | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", moe: MoEConfig | None = None) -> Mixtral:
-    """A ready Mixtral (eval mode) from any checkpoint, read one tensor at a time into dtype on device."""
-    source = open_source(resolve_checkpoint(path))[1]
-    state = {name: source.read(name).to(dtype=dtype, device=device) for name in source.shapes}
-    return hf.assemble_model(source.config, state, backend, device, moe)
+    """A ready Mixtral (eval mode) from any checkpoint: built on the meta device, materialised on device in dtype,
+    then filled one tensor at a time (the weights exist once)."""
+    from mixtral.build import build_on_meta, materialize
+
+    path = resolve_checkpoint(path)
+    model = build_on_meta(checkpoint_config(path), backend, moe, dtype)
+    materialize(model, model, device, init_from=path)
+    return model.eval()
 
 
-def load_parameters(model: nn.Module, path: str | Path) -> None:
-    """Copy every parameter of model from any checkpoint (fine-tuning's init_from); buffers keep their values.
+def load_parameters(module: nn.Module, path: str | Path | Source, pieces: Pieces = held_pieces,
+                    shapes: dict[str, torch.Size] | None = None) -> None:
+    """Copy every parameter of module from any checkpoint (fine-tuning's init_from); buffers keep their values.
 
-    A sharded parameter (DTensor) receives only its local shard, and expert stacks are read only for the
-    experts the shard holds, so memory stays about the shard plus one other tensor.
+    shapes are the model's global shapes (default: the parameters' own), pieces where this rank's tensors lie in
+    them (mixtral.parallel.ShardMap): each rank reads only what it holds, expert stacks one expert at a time, so
+    memory stays about the rank's shards plus one tensor.
     """
-    source = open_source(resolve_checkpoint(path))[1]
+    source = open_source(resolve_checkpoint(path))[1] if isinstance(path, (str, Path)) else path
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            shape = source.shapes.get(name)
-            if shape != param.shape:
+        for name, param in module.named_parameters():
+            shape, want = source.shapes.get(name), (shapes or {}).get(name, param.shape)
+            if shape != want:
                 held = f"has shape {list(shape)}" if shape is not None else "is missing"
-                raise MixtralError(f"{path}: parameter '{name}' {held} there but the model's is {list(param.shape)}; "
+                raise MixtralError(f"{path}: parameter '{name}' {held} there but the model's is {list(want)}; "
                                    f"fine-tune with the checkpoint's sizes (drop model.* size overrides)")
-            if isinstance(param, DTensor):
-                _copy_local_shard(source, name, param)
-            else:
-                param.copy_(source.read(name))
+            local = local_tensor(param)
+            for piece in pieces(name, param):
+                for part in by_leading_index(piece):
+                    local[part.local].copy_(read_box(source, name, part.box))
 
 
-def _copy_local_shard(source: Source, name: str, param: DTensor) -> None:
-    """Fill this rank's shard of param from parameter `name`; expert stacks one held expert at a time."""
-    sizes, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    box = tuple(slice(offset, offset + size) for offset, size in zip(offsets, sizes))
-    local = param.to_local()
-    if name.endswith(EXPERT_SUFFIXES):
-        for i, expert in enumerate(range(box[0].start, box[0].stop)):
-            local[i].copy_(source.read(name, expert)[0][box[1:]])
-    else:
-        local.copy_(source.read(name)[box])
+def read_box(source: Source, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+    """The box of parameter `name`; an expert stack's box of one expert reads that expert alone."""
+    if name.endswith(EXPERT_SUFFIXES) and box[0].stop - box[0].start == 1:
+        return source.read(name, box[0].start)[(slice(0, 1), *box[1:])]
+    return source.read(name)[box]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mixtral.checkpoint.hf import CONFIG, parameter_shapes
+from mixtral.checkpoint.hf import CONFIG
+from mixtral.model.transformer import parameter_shapes
 from mixtral.checkpoint.native import (Box, LazyTensor, dcp_save, publish, read_boxes, read_dcp_metadata,
                                       temporary_sibling, whole)
 from mixtral.config import ModelConfig

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from mixtral.checkpoint.hf import parameter_shapes
+from mixtral.model.transformer import parameter_shapes
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 

@@ -16,7 +16,9 @@ from mixtral.kernels import reference, row_products
 from mixtral.model.capacity_bins import step_bins
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
 
-__all__ = ["MoE", "MoEStats", "Routing", "route", "router_totals", "router_losses", "moe_metrics", "moe_step_end"]
+EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")  # stacks [experts, ...] by parameter name
+
+__all__ = ["EXPERT_SUFFIXES", "MoE", "MoEStats", "Routing", "route", "router_totals", "router_losses", "moe_metrics", "moe_step_end"]
 
 
 @torch.compiler.disable

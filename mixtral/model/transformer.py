@@ -16,6 +16,7 @@ from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.cross_entropy import IGNORE_INDEX, cross_entropy
+from mixtral.model.init import init_parameters
 from mixtral.model.kv_cache import KVCache
 from mixtral.model.linear import Linear
 from mixtral.model.moe import MoE, moe_metrics, moe_step_end, router_losses, router_totals
@@ -79,14 +80,24 @@ class Mixtral(nn.Module):
         self.loss_group: dist.ProcessGroup | None = None  # data x context ranks: losses over their whole batch
         self.context_shard = (0, 1)  # context parallel: (this rank's chunk, chunks) of every sequence
 
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
+        """Fresh training init of the whole model: normal(0, std) matrices, unit norms (transformers'
+        initializer_range), the same values any layout of this seed holds (mixtral.model.init); seed None draws
+        one from torch's generator."""
+        seed = int(torch.randint(2**62, ())) if seed is None else seed
+        init_parameters(self, {name: p.shape for name, p in self.named_parameters()}, seed, std)
+
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Fresh training init: normal(0, std) matrices, unit norms (transformers' initializer_range)."""
-        for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, std)
+    def init_buffers(self, device: torch.device | str) -> None:
+        """After materialising (to_empty): the rope tables computed on device in the buffers' dtype, and the
+        routing state (expert bias and load, capacity bins) of every materialised block back to zero."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta,
+                               device=torch.device(device))
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+        for module in self.layers.modules():
+            for buffer in module.buffers(recurse=False):
+                if not buffer.is_meta:
+                    buffer.zero_()
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The logits: a module call for an untied head (tensor parallelism shards it over the vocabulary),
@@ -202,3 +213,10 @@ class Mixtral(nn.Module):
     def moe_step_end(self, dp_group=None) -> None:
         """Call after every optimizer step: expert-bias updates, capacity-bin usage and re-shaping."""
         moe_step_end([layer.mlp for layer in self.layers], dp_group)
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """Our parameter names and global shapes for this config, from a model built on the meta device."""
+    with torch.device("meta"):
+        model = Mixtral(config)
+    return {name: param.shape for name, param in model.named_parameters()}

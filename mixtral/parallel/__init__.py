@@ -17,10 +17,11 @@ from mixtral.parallel.expert_parallel import (
 from mixtral.parallel.launch import DistInfo, fail_fast, init_distributed
 from mixtral.parallel.parallelize import Parallelized, clip_grad_norm_, parallelize
 from mixtral.parallel.pipeline_parallel import Pipeline, PipelinedModel, PipelineStageModel
+from mixtral.parallel.shards import ShardMap
 from mixtral.parallel.tensor_parallel import apply_tensor_parallel
 
 __all__ = ["DistInfo", "ParallelDims", "ParallelMeshes", "Parallelized", "Pipeline", "PipelineStageModel",
-           "PipelinedModel", "apply_context_parallel", "apply_data_parallel", "apply_expert_data_parallel",
+           "PipelinedModel", "ShardMap", "apply_context_parallel", "apply_data_parallel", "apply_expert_data_parallel",
            "apply_expert_parallel", "apply_tensor_parallel", "clip_grad_norm_", "expert_checkpoint_views",
            "expert_parameters", "fail_fast", "full_expert_weight", "init_distributed", "mean_over",
            "microbatch_sync", "parallelize", "shard_sequence"]

@@ -9,7 +9,6 @@ weights and gradient accumulation in the optimizer, as Megatron's mixed precisio
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import random
@@ -19,15 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from mixtral.backend import Backend, get_backend
-from mixtral.checkpoint.loading import load_parameters
+from mixtral.backend import get_backend
+from mixtral.build import build_for_training, materialize
 from mixtral.data.loader import Loader, SampleSource, build_datasets
 from mixtral.data.tokenizer import default_tokenizer_path, load_tokenizer
 from mixtral.errors import MixtralError
-from mixtral.model import Mixtral
 from mixtral.parallel import (
     ParallelDims,
     Pipeline,
@@ -36,7 +33,6 @@ from mixtral.parallel import (
     expert_parameters,
     mean_over,
     microbatch_sync,
-    parallelize,
     shard_sequence,
 )
 from mixtral.recipes import Recipe
@@ -48,32 +44,6 @@ from mixtral.train.metrics import (
     truncate_after,
 )
 from mixtral.train.optim import build_optimizer, lr_factor, set_lr
-
-
-def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
-    """Recompute blocks in backward instead of storing their activations.
-
-    full: every block. selective: every other block (0, 2, ...), torchtitan's layer-frequency scheme: about
-    half the activation memory for about half the recompute. moe: the MoE layer of every block only
-    (Megatron's --moe-layer-recompute), whose expert activations are the largest. The forward is wrapped in
-    place, so parameter names (and HF checkpoints) do not change.
-    """
-    if mode == "none":
-        return
-    for i, layer in enumerate(model.layers):
-        module = layer.mlp if mode == "moe" else layer
-        if mode in ("full", "moe") or i % 2 == 0:
-            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
-
-
-def apply_compile(model: Mixtral, backend: Backend) -> None:
-    """torch.compile every block in place (parameter names unchanged), before the parallel layout as torchtitan does.
-
-    One compiled graph serves all blocks; grouped GEMMs that loop on the host and expert parallelism's exchange run
-    eagerly inside it (torch.compiler.disable), everything else of the MoE compiles.
-    """
-    for layer in model.layers:
-        backend.compile(layer)
 
 
 @dataclass
@@ -114,10 +84,9 @@ class Trainer:
                                f"{self.config.max_position_embeddings}; lower seq_len or raise "
                                f"model.max_position_embeddings")
         self.dims.validate_model(self.config, r.seq_len)
-        self.meshes = self.dims.build_meshes(self.device.type) if dist.is_initialized() else None
+        self.meshes = self.dims.build_meshes(self.device.type) if dist.is_initialized() and not self.spmd else None
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
-        self.param_dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
         self.model, self.pipeline = self._build_model()
         self.checkpoint_views = expert_checkpoint_views(self.meshes) if self.meshes else None
         named = list(self.model.named_parameters())
@@ -137,26 +106,18 @@ class Trainer:
         self.step, self.tokens, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
 
     def _build_model(self) -> tuple[torch.nn.Module, Pipeline | None]:
-        """The model, laid out over the ranks: this rank's part of it (its pipeline stage under pp) and the pipeline."""
+        """This rank's part of the model (its pipeline stage under pp), laid out on the meta device, then only that
+        part materialised on this device and filled: from model.init_from, or the seed's layout-independent init."""
         r = self.recipe
-        model = Mixtral(self.config, self.backend, moe=r.moe)
-        if r.model.init_from:
-            load_parameters(model, r.model.init_from)
-        else:
-            model.init_weights()
-        model.to(device=self.device, dtype=self.param_dtype).train()
-        apply_activation_checkpointing(model, r.activation_checkpointing)
-        if r.compile:
-            apply_compile(model, self.backend)
+        model, parts = build_for_training(r, self.backend, self.dims, self.meshes, self.device)
+        init = dict(seed=r.train.seed, init_from=r.model.init_from)
         if self.spmd:  # the MLPerf mesh: batch over fsdp x expert, experts over expert, Megatron TP over tensor
             d = self.dims
             self.spmd_mesh = {"fsdp": d.dp // d.ep, "tensor": d.tp, **({"expert": d.ep} if d.ep > 1 else {})}
-            return self.backend.parallelize(model, self.spmd_mesh), None
-        if self.meshes is None:
-            return model, None
-        parts = parallelize(model, self.dims, self.meshes, zero=r.parallel.zero, ep_comm=r.moe.ep_comm,
-                            cp_algo=r.parallel.cp_algo, pp_schedule=r.parallel.pp_schedule,
-                            microbatches=r.grad_accum, device=self.device)
+            materialize(model, model, self.device, **init)  # lazy XLA tensors, sharded by parallelize below
+            return self.backend.parallelize(model.train(), self.spmd_mesh), None
+        materialize(model, parts.model, self.device, self.meshes, **init)
+        parts.model.train()
         return parts.model, parts.pipeline
 
     def _build_data(self) -> tuple[SampleSource, SampleSource]:

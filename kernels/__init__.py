@@ -1,1 +1,0 @@
-"""Kernels: `reference` (plain torch, the numerical definition of every op) and accelerated variants."""

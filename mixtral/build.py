@@ -1,0 +1,82 @@
+"""The one way every command builds a Mixtral: on the meta device, laid out, then only this rank's shards made real.
+
+1. build_on_meta: the whole model's structure, no memory.
+2. the layout, still on meta: mixtral.parallel.parallelize for training (TP/SP, EP/ETP, CP, the pipeline stage's
+   blocks, FSDP2), the generation layout (mixtral.serve.distributed), or nothing on one process.
+3. materialize: this rank's part allocated on its device (to_empty), buffers recomputed, then every parameter
+   filled in place, one tensor (one expert) at a time: a layout-independent random init (mixtral.model.init) or a
+   checkpoint read piece by piece (mixtral.checkpoint.loading).
+`recipe validate --dry-run` runs build_for_training and stops before materialize, so what it reports is what the
+run allocates. No rank ever holds a parameter it does not own.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mixtral.backend import Backend, Ops, get_backend
+from mixtral.checkpoint.loading import Source, load_parameters
+from mixtral.config import ModelConfig, MoEConfig
+from mixtral.model import Mixtral
+from mixtral.model.init import init_parameters
+from mixtral.parallel import ParallelDims, ParallelMeshes, Parallelized, ShardMap, parallelize
+
+
+def build_on_meta(config: ModelConfig, backend: Backend | Ops | str | None = None, moe: MoEConfig | None = None,
+                  dtype: torch.dtype = torch.float32) -> Mixtral:
+    """The whole model on the meta device, its parameters and buffers in dtype."""
+    backend = get_backend(backend) if isinstance(backend, str) else backend
+    with torch.device("meta"):
+        model = Mixtral(config, backend, moe)
+    return model.to(dtype=dtype)
+
+
+def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
+    """Recompute blocks in backward instead of storing their activations.
+
+    full: every block. selective: every other block (0, 2, ...), torchtitan's layer-frequency scheme: about
+    half the activation memory for about half the recompute. moe: the MoE layer of every block only
+    (Megatron's --moe-layer-recompute), whose expert activations are the largest. The forward is wrapped in
+    place, so parameter names (and HF checkpoints) do not change.
+    """
+    if mode == "none":
+        return
+    for i, layer in enumerate(model.layers):
+        module = layer.mlp if mode == "moe" else layer
+        if mode in ("full", "moe") or i % 2 == 0:
+            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
+
+
+def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None, meshes: ParallelMeshes | None,
+                       device: torch.device) -> tuple[Mixtral, Parallelized]:
+    """A training run's model on meta: the whole model and this rank's laid-out part (and pipeline)."""
+    r = recipe
+    dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
+    model = build_on_meta(r.model_config(), backend, r.moe, dtype)
+    apply_activation_checkpointing(model, r.activation_checkpointing)
+    if r.compile and isinstance(backend, Backend):
+        for layer in model.layers:  # before the layout, as torchtitan does; one graph serves every block
+            backend.compile(layer)
+    if meshes is None:
+        return model, Parallelized(model, None)
+    p = r.parallel
+    return model, parallelize(model, dims, meshes, zero=p.zero, ep_comm=r.moe.ep_comm, cp_algo=p.cp_algo,
+                              pp_schedule=p.pp_schedule, microbatches=r.grad_accum, device=device)
+
+
+def materialize(model: Mixtral, part: nn.Module, device: torch.device | str, meshes: ParallelMeshes | None = None,
+                *, seed: int | None = None, init_from: str | Path | Source | None = None, std: float = 0.02) -> None:
+    """Allocate part (this rank's share of model, laid out on meta) on device and fill it: from init_from (any
+    checkpoint) or a random init of seed that every layout of the seed shares."""
+    part.to_empty(device=device)
+    model.init_buffers(device)
+    shards = ShardMap(model.config, meshes)
+    if init_from is not None:
+        load_parameters(part, init_from, shards, shards.shapes)
+    else:
+        init_parameters(part, shards.shapes, int(torch.randint(2**62, ())) if seed is None else seed, std, shards)
