@@ -1,9 +1,9 @@
 """`recipe validate NAME --dry-run`: build rank shards of the real-size model on the meta device, compare with the plan.
 
 A spawned process joins a fake process group (torch's FakeStore and "fake" backend: collectives are
-no-ops) of the recipe's world size, builds the Mixtral on the meta device (no memory) and lays it out
-with mixtral.parallel.parallelize, exactly as training does: tensor/sequence, expert, pipeline and
-data parallelism (FSDP2). What it checks, for the first rank of every pipeline stage:
+no-ops) of the recipe's world size and runs training's own build path (mixtral.build.build_for_training:
+the Mixtral on the meta device, laid out by tensor/sequence, expert, pipeline and data parallelism (FSDP2)),
+stopped before it materialises anything. What it checks, for the first rank of every pipeline stage:
   shapes  every parameter this rank holds, with ZeRO's sharding undone, has the shape
           mixtral.planner.shard_shapes gives (names, tp / ep / etp splits, the stage's layers);
   bytes   its weights, gradients and optimizer states, from the local FSDP2 shards at the ZeRO levels
@@ -17,19 +17,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from mixtral.backend import Ops
+from mixtral.build import build_for_training
 from mixtral.errors import MixtralError
-from mixtral.model import Mixtral
-from mixtral.parallel import ParallelDims, parallelize
+from mixtral.parallel import ParallelDims
 from mixtral.planner import (
     GiB,
     Workload,
@@ -38,50 +36,33 @@ from mixtral.planner import (
     shard_shapes,
     stage_memory,
 )
+from mixtral.train.memory import BuiltParameter, built_parameters
 
-ZERO_MESHES = ("dp_cp", "edp")   # mesh dimensions FSDP2 shards over: undone to get the model-parallel shape
 TOLERANCE = 0.01                 # bytes: FSDP2 pads an uneven dim-0 split, the first rank holding the most
 
-
-@dataclass(frozen=True)
-class BuiltParameter:
-    shape: tuple[int, ...]       # model-parallel shape: after tp / ep / etp / pp, before ZeRO
-    local_numel: int             # what this rank stores at rest (its FSDP2 shard)
-
-
-def _model_parallel_shape(param: Any) -> tuple[int, ...]:
-    """The parameter's shape on this rank with ZeRO's sharding undone (a DTensor's other shard dims applied)."""
-    if not isinstance(param, DTensor):
-        return tuple(param.shape)
-    shape = list(param.shape)
-    names = param.device_mesh.mesh_dim_names or ()
-    for mesh_dim, placement in enumerate(param.placements):
-        if placement.is_shard() and names[mesh_dim] not in ZERO_MESHES:
-            shape[placement.dim] //= param.device_mesh.size(mesh_dim)
-    return tuple(shape)
-
-
 def build_rank(recipe, rank: int) -> dict[str, BuiltParameter]:
-    """This rank's parameters, laid out by mixtral.parallel on the meta device under a fake process group."""
+    """This rank's parameters as training builds them (mixtral.build.build_for_training), on the meta device under a
+    fake process group: the run's own build path, stopped before materialising."""
     p = recipe.parallel
     dist.init_process_group("fake", rank=rank, world_size=p.world_size, store=FakeStore())
     try:
         dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, world_size=p.world_size)
         meshes = dims.build_meshes("cpu")
-        with torch.device("meta"):
-            model = Mixtral(recipe.model_config(), Ops.reference(), moe=recipe.moe)
         schedule = p.pp_schedule if recipe.mode == "train" else "gpipe"  # generation: forward only, 1 micro-batch
-        part = parallelize(model, dims, meshes, zero=p.zero, ep_comm=recipe.moe.ep_comm, cp_algo=p.cp_algo,
-                           pp_schedule=schedule, microbatches=recipe.grad_accum, device=torch.device("cpu")).model
-        return {name: BuiltParameter(_model_parallel_shape(param),
-                                     (param.to_local() if isinstance(param, DTensor) else param).numel())
-                for name, param in part.named_parameters()}
+        _, parts = build_for_training(recipe, Ops.reference(), dims, meshes, torch.device("cpu"), schedule)
+        return built_parameters(parts.model)
     finally:
         dist.destroy_process_group()
 
 
 def _build_ranks(recipe, ranks: list[int]) -> list[dict[str, BuiltParameter]]:
     return [build_rank(recipe, rank) for rank in ranks]
+
+
+def build_ranks(recipe, ranks: list[int]) -> list[dict[str, BuiltParameter]]:
+    """build_rank for each of ranks, in a spawned process (the fake process group stays out of this one)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_build_ranks, recipe, ranks).result()
 
 
 def compare(config, w: Workload, stage: int, built: dict[str, BuiltParameter], device) -> tuple[list[str], list[str]]:
@@ -117,8 +98,7 @@ def dry_run(recipe, device_type: str | None = None, out: Callable[[str], Any] = 
     ranks = [stage * stage_size for stage in range(w.pp)]
     out(f"dry run: {w.layout} on a fake process group of {w.world_size} ranks, meta device; building ranks "
         f"{ranks} (the first of each pipeline stage)")
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # keeps the fake group out of this process
-        built = pool.submit(_build_ranks, recipe, ranks).result()
+    built = build_ranks(recipe, ranks)
     problems = []
     for stage, params in enumerate(built):
         lines, found = compare(config, w, stage, params, device)

@@ -23,7 +23,9 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from mixtral import dry_run
 from mixtral.backend import get_backend
+from mixtral.build import build_for_training, materialize
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.parallel import (
@@ -33,12 +35,11 @@ from mixtral.parallel import (
     init_distributed,
     mean_over,
     microbatch_sync,
-    parallelize,
 )
 from mixtral.parallel.context_parallel import shard_sequence
 from mixtral.recipes import Recipe, recipe_from_dict
 from mixtral.train.optim import build_optimizer
-from mixtral.train.trainer import apply_activation_checkpointing
+from mixtral.train.memory import held_bytes
 
 STEPS = 3
 RTOL = 1e-4
@@ -80,7 +81,7 @@ def scaled_recipe(recipe: Recipe, max_ranks: int = 8) -> Recipe:
                "max_position_embeddings": seq_len, "tie_word_embeddings": config.tie_word_embeddings},
         parallel=layout, seq_len=seq_len, precision="fp32", backend="cpu", backend_options={}, hardware={},
         mode="train", batch={"micro_batch": MICRO_BATCH, "global_batch": MICRO_BATCH * layout["dp"] * accumulate},
-        optimizer={**data["optimizer"], "lr": LR}, schedule={"name": "constant"},
+        optimizer={**data["optimizer"], "lr": LR}, schedule={"name": "constant"}, compile=False,
         train={**data["train"], "steps": STEPS, "output_dir": None}, name=f"{recipe.name}-scaled-down")
     bins = data["moe"]["capacity_bins"]
     if bins:  # a tiny batch has too few tokens per expert for 10 bins aligned to 64 rows
@@ -97,37 +98,39 @@ def batches(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_model(recipe: Recipe) -> Mixtral:
-    """The tiny model, identically initialised on every rank and in the one-process reference."""
-    torch.manual_seed(recipe.train.seed)
-    model = Mixtral(recipe.model_config(), get_backend("cpu"), moe=recipe.moe)
-    model.init_weights()
-    apply_activation_checkpointing(model, recipe.activation_checkpointing)
+    """The tiny model in one process, initialised as every layout of the recipe's seed is (mixtral.build)."""
+    model, _ = build_for_training(recipe, get_backend("cpu"), None, None, torch.device("cpu"))
+    materialize(model, model, "cpu", seed=recipe.train.seed)
     return model
 
 
 def train(recipe: Recipe, step_losses: Callable[[int], torch.Tensor], parameters: list, clip: Callable[[], Any]
-          ) -> list[torch.Tensor]:
-    """STEPS AdamW steps; step_losses(step) runs forward and backward and returns the step's loss."""
+          ) -> tuple[list[torch.Tensor], dict[str, int]]:
+    """STEPS AdamW steps; step_losses(step) runs forward and backward and returns the step's loss. Also returns
+    the storage the parameters, their gradients and the optimizer states held after the first step."""
     optimizer = build_optimizer(parameters, recipe.optimizer)
-    losses = []
+    losses, held = [], {}
     for step in range(STEPS):
         losses.append(step_losses(step))
         clip()
         optimizer.step()
+        if step == 0:
+            held = held_bytes([p for _, p in parameters], [], optimizer)
         optimizer.zero_grad(set_to_none=True)
-    return losses
+    return losses, held
 
 
-def rank_losses(recipe: Recipe) -> list[float]:
-    """One rank's part of the scaled-down run (started by the elastic launcher): the data ranks' mean loss per step."""
+def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
+    """One rank's part of the scaled-down run (started by the elastic launcher): the data ranks' mean loss per step,
+    and what this rank held (train)."""
     torch.set_num_threads(1)
     info = init_distributed("cpu", timeout_s=300.0)
     p = recipe.parallel
     dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, world_size=info.world_size)
     meshes = dims.build_meshes("cpu")
     accumulate = recipe.grad_accum
-    laid = parallelize(build_model(recipe), dims, meshes, zero=p.zero, ep_comm=recipe.moe.ep_comm,
-                       cp_algo=p.cp_algo, pp_schedule=p.pp_schedule, microbatches=accumulate)
+    whole, laid = build_for_training(recipe, get_backend("cpu"), dims, meshes, torch.device("cpu"))
+    materialize(whole, laid.model, "cpu", meshes, seed=recipe.train.seed)
     model, pipeline = laid.model, laid.pipeline
     tokens, targets = batches(recipe)
     per_rank = MICRO_BATCH * accumulate
@@ -150,9 +153,9 @@ def rank_losses(recipe: Recipe) -> list[float]:
     dense = [param for param in model.parameters() if all(param is not e for e in experts)]
     clip = recipe.optimizer.grad_clip or float("inf")
     try:
-        losses = train(recipe, step_losses, list(model.named_parameters()),
-                       lambda: clip_grad_norm_(dense, experts, clip, meshes))
-        return [mean_over(loss, meshes.dp_cp).item() for loss in losses]
+        losses, held = train(recipe, step_losses, list(model.named_parameters()),
+                             lambda: clip_grad_norm_(dense, experts, clip, meshes))
+        return [mean_over(loss, meshes.dp_cp).item() for loss in losses], held
     finally:
         dist.destroy_process_group()
 
@@ -174,8 +177,9 @@ def reference_losses(recipe: Recipe) -> list[float]:
         return loss
 
     clip = recipe.optimizer.grad_clip or float("inf")
-    return [loss.item() for loss in train(recipe, step_losses, list(model.named_parameters()),
-                                          lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), clip))]
+    losses, _ = train(recipe, step_losses, list(model.named_parameters()),
+                      lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    return [loss.item() for loss in losses]
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> dict[int, Any]:
@@ -199,10 +203,11 @@ def scaled_down_run(recipe: Recipe, max_ranks: int = 8, out: Callable[[str], Any
         f"{' sp' if p.sp else ''} zero{p.zero} on {p.world_size} gloo ranks, {small.model_config().num_parameters:,} "
         f"parameters, {STEPS} steps of {small.batch.global_batch} x {small.seq_len} tokens, fp32")
     try:
-        ranks = launch(rank_losses, p.world_size, small)[0]
+        by_rank = launch(rank_losses, p.world_size, small)
     except MixtralError as exc:
         raise MixtralError(f"--scaled-down of recipe {recipe.name} at dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} "
                            f"etp{p.etp}: {exc}") from None
+    ranks = by_rank[0][0]
     one = reference_losses(small)
     for step, (got, want) in enumerate(zip(ranks, one)):
         out(f"  step {step}: loss {got:.6f} on {p.world_size} ranks, {want:.6f} in one process")
@@ -212,4 +217,23 @@ def scaled_down_run(recipe: Recipe, max_ranks: int = 8, out: Callable[[str], Any
                            f"process by {worst:.2e} relative (> {RTOL:g}); the layout is not equivalent: run "
                            f"tests/test_parallel_equivalence.py on these dimensions to find the one at fault")
     out(f"  ok  losses agree to {worst:.1e} relative (<= {RTOL:g})")
+    check_held_bytes(small, {rank: held for rank, (_, held) in by_rank.items()}, out)
     return ranks, one
+
+
+def check_held_bytes(small: Recipe, held: dict[int, dict[str, int]], out: Callable[[str], Any]) -> None:
+    """Each rank's weights, gradients and AdamW states after a step equal, to the byte, what the dry run's meta
+    build of the same layout says that rank stores (fp32: 4, 4 and 8 bytes per stored element)."""
+    built = dry_run.build_ranks(small, sorted(held))
+    wrong = []
+    for rank, params in zip(sorted(held), built):
+        stored = sum(b.local_numel for b in params.values())
+        predicted = {"weights": 4 * stored, "gradients": 4 * stored, "optimizer states": 8 * stored}
+        if held[rank] != predicted:
+            wrong.append(f"rank {rank} held {held[rank]}, the dry run predicts {predicted}")
+    if wrong:
+        raise MixtralError(f"--scaled-down of recipe {small.name}: what the ranks allocated differs from the dry run's "
+                           f"meta build: {'; '.join(wrong)}")
+    total = sum(sum(h.values()) for h in held.values())
+    out(f"  ok  every rank's weights, gradients and optimizer states ({total:,} bytes in all) are what the dry run "
+        f"builds on the meta device")

@@ -204,15 +204,15 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
     old, new = random_model(small_config()), random_model(small_config())
     save_hf(old, path)
-    real_save_file, calls = hf.save_file, []
+    real_write, calls = hf.write_safetensors, []
 
-    def failing_save_file(tensors, filename, metadata=None):
+    def failing_write(file, *args, **kwargs):
         if calls:
             raise OSError("No space left on device")
-        calls.append(filename)
-        real_save_file(tensors, filename, metadata=metadata)
+        calls.append(file)
+        real_write(file, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "save_file", failing_save_file)
+    monkeypatch.setattr(hf, "write_safetensors", failing_write)
     with pytest.raises(OSError, match="No space left"):
         save_hf(new, path, max_shard_bytes=SHARD_BYTES)
     assert len(calls) == 1

@@ -1,8 +1,8 @@
 """`mixtral-run convert`: move a Mixtral checkpoint between HF, native (DCP) and Megatron torch_dist.
 
 Every format is read through a source that hands out one parameter (or one expert of it) at a time,
-and the DCP writers ask for each box only while writing it, so HF -> native, native <-> Megatron and
-HF -> Megatron hold about one tensor in memory. HF output is written by save_hf from a whole model.
+and the writers ask for each box only while writing it (DCP's writers for native and Megatron, a streaming
+safetensors writer for HF), so every conversion holds about one tensor (one expert's weight) in memory.
 `--verify` converts the output back to the input's format and compares every stored tensor, then
 compares the logits of a fixed prompt computed from the input and from the output.
 """
@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from mixtral.checkpoint import hf
-from mixtral.checkpoint.loading import EXPERT_SUFFIXES, Source, detect_format, open_source
+from mixtral.checkpoint.loading import Source, detect_format, open_source
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+from mixtral.model.moe import EXPERT_SUFFIXES
 
 # native and megatron import torch.distributed.checkpoint (seconds): loaded inside the functions that use
 # them, so that building the mixtral-run parser stays cheap.
@@ -57,17 +58,12 @@ def boxes_for(name: str, shape: tuple[int, ...]) -> list:
     return [whole(shape)]
 
 
-def build_model(source: Source, dtype: torch.dtype, round_to: torch.dtype | None = None,
-                on_read: Callable[[int], None] | None = None) -> Mixtral:
+def build_model(source: Source, dtype: torch.dtype, round_to: torch.dtype | None = None) -> Mixtral:
     """A Mixtral holding source's weights in dtype (first rounded to round_to), built without a second copy."""
     state = {}
     for name in source.shapes:
         tensor = source.read(name)
-        if round_to is not None:
-            tensor = tensor.to(round_to)
-        state[name] = tensor.to(dtype)
-        if on_read:
-            on_read(tensor.numel() * tensor.element_size())
+        state[name] = (tensor if round_to is None else tensor.to(round_to)).to(dtype)
     return hf.assemble_model(source.config, state)
 
 
@@ -102,8 +98,7 @@ def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None,
         elif fmt == "megatron":
             megatron.save_megatron(out, source.read, source.config, dtype, bar.update)
         else:
-            model = build_model(source, dtype, on_read=bar.update)
-            hf.save_hf(model, out, dtype=dtype)
+            hf.write_hf(out, source.config, source.shapes, source.read, dtype, on_write=bar.update)
 
 
 def _expert_of(name: str, box: tuple) -> int | None:

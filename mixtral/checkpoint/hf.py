@@ -8,19 +8,19 @@ transformers version reads. Tensors are read one at a time, so loading holds one
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mixtral.backend import Backend, Ops, get_backend
 from mixtral.config import ModelConfig, MoEConfig
@@ -89,6 +89,7 @@ def weight_files(path: Path) -> list[Path]:
 
 
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+SAFETENSORS_NAMES = {torch_name: name for name, torch_name in SAFETENSORS_DTYPES.items()}
 
 
 @contextmanager
@@ -163,6 +164,38 @@ class HFSource:
             out[index].copy_(tensor)
         return out
 
+    def read_box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """The box of parameter `name`, each HF tensor that overlaps it sliced in the file (get_slice)."""
+        out = None
+        for file, key, index in self.pieces[name]:
+            region, kept = _region(self.shapes[name], index)
+            overlap = tuple(slice(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region))
+            if any(o.start >= o.stop for o in overlap):
+                continue
+            stored = tuple(slice(o.start - r.start, o.stop - r.start) for o, r, k in zip(overlap, region, kept) if k)
+            with open_safetensors(file) as handle:
+                tensor = handle.get_slice(key)[stored]
+            if out is None:
+                out = torch.empty([b.stop - b.start for b in box], dtype=tensor.dtype)
+            out[tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, box))] = tensor.reshape(
+                [o.stop - o.start for o in overlap])
+        return out
+
+
+def _region(shape: torch.Size, index: Index) -> tuple[tuple[slice, ...], tuple[bool, ...]]:
+    """Where an HF tensor (our parameter's [index]) lies in the parameter, and which dims it keeps (an integer
+    index, the expert, drops its dim)."""
+    region, kept = [], []
+    for dim, size in enumerate(shape):
+        part = index[dim] if dim < len(index) else slice(None)
+        if isinstance(part, int):
+            region.append(slice(part, part + 1))
+        else:
+            start, stop, _ = part.indices(size)
+            region.append(slice(start, stop))
+        kept.append(not isinstance(part, int))
+    return tuple(region), tuple(kept)
+
 
 def load_hf_state_dict(path: str | Path, config: ModelConfig, dtype: torch.dtype | None = None,
                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -235,30 +268,73 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
 def save_hf(model: Mixtral, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
             dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None) -> None:
-    """Write an HF directory (original tensor names, shards + index when large, config.json) atomically."""
+    """Write model as an HF directory (original tensor names, shards + index when large, config.json) atomically."""
+    state = {name: p.detach() for name, p in model.named_parameters()}  # weights only: no routing state
+
+    def read(name: str, expert: int | None = None) -> torch.Tensor:
+        return state[name] if expert is None else state[name][expert:expert + 1]
+
+    write_hf(path, model.config, {name: t.shape for name, t in state.items()}, read,
+             dtype or model.embed_tokens.weight.dtype, max_shard_bytes, tokenizer_path)
+
+
+def write_hf(path: str | Path, config: ModelConfig, shapes: dict[str, torch.Size],
+             read: Callable[[str, int | None], torch.Tensor], dtype: torch.dtype,
+             max_shard_bytes: int = 2 * 1024**3, tokenizer_path: str | Path | None = None,
+             on_write: Callable[[int], None] | None = None) -> None:
+    """Write an HF directory atomically from read(name, expert) (a parameter, or one expert of a stack [1, ...]):
+    each safetensors file is streamed tensor by tensor, so memory holds one expert's weight, never a shard."""
     path = Path(path)
-    dtype = dtype or model.embed_tokens.weight.dtype
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise MixtralError(f"{tokenizer_path}: tokenizer file not found; pass the model's tokenizer.model")
-    state = {name: p.detach() for name, p in model.named_parameters()}  # weights only: no routing state
-    layout = [(hf, name, index) for name, tensor in state.items() for hf, index in hf_layout(name, tensor.shape)]
-    sizes = [math.prod(state[name][index].shape) * dtype.itemsize for _, name, index in layout]
+    read = functools.lru_cache(maxsize=1)(read)  # w1 and w3 of an expert come from one read of its gate_up
+    layout = [(hf, name, index) for name, shape in shapes.items() for hf, index in hf_layout(name, shape)]
+    piece_shapes = [torch.empty(shapes[name], device="meta")[index].shape for _, name, index in layout]
+    sizes = [math.prod(shape) * dtype.itemsize for shape in piece_shapes]
     shards = plan_shards(sizes, max_shard_bytes)
     names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                for i in range(len(shards))]
     with atomic_directory(path) as tmp:
         weight_map = {}
         for file, shard in zip(names, shards):
-            tensors = {}
-            for i in shard:
-                hf, name, index = layout[i]
-                tensors[hf] = state[name][index].to(device="cpu", dtype=dtype, copy=True)
-                weight_map[hf] = file
-            save_file(tensors, tmp / file, metadata={"format": "pt"})
+            pieces = [(layout[i][0], piece_shapes[i], _piece_reader(read, *layout[i][1:])) for i in shard]
+            write_safetensors(tmp / file, pieces, dtype, on_write)
+            weight_map.update({layout[i][0]: file for i in shard})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        config = model.config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        config_json = config.to_hf_dict() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / CONFIG).write_text(json.dumps(config_json, indent=2))
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+
+
+def _piece_reader(read: Callable[[str, int | None], torch.Tensor], name: str, index: Index
+                  ) -> Callable[[], torch.Tensor]:
+    """A reader of one HF tensor: index () is the whole parameter, (j, ...) a part of expert j."""
+    if not index:
+        return lambda: read(name, None)
+    return lambda: read(name, index[0])[(0, *index[1:])]
+
+
+def write_safetensors(file: Path, pieces: list[tuple[str, torch.Size, Callable[[], torch.Tensor]]],
+                      dtype: torch.dtype, on_write: Callable[[int], None] | None = None) -> None:
+    """A safetensors file (the header first, every tensor's place known from its shape) written one tensor at a
+    time: (name, shape, read) per tensor, each read only when its bytes are written."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in pieces:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_NAMES[str(dtype).removeprefix("torch.")], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little") + encoded)
+        for name, shape, read in pieces:
+            tensor = read().to(device="cpu", dtype=dtype).contiguous()
+            if tensor.shape != shape:
+                raise MixtralError(f"{file}: tensor '{name}' has shape {list(tensor.shape)}, expected {list(shape)}")
+            handle.write(tensor.view(torch.uint8).numpy())
+            if on_write:
+                on_write(tensor.numel() * dtype.itemsize)

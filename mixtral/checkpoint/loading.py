@@ -17,8 +17,7 @@ from mixtral.checkpoint import hf
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.model.init import Pieces, by_leading_index, held_pieces, local_tensor
-from mixtral.model.moe import EXPERT_SUFFIXES  # [experts, ...]: readable expert by expert
+from mixtral.model.init import Pieces, blocks, held_pieces, local_tensor
 
 LATEST = "latest"  # native.LATEST; native imports torch.distributed.checkpoint (seconds), so it loads lazily
 RUN_CHECKPOINTS = "checkpoints"
@@ -33,6 +32,9 @@ class Source(Protocol):
 
     def read(self, name: str, expert: int | None = None) -> torch.Tensor:
         """Parameter `name`, or its expert slice [1, ...] when expert is given."""
+
+    def read_box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """The box (one slice per dim) of parameter `name`, reading no more of the file than it needs."""
 
 
 def detect_format(path: str | Path) -> str:
@@ -116,12 +118,5 @@ def load_parameters(module: nn.Module, path: str | Path | Source, pieces: Pieces
                                    f"fine-tune with the checkpoint's sizes (drop model.* size overrides)")
             local = local_tensor(param)
             for piece in pieces(name, param):
-                for part in by_leading_index(piece):
-                    local[part.local].copy_(read_box(source, name, part.box))
-
-
-def read_box(source: Source, name: str, box: tuple[slice, ...]) -> torch.Tensor:
-    """The box of parameter `name`; an expert stack's box of one expert reads that expert alone."""
-    if name.endswith(EXPERT_SUFFIXES) and box[0].stop - box[0].start == 1:
-        return source.read(name, box[0].start)[(slice(0, 1), *box[1:])]
-    return source.read(name)[box]
+                for block in blocks(piece):
+                    local[block.local].copy_(source.read_box(name, block.box))

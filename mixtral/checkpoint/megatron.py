@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from mixtral.checkpoint.hf import CONFIG
-from mixtral.model.transformer import parameter_shapes
 from mixtral.checkpoint.native import (Box, LazyTensor, dcp_save, publish, read_boxes, read_dcp_metadata,
                                       temporary_sibling, whole)
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
+from mixtral.model.moe import EXPERT_SUFFIXES
+from mixtral.model.transformer import parameter_shapes
 
 METADATA = "metadata.json"
 COMMON = "common.pt"
@@ -201,6 +202,7 @@ class MegatronSource:
         self.keys = self._resolve_keys()
         self.dtype = self.metadata.state_dict_metadata[self.keys[QKV]].properties.dtype
         self._last: tuple[str, Box, torch.Tensor] | None = None  # q, k and v come from one QKV box
+        self._assembled: tuple[str, int | None, torch.Tensor] | None = None
 
     def _resolve_keys(self) -> dict[str, str]:
         stored = self.metadata.state_dict_metadata
@@ -219,7 +221,8 @@ class MegatronSource:
             keys[key] = found
         return keys
 
-    def read_box(self, key: str, box: Box) -> torch.Tensor:
+    def read_stored(self, key: str, box: Box) -> torch.Tensor:
+        """A box of a Megatron tensor (by our key for it); the last one is kept: q, k and v share a QKV box."""
         if self._last is not None and self._last[:2] == (key, box):
             return self._last[2]
         tensor = read_boxes(self.path, {self.keys[key]: [box]}, self.metadata)[self.keys[key]][0]
@@ -227,7 +230,15 @@ class MegatronSource:
         return tensor
 
     def read(self, name: str, expert: int | None = None) -> torch.Tensor:
-        return our_piece(name, expert, self.read_box, self.config)
+        return our_piece(name, expert, self.read_stored, self.config)
+
+    def read_box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """Cut from our whole parameter (or expert), which is assembled from Megatron's fused tensors once for all
+        the blocks a loader reads of it."""
+        expert = box[0].start if name.endswith(EXPERT_SUFFIXES) and box[0].stop - box[0].start == 1 else None
+        if self._assembled is None or self._assembled[:2] != (name, expert):
+            self._assembled = (name, expert, self.read(name, expert))
+        return self._assembled[2][(slice(0, 1), *box[1:]) if expert is not None else box]
 
 
 def save_megatron(path: Path, read: Read, config: ModelConfig, dtype: torch.dtype,

@@ -567,3 +567,7 @@ class NativeSource:
         shape = tuple(self.shapes[name])
         box = whole(shape) if expert is None else ((expert,) + (0,) * (len(shape) - 1), (1, *shape[1:]))
         return read_boxes(self.path, {f"model.{name}": [box]}, self.metadata)[f"model.{name}"][0]
+
+    def read_box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        offsets, sizes = tuple(s.start for s in box), tuple(s.stop - s.start for s in box)
+        return read_boxes(self.path, {f"model.{name}": [(offsets, sizes)]}, self.metadata)[f"model.{name}"][0]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 TILE = 256
+BLOCK_ELEMENTS = 1 << 24  # a piece is filled in blocks of rows up to this size (64 MiB in fp32), whole tiles tall
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")  # RMSNorm gains: ones, not random
 
 
@@ -52,16 +53,23 @@ def held_pieces(name: str, param: torch.Tensor) -> list[Piece]:
     return whole(tuple(param.shape))
 
 
-def by_leading_index(piece: Piece) -> Iterator[Piece]:
-    """piece cut into one piece per index of its leading dims (3-D expert stacks: one expert at a time)."""
-    if len(piece.box) <= 2:
-        yield piece
-        return
+def blocks(piece: Piece) -> Iterator[Piece]:
+    """piece cut into blocks filled one at a time: one leading index (one expert) at a time, and rows in runs of
+    whole tiles up to BLOCK_ELEMENTS, so a fill never holds more than a block besides the tensor it fills."""
     lead_local, lead_box = piece.local[:-2], piece.box[:-2]
     for offsets in itertools.product(*(range(s.stop - s.start) for s in lead_box)):
         local = tuple(slice(s.start + o, s.start + o + 1) for s, o in zip(lead_local, offsets))
         box = tuple(slice(s.start + o, s.start + o + 1) for s, o in zip(lead_box, offsets))
-        yield Piece(local + piece.local[-2:], box + piece.box[-2:])
+        if len(piece.box) < 2:
+            yield piece
+            continue
+        (rows_local, cols_local), (rows, cols) = piece.local[-2:], piece.box[-2:]
+        step = max(1, BLOCK_ELEMENTS // max(1, (cols.stop - cols.start) * TILE)) * TILE
+        start, shift = rows.start, rows_local.start - rows.start
+        while start < rows.stop:
+            stop = min(rows.stop, (start // TILE) * TILE + step)  # blocks end on tile edges
+            yield Piece(local + (slice(start + shift, stop + shift), cols_local), box + (slice(start, stop), cols))
+            start = stop
 
 
 def tile_seed(seed: int, name: str, lead: tuple[int, ...], row: int, col: int) -> int:
@@ -101,5 +109,5 @@ def init_parameters(module: nn.Module, shapes: dict[str, torch.Size], seed: int,
             local.fill_(1.0)
             continue
         for piece in pieces(name, param):
-            for part in by_leading_index(piece):
-                local[part.local].copy_(normal_values(seed, name, tuple(shapes[name]), part.box, std))
+            for block in blocks(piece):
+                local[block.local].copy_(normal_values(seed, name, tuple(shapes[name]), block.box, std))

@@ -105,12 +105,12 @@ class Mixtral(nn.Module):
         return self.lm_head(x) if self.lm_head is not None else self.linear(x, self.embed_tokens.weight)
 
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                     device: torch.device | None = None) -> None:
-        """Allocate a static KV cache in every layer for generation up to max_len positions."""
+                     device: torch.device | None = None, layers: list[nn.Module] | None = None) -> None:
+        """Allocate a static KV cache for generation up to max_len positions in every layer (or in `layers`)."""
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
         c = self.config
-        for layer in self.layers:  # the local kv heads: under tensor parallelism k_proj holds kv_heads / tp of them
+        for layer in self.layers if layers is None else layers:  # local kv heads: tensor parallelism splits them
             weight = layer.self_attn.k_proj.weight
             kv_heads = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0] // c.head_dim
             layer.self_attn.kv_cache = KVCache(batch, kv_heads, max_len, c.head_dim, dtype, device)

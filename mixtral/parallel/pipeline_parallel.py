@@ -174,11 +174,9 @@ class PipelinedModel:
     def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | None = None) -> None:
         """KV caches for this stage's layers, and layer 0's (Mixtral.layer_inputs reads it to know a cache is on)."""
-        self.whole.setup_caches(batch, max_len, dtype, device or self.pipeline.device)
-        mine = set(self.pipeline.model.layers)
-        for layer in self.whole.layers[1:]:
-            if layer not in mine:
-                layer.self_attn.kv_cache = None
+        mine = list(self.pipeline.model.layers)
+        layers = mine if self.whole.layers[0] in mine else [self.whole.layers[0], *mine]
+        self.whole.setup_caches(batch, max_len, dtype, device or self.pipeline.device, layers)
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
                 pad: torch.Tensor | None = None) -> ModelOutput:

@@ -102,9 +102,10 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                        help="expert parallel exchange")
 
 
-def parallel_model(model: Mixtral, args: argparse.Namespace, device: torch.device) -> Any:
-    """model laid out over this job's ranks for generation: tensor, expert and pipeline parallel as asked;
-    the ranks left over (world / (tp x pp)) are data ranks that hold replicas (and fold the experts)."""
+def parallel_model(model: Mixtral, args: argparse.Namespace, device: torch.device) -> tuple[Any, nn.Module, Any]:
+    """model (on the meta device) laid out over this job's ranks for generation: tensor, expert and pipeline parallel
+    as asked; the ranks left over (world / (tp x pp)) are data ranks that hold replicas (and fold the experts).
+    Returns (what generation calls, the part this rank holds, the meshes): materialise the part, then call."""
     from mixtral.parallel import ParallelDims, PipelinedModel, PipelineStageModel, apply_expert_parallel
     from mixtral.parallel import apply_tensor_parallel
     from mixtral.parallel.pipeline_parallel import Pipeline
@@ -121,9 +122,9 @@ def parallel_model(model: Mixtral, args: argparse.Namespace, device: torch.devic
     if meshes.expert is not None:
         apply_expert_parallel(model, meshes, args.ep_comm)
     if dims.pp == 1:
-        return model
+        return model, model, meshes
     stage = PipelineStageModel(model, meshes["pp"].get_local_rank(), dims.pp)
-    return PipelinedModel(Pipeline(stage, meshes["pp"], 1, "gpipe", device), model)
+    return PipelinedModel(Pipeline(stage, meshes["pp"], 1, "gpipe", device), model), stage, meshes
 
 
 def lead_or_follow(model: Any, lead: Callable[[Any], int]) -> int:

@@ -70,12 +70,17 @@ def check_settings(settings: Settings) -> None:
 
 
 def load(args: argparse.Namespace, device=None):
-    """(model, tokenizer, device) for the checkpoint (any format), on the chosen backend, device and dtype."""
+    """(model, tokenizer, device) for the checkpoint (any format), on the chosen backend, device and dtype. Under
+    torch.distributed the model is laid out on the meta device first (mixtral.serve.distributed.parallel_model) and
+    each rank reads only its shards."""
     import torch
+    import torch.distributed as dist
 
     from mixtral.backend import get_backend
-    from mixtral.checkpoint.loading import checkpoint_config, load_model, resolve_checkpoint
+    from mixtral.build import build_on_meta, materialize
+    from mixtral.checkpoint.loading import checkpoint_config, resolve_checkpoint
     from mixtral.data.tokenizer import Tokenizer
+    from mixtral.serve.distributed import parallel_model
 
     path = resolve_checkpoint(args.model)  # a run's checkpoints/latest: the step it names now
     config = checkpoint_config(path)  # fails early on a missing directory or a non-Mixtral config
@@ -86,10 +91,13 @@ def load(args: argparse.Namespace, device=None):
                            f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {path}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = device or backend.device()
-    model = load_model(path, backend, dtype=dtype, device=device)
+    model = build_on_meta(config, backend, dtype=dtype)
+    runner, part, meshes = parallel_model(model, args, device) if dist.is_initialized() else (model, model, None)
+    materialize(model, part, device, meshes, init_from=path)
+    model.eval()
     if args.compile:
         compile_for_generation(model, backend, device)
-    return model, tokenizer, device
+    return runner, tokenizer, device
 
 
 def compile_for_generation(model, backend, device) -> None:
@@ -108,7 +116,7 @@ def with_generator(args: argparse.Namespace, body: Callable) -> int:
     import torch.distributed as dist
 
     from mixtral.parallel.launch import fail_fast, init_distributed, launch_workers, launched
-    from mixtral.serve.distributed import lead_or_follow, parallel_model
+    from mixtral.serve.distributed import lead_or_follow
     from mixtral.serve.engine import Generator
 
     if args.nproc_per_node is not None and not launched():
@@ -126,8 +134,7 @@ def with_generator(args: argparse.Namespace, body: Callable) -> int:
 
     def rank_main() -> int:
         model, tokenizer, device = load(args, info.device)
-        code = lead_or_follow(parallel_model(model, args, device),
-                              lambda leader: body(Generator(leader, tokenizer, device), tokenizer))
+        code = lead_or_follow(model, lambda leader: body(Generator(leader, tokenizer, device), tokenizer))
         dist.destroy_process_group()  # now: torn down at interpreter exit, gloo's threads can abort the process
         return code
 

@@ -35,6 +35,7 @@ from mixtral.parallel import (
     microbatch_sync,
     shard_sequence,
 )
+from mixtral.planner import BACKEND_DEVICE, Device, Workload, check_memory, get_device, stage_memory
 from mixtral.recipes import Recipe
 from mixtral.train import checkpointing as ckpt
 from mixtral.train.metrics import (
@@ -43,6 +44,7 @@ from mixtral.train.metrics import (
     measure_peak_flops,
     truncate_after,
 )
+from mixtral.train.memory import ROWS, step_bytes
 from mixtral.train.optim import build_optimizer, lr_factor, set_lr
 
 
@@ -54,6 +56,7 @@ class StepStats:
     grad_norm: float
     tokens_per_expert: torch.Tensor  # [layers, experts], summed over the step's micro-batches
     routing: dict[str, list] = field(default_factory=dict)  # per layer: dropped_fraction, capacity_bin
+    memory: dict[str, list] = field(default_factory=dict)   # first step: bytes per rank, mixtral.train.memory
 
     @property
     def finite(self) -> bool:
@@ -84,6 +87,9 @@ class Trainer:
                                f"{self.config.max_position_embeddings}; lower seq_len or raise "
                                f"model.max_position_embeddings")
         self.dims.validate_model(self.config, r.seq_len)
+        self.workload, self.planned_device = Workload.from_recipe(r), self._planned_device()
+        if self.planned_device is not None:  # refuse a layout that cannot fit before allocating anything
+            check_memory(self.config, self.workload, self.planned_device, f"recipe {r.name}")
         self.meshes = self.dims.build_meshes(self.device.type) if dist.is_initialized() and not self.spmd else None
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
@@ -119,6 +125,35 @@ class Trainer:
         materialize(model, parts.model, self.device, self.meshes, **init)
         parts.model.train()
         return parts.model, parts.pipeline
+
+    def _planned_device(self) -> Device | None:
+        """The planner's device this run is checked against: hardware.device, else the backend's (None: unknown)."""
+        name = self.recipe.hardware.device or BACKEND_DEVICE.get(self.backend.name)
+        return get_device(name) if name else None
+
+    def _memory_record(self, optimizer_stepped: bool) -> dict:
+        """Every rank's weight, gradient and optimizer-state bytes during a step (the planner's rows, from the
+        real tensors: mixtral.train.memory.step_bytes) next to the planner's for that rank's stage; call on every
+        rank after the first step's backward. Warns (rank 0) where they differ by more than 10%."""
+        if self.spmd or self.planned_device is None or not optimizer_stepped:
+            return {}
+        mine = step_bytes(list(self.model.parameters()), self.masters, self.optimizer, self.recipe.parallel.zero)
+        stage = self.meshes["pp"].get_local_rank() if self.meshes else 0
+        rows = dict(stage_memory(self.config, self.workload, self.planned_device, stage).rows)
+        row = torch.tensor([*(mine[name] for name in ROWS), sum(rows[name] for name in ROWS)], dtype=torch.float64)
+        if dist.is_initialized():
+            everyone = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, row)
+            row = torch.stack(everyone)
+        table = row.view(-1, 4).tolist()
+        record = {key: [round(r[i]) for r in table]
+                  for i, key in enumerate(("param_bytes", "grad_bytes", "optim_bytes", "planned_bytes"))}
+        for rank, (*held, planned) in enumerate(table):
+            if self.is_main and abs(sum(held) - planned) > 0.1 * planned:
+                tqdm.write(f"warning: rank {rank} holds {sum(held) / 2**20:.1f} MiB of weights, gradients and "
+                           f"optimizer states, the planner expects {planned / 2**20:.1f} MiB (more than 10% apart): "
+                           f"`mixtral-run recipe validate {self.recipe.name} --dry-run` compares them row by row")
+        return record
 
     def _build_data(self) -> tuple[SampleSource, SampleSource]:
         r = self.recipe
@@ -181,6 +216,8 @@ class Trainer:
                 with torch.no_grad():
                     for param, master in zip(self.model.parameters(), self.masters):
                         param.copy_(master)
+        if self.step == 0:
+            stats.memory = self._memory_record(stats.finite)
         self._zero_grad()
         return stats
 
@@ -343,10 +380,11 @@ class Trainer:
                 record = {"step": self.step, "loss": stats.loss, "ce_loss": stats.ce_loss, "aux_loss": stats.aux_loss,
                           "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tokens_per_s, 1),
                           "mfu": round(flops_per_token * tokens_per_s / peak, 5), "tokens": self.tokens}
+                record.update(stats.memory)
                 every = r.train.expert_load_interval
                 if every and self.step % every == 0:
                     record.update(expert_load(stats.tokens_per_expert), **stats.routing)
-                if self.step % r.train.log_interval == 0 or self.step == r.train.steps:
+                if self.step % r.train.log_interval == 0 or self.step == r.train.steps or stats.memory:
                     self._log(log, record)
                 summary.update(record)
                 bar.update(1)
