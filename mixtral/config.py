@@ -147,6 +147,45 @@ REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
                       "num_attention_heads", "num_local_experts", "num_experts_per_tok")
 
 @dataclass(frozen=True)
+class CapacityBinsConfig:
+    """The recipe's `moe.capacity_bins` mapping; defaults are Gaudi's Mixtral script."""
+
+    num_bins: int = 10
+    exp_base: float = 1.5
+    alignment: int = 64
+    optimize_interval: int = 300   # steps between optimize_bins calls; 0 turns re-optimisation off
+    group_size: int = 4            # consecutive layers that share one set of bins
+    tokens: int | None = None      # tokens per micro-batch the bins span; None: the first training batch's
+
+    def __post_init__(self) -> None:
+        for name in ("num_bins", "alignment", "group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MixtralError(f"moe.capacity_bins.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.optimize_interval, int) or self.optimize_interval < 0:
+            raise MixtralError(f"moe.capacity_bins.optimize_interval must be an integer >= 0 (0: never), "
+                               f"got {self.optimize_interval!r}")
+        if not isinstance(self.exp_base, (int, float)) or self.exp_base < 1.0:
+            raise MixtralError(f"moe.capacity_bins.exp_base must be a number >= 1.0, got {self.exp_base!r}")
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise MixtralError(f"moe.capacity_bins.tokens must be a positive integer or null, got {self.tokens!r}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> "CapacityBinsConfig":
+        """From the recipe's mapping (or None for the defaults); unknown keys are named."""
+        if value is None or isinstance(value, cls):
+            return value or cls()
+        if not isinstance(value, dict):
+            raise MixtralError(f"moe.capacity_bins must be a mapping of options, got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise MixtralError(f"moe.capacity_bins: unknown option(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(known))}")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     """How tokens reach experts, and the router's losses: the recipe's `moe` section, field for field."""
 
@@ -155,7 +194,7 @@ class MoEConfig:
     capacity_per: str = "batch"            # batch (micro-batch) | sequence (MLPerf: int(seq * top_k / E * cf))
     drop_policy: str = "position"          # position (first come, GShard) | probs (lowest weight dropped first)
     pad_to_capacity: bool = True           # static [E, C, H] expert inputs; False: drop and pack
-    capacity_bins: Any = None              # capacity_bins only: a mapping of CapacityBinsConfig options
+    capacity_bins: CapacityBinsConfig | None = None  # capacity_bins only (None: its defaults)
     aux_loss_coeff: float | None = None    # None: the model config's router_aux_loss_coef
     z_loss_coeff: float = 0.0
     expert_bias: bool = False              # aux-loss-free balancing (DeepSeek-V3): bias for selection only
@@ -165,7 +204,6 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         from mixtral.backend import DISPATCHERS
-        from mixtral.model.capacity_bins import CapacityBinsConfig
 
         if self.dispatcher not in DISPATCHERS:
             raise MixtralError(f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}")

@@ -322,7 +322,14 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Field types, an optional section (`SomeConfig | None`) as its section type."""
+    hints = typing.get_type_hints(cls)
+    for name, tp in hints.items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and \
+                dataclasses.is_dataclass(args[0]):
+            hints[name] = args[0]
+    return hints
 
 
 def _unknown_key(key: str, allowed: list[str]) -> MixtralError:

@@ -11,55 +11,15 @@ only N shapes ever reach the experts. Training counts how often each bin is used
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixtral.config import CapacityBinsConfig
 from mixtral.errors import MixtralError
-
-
-@dataclass(frozen=True)
-class CapacityBinsConfig:
-    """The recipe's `moe.capacity_bins` mapping; defaults are Gaudi's Mixtral script."""
-
-    num_bins: int = 10
-    exp_base: float = 1.5
-    alignment: int = 64
-    optimize_interval: int = 300   # steps between optimize_bins calls; 0 turns re-optimisation off
-    group_size: int = 4            # consecutive layers that share one set of bins
-    tokens: int | None = None      # tokens per micro-batch the bins span; None: the first training batch's
-
-    def __post_init__(self) -> None:
-        for name in ("num_bins", "alignment", "group_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise MixtralError(f"moe.capacity_bins.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.optimize_interval, int) or self.optimize_interval < 0:
-            raise MixtralError(f"moe.capacity_bins.optimize_interval must be an integer >= 0 (0: never), "
-                               f"got {self.optimize_interval!r}")
-        if not isinstance(self.exp_base, (int, float)) or self.exp_base < 1.0:
-            raise MixtralError(f"moe.capacity_bins.exp_base must be a number >= 1.0, got {self.exp_base!r}")
-        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
-            raise MixtralError(f"moe.capacity_bins.tokens must be a positive integer or null, got {self.tokens!r}")
-
-    @classmethod
-    def from_value(cls, value: Any) -> "CapacityBinsConfig":
-        """From the recipe's mapping (or None for the defaults); unknown keys are named."""
-        if value is None or isinstance(value, cls):
-            return value or cls()
-        if not isinstance(value, dict):
-            raise MixtralError(f"moe.capacity_bins must be a mapping of options, got {value!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise MixtralError(f"moe.capacity_bins: unknown option(s) {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(known))}")
-        return cls(**value)
 
 
 def align_up(value: float, alignment: int) -> int:
@@ -183,11 +143,12 @@ class CapacityBins(nn.Module):
         return max(edges[index], align_up(largest, self.alignment)), index
 
 
-def step_bins(bins: list[CapacityBins], dp_group: dist.ProcessGroup | None = None) -> bool:
+def step_bins(bins: list[CapacityBins], dp_group: dist.ProcessGroup | None = None, first_layer: int = 0) -> bool:
     """End of a training step: count it and, every optimize_interval steps, re-shape the bins.
 
-    Consecutive layers in groups of `group_size` pool their usage (summed over the data-parallel
-    group) and all take the same new bins. Returns whether the bins were re-shaped.
+    Layers in groups of `group_size` (by model layer index: bins[i] is layer first_layer + i, so a pipeline
+    stage groups its layers as the whole model does) pool their usage, summed over the data-parallel group,
+    and all take the same new bins. Returns whether the bins were re-shaped.
     """
     if not bins:
         return False
@@ -197,8 +158,10 @@ def step_bins(bins: list[CapacityBins], dp_group: dist.ProcessGroup | None = Non
     if not interval or int(bins[0].steps) % interval or bins[0].host_edges()[0] == 0:
         return False
     size = bins[0].config.group_size
-    for start in range(0, len(bins), size):
-        group = bins[start:start + size]
+    groups: dict[int, list[CapacityBins]] = {}
+    for i, b in enumerate(bins):
+        groups.setdefault((first_layer + i) // size, []).append(b)
+    for group in groups.values():
         usage = torch.stack([b.usage for b in group]).sum(0)
         if dp_group is not None:
             dist.all_reduce(usage, op=dist.ReduceOp.SUM, group=dp_group)

@@ -37,7 +37,8 @@ from torch import nn
 
 from mixtral.backend import Ops
 from mixtral.kernels import reference
-from mixtral.model.capacity_bins import CapacityBins, CapacityBinsConfig
+from mixtral.config import CapacityBinsConfig
+from mixtral.model.capacity_bins import CapacityBins
 
 
 @dataclass

@@ -175,11 +175,13 @@ class MoE(nn.Module):
         load.zero_()
 
 
-def moe_step_end(moes: list[MoE], dp_group: dist.ProcessGroup | None = None) -> None:
-    """What the trainer runs after each optimizer step: expert-bias updates and capacity-bin re-shaping."""
+def moe_step_end(moes: list[MoE], dp_group: dist.ProcessGroup | None = None, first_layer: int = 0) -> bool:
+    """What the trainer runs after each optimizer step: expert-bias updates and capacity-bin re-shaping (moes are
+    consecutive layers from first_layer). Returns whether the bins changed."""
     for moe in moes:
         moe.update_expert_bias(dp_group)
-    step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], dp_group)
+    return step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], dp_group,
+                     first_layer)
 
 
 def moe_metrics(stats: list[MoEStats]) -> dict[str, torch.Tensor]:

@@ -210,9 +210,9 @@ class Mixtral(nn.Module):
             out.z_loss = z_loss
             out.loss = out.loss + self.moe.z_loss_coeff * out.z_loss
 
-    def moe_step_end(self, dp_group=None) -> None:
+    def moe_step_end(self, dp_group=None) -> bool:
         """Call after every optimizer step: expert-bias updates, capacity-bin usage and re-shaping."""
-        moe_step_end([layer.mlp for layer in self.layers], dp_group)
+        return moe_step_end([layer.mlp for layer in self.layers], dp_group)
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:

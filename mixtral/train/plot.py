@@ -1,4 +1,5 @@
-"""`mixtral-run plot RUN_DIR`: loss.png (train and eval loss) and expert_load.png from a run's metrics.jsonl."""
+"""`mixtral-run plot RUN_DIR`: loss.png (train and eval loss), expert_load.png and routing.png (capacity bin edges,
+expert bias) from a run's metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -72,7 +73,40 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path
         written.append(output / "expert_load.png")
         fig.savefig(written[-1], dpi=120, bbox_inches="tight")
         plt.close(fig)
-    return written
+    routing = plot_routing_state(plt, records, output / "routing.png")
+    return written + ([routing] if routing else [])
+
+
+def plot_routing_state(plt, records: list[dict], path: Path) -> Path | None:
+    """routing.png: each layer group's capacity bin edges over the steps that re-made them, and each expert's bias
+    per layer (lines: layer 0's experts; image: the last step's every layer). None when the run logged neither."""
+    edges = [r for r in records if "capacity_bin_edges" in r]
+    biases = [r for r in records if "expert_bias" in r]
+    panels = [p for p in (edges and "edges", biases and "bias", biases and "bias_image") if p]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "edges":
+            steps = [r["step"] for r in edges] + [records[-1]["step"]]
+            for layer in range(len(edges[0]["capacity_bin_edges"])):  # layers sharing bins draw over each other
+                for b in range(len(edges[0]["capacity_bin_edges"][layer])):
+                    values = [r["capacity_bin_edges"][layer][b] for r in edges]
+                    ax.step(steps, values + values[-1:], where="post", color=f"C{layer % 10}", linewidth=1)
+            ax.set(xlabel="step", ylabel="rows per expert", title="capacity bin edges (a colour per layer)")
+        elif panel == "bias":
+            steps = [r["step"] for r in biases]
+            for expert in range(len(biases[-1]["expert_bias"][0])):
+                ax.plot(steps, [r["expert_bias"][0][expert] for r in biases], label=f"expert {expert}")
+            ax.set(xlabel="step", ylabel="selection bias", title="expert bias, layer 0")
+            ax.legend(fontsize="small")
+        else:
+            image = ax.imshow(biases[-1]["expert_bias"], aspect="auto", cmap="coolwarm")
+            ax.set(xlabel="expert", ylabel="layer", title=f"expert bias, step {biases[-1]['step']}")
+            fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from mixtral.build import build_for_training, materialize
 from mixtral.data.loader import Loader, SampleSource, build_datasets
 from mixtral.data.tokenizer import default_tokenizer_path, load_tokenizer
 from mixtral.errors import MixtralError
+from mixtral.model.moe import moe_step_end
 from mixtral.parallel import (
     ParallelDims,
     Pipeline,
@@ -57,6 +58,7 @@ class StepStats:
     tokens_per_expert: torch.Tensor  # [layers, experts], summed over the step's micro-batches
     routing: dict[str, list] = field(default_factory=dict)  # per layer: dropped_fraction, capacity_bin
     memory: dict[str, list] = field(default_factory=dict)   # first step: bytes per rank, mixtral.train.memory
+    bin_edges: dict[str, list] = field(default_factory=dict)  # capacity_bin_edges when the bins were (re)made
 
     @property
     def finite(self) -> bool:
@@ -110,6 +112,7 @@ class Trainer:
             dp_rank = self.meshes["dp"].get_local_rank() if self.meshes else 0
             self.loader = Loader(train, r.batch.micro_batch, r.train.seed, dp_rank, self.dims.dp)
         self.step, self.tokens, self.skipped, self.bad_in_a_row = 0, 0, 0, 0
+        self.logged_edges: list[list[int]] | None = None  # the capacity bins last written to metrics.jsonl
 
     def _build_model(self) -> tuple[torch.nn.Module, Pipeline | None]:
         """This rank's part of the model (its pipeline stage under pp), laid out on the meta device, then only that
@@ -216,10 +219,53 @@ class Trainer:
                 with torch.no_grad():
                     for param, master in zip(self.model.parameters(), self.masters):
                         param.copy_(master)
+        if stats.finite:
+            stats.bin_edges, bias = self._routing_step_end()
+            stats.routing.update(bias)
         if self.step == 0:
             stats.memory = self._memory_record(stats.finite)
         self._zero_grad()
         return stats
+
+    def _stage_layers(self) -> list[tuple[int, torch.nn.Module]]:
+        """(model layer index, block) of the blocks this rank holds (its pipeline stage's)."""
+        layers = self.model.layers
+        return [(int(i), layer) for i, layer in layers.items()] if hasattr(layers, "items") else list(enumerate(layers))
+
+    def _routing_step_end(self) -> tuple[dict[str, list], dict[str, list]]:
+        """After an optimizer step: expert-bias updates and capacity-bin re-shaping (moe_step_end) from usage summed
+        over the data x context ranks, so every rank decides alike. Returns what the step's metrics carry: every
+        layer's capacity_bin_edges on the first step and on steps that changed them, and (on expert-load steps)
+        every layer's expert_bias."""
+        moe = self.recipe.moe
+        if moe.dispatcher != "capacity_bins" and not moe.expert_bias:
+            return {}, {}
+        layers = self._stage_layers()
+        group = self.meshes.dp_cp.get_group() if self.meshes and self.meshes.dp_cp.size() > 1 else None
+        moe_step_end([layer.mlp for _, layer in layers], group, layers[0][0])
+        every = self.recipe.train.expert_load_interval
+        interval = moe.capacity_bins.optimize_interval if moe.capacity_bins else 0
+        edges, bias = {}, {}
+        if moe.dispatcher == "capacity_bins" and (self.step == 0 or (interval and (self.step + 1) % interval == 0)):
+            table = self._all_layers(layers, lambda layer: layer.mlp.dispatcher.bins.edges)
+            if table != self.logged_edges:
+                edges["capacity_bin_edges"] = self.logged_edges = table
+        if moe.expert_bias and every and (self.step + 1) % every == 0:
+            table = self._all_layers(layers, lambda layer: layer.mlp.expert_bias.float())
+            bias["expert_bias"] = [[round(b, 6) for b in row] for row in table]
+        return edges, bias
+
+    def _all_layers(self, layers: list[tuple[int, torch.nn.Module]], value) -> list[list]:
+        """value(block) of every layer of the model, [layers][...], from the pipeline stages that hold them."""
+        rows = {i: value(layer) for i, layer in layers}
+        width = next(iter(rows.values())).numel()
+        table = torch.zeros(self.config.num_hidden_layers, width, dtype=torch.float64, device=self.device)
+        for i, row in rows.items():
+            table[i] = row.to(torch.float64)
+        if self.meshes is not None and self.meshes["pp"].size() > 1:
+            dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
+        as_int = all(not torch.is_floating_point(row) for row in rows.values())
+        return [[int(x) for x in row] if as_int else row for row in table.tolist()]
 
     def _zero_grad(self) -> None:
         """Drop the gradients, but keep the fp32 master gradients' buffers: the next step writes into them
@@ -380,11 +426,11 @@ class Trainer:
                 record = {"step": self.step, "loss": stats.loss, "ce_loss": stats.ce_loss, "aux_loss": stats.aux_loss,
                           "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tokens_per_s, 1),
                           "mfu": round(flops_per_token * tokens_per_s / peak, 5), "tokens": self.tokens}
-                record.update(stats.memory)
+                record.update(stats.memory, **stats.bin_edges)
                 every = r.train.expert_load_interval
                 if every and self.step % every == 0:
                     record.update(expert_load(stats.tokens_per_expert), **stats.routing)
-                if self.step % r.train.log_interval == 0 or self.step == r.train.steps or stats.memory:
+                if self.step % r.train.log_interval == 0 or self.step == r.train.steps or stats.memory or stats.bin_edges:
                     self._log(log, record)
                 summary.update(record)
                 bar.update(1)
