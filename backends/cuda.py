@@ -10,10 +10,18 @@ import importlib.util
 
 import torch
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl
+from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, peak_by_name
 from mixtral.kernels import native
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Dense (no sparsity) datasheet peaks in TFLOP/s: bf16 tensor cores, and fp32 (TF32 tensor cores when torch allows
+# TF32 matmuls, else the plain fp32 units). Longer names first: "H100 PCIe" before "H100".
+PEAK_TFLOPS = {  # name: (bf16, tf32, fp32)
+    "GB200": (2500, 1250, 80), "B200": (2250, 1100, 80), "H200": (989, 494, 67), "H100 PCIe": (756, 378, 51),
+    "H100": (989, 494, 67), "H800": (989, 494, 67), "H20": (148, 74, 44), "A100": (312, 156, 19.5),
+    "A800": (312, 156, 19.5), "L40S": (362, 183, 91.6), "L4": (121, 60, 30.3), "A10G": (70, 35, 31.2),
+    "A10": (125, 62.5, 31.2),
+}
 TRITON_OPS = ("triton_permute", "triton_unpermute", "triton_router", "triton_grouped_mm")
 
 
@@ -51,6 +59,15 @@ class CUDABackend(Backend):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+    def peak_flops(self, device: torch.device, dtype: torch.dtype) -> float | None:
+        peaks = peak_by_name(torch.cuda.get_device_name(device), PEAK_TFLOPS)
+        if peaks is None:
+            return None
+        bf16, tf32, fp32 = peaks
+        if dtype in (torch.bfloat16, torch.float16):
+            return bf16 * 1e12
+        return (tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32) * 1e12
 
     def memory_stats(self) -> dict[str, int]:
         return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
+from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
 from mixtral.errors import MixtralError
 
 
@@ -111,6 +111,14 @@ class HPUBackend(Backend):
         import habana_frameworks.torch.hpu as hthpu
 
         hthpu.synchronize()
+
+    def peak_flops(self, device: torch.device, dtype: torch.dtype) -> float | None:
+        """Intel's bf16 matrix-engine peaks by the name hpu.get_device_name() gives (GAUDI2, GAUDI3)."""
+        import habana_frameworks.torch.hpu as hthpu
+
+        if dtype != torch.bfloat16:
+            return None
+        return peak_by_name(hthpu.get_device_name(), {"GAUDI3": 1835e12, "GAUDI2": 432e12})
 
 
 @hookimpl

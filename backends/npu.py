@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
+from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
 from mixtral.kernels import reference
 
 CAUSAL_SPARSE_MODE = 2  # leftUpCausal: the kernel builds the causal mask from a compressed 2048 x 2048 triangle
@@ -154,6 +154,12 @@ class NPUBackend(Backend):
 
     def synchronize(self) -> None:
         torch.npu.synchronize()
+
+    def peak_flops(self, device: torch.device, dtype: torch.dtype) -> float | None:
+        """Huawei's fp16 / bf16 cube peak for the Ascend 910B family, by torch.npu.get_device_name()."""
+        if dtype not in (torch.bfloat16, torch.float16):
+            return None
+        return peak_by_name(torch.npu.get_device_name(), {"910B": 313e12})
 
 
 @hookimpl

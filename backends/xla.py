@@ -9,12 +9,13 @@ decomposes it to plain HLO, grouped KV heads included); the other ops are the pl
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available
+from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
 from mixtral.kernels import native
 
 
@@ -49,6 +50,13 @@ class XLABackend(Backend):
         import torch_xla
 
         torch_xla.sync()
+
+    def peak_flops(self, device: torch.device, dtype: torch.dtype) -> float | None:
+        """Google's bf16 peak per chip from the TPU VM's accelerator type (TPU_ACCELERATOR_TYPE, e.g. v5p-128)."""
+        if dtype != torch.bfloat16:
+            return None
+        return peak_by_name(os.environ.get("TPU_ACCELERATOR_TYPE", ""),
+                            {"v6e": 918e12, "v5p": 459e12, "v5litepod": 197e12, "v5e": 197e12, "v4": 275e12})
 
     def synchronize(self) -> None:
         import torch_xla

@@ -110,6 +110,11 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (timing, benchmarks)."""
 
+    def peak_flops(self, device: torch.device, dtype: torch.dtype) -> float | None:
+        """The device's dense matmul peak in FLOP/s for dtype (MFU's denominator), from its datasheet; None: unknown
+        here, so the trainer measures it."""
+        return None
+
     def mark_step(self) -> None:
         """End of a step for lazy-graph backends (XLA, Gaudi lazy mode); a no-op for eager ones."""
 
@@ -215,3 +220,8 @@ def all_backends() -> Iterable[Backend]:
 def backend_for_device(device_type: str) -> Backend | None:
     """The registered backend of this torch device type (its shape rules, its end-of-step hook), if any."""
     return next((b for b in all_backends() if b.device_type == device_type), None)
+
+
+def peak_by_name(name: str, table: dict[str, float]) -> float | None:
+    """A datasheet figure for a device name: the first table key the name contains (case-insensitive)."""
+    return next((flops for key, flops in table.items() if key.lower() in name.lower()), None)

@@ -21,6 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                         help="start N worker processes on this host through torch.distributed.run (the recipe's "
                              "parallel.dp x tp x pp x cp ranks); for several hosts launch with torchrun")
+    parser.add_argument("--backend", default=None,
+                        help="backend name (see `mixtral-run backends`) or 'auto'; the same as the override "
+                             "backend=NAME (default: the recipe's)")
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The recipe overrides of the command line, --backend among them."""
+    return [*args.overrides, *([f"backend={args.backend}"] if args.backend else [])]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         from mixtral.errors import MixtralError
         from mixtral.recipes import load_recipe
 
-        world = load_recipe(args.recipe, args.overrides).parallel.world_size  # a bad recipe fails once, here
+        world = load_recipe(args.recipe, overrides(args)).parallel.world_size  # a bad recipe fails once, here
         if world != args.nproc_per_node:
             raise MixtralError(f"the recipe's layout has {world} ranks (parallel.dp x tp x pp x cp) but "
                                f"--nproc-per-node is {args.nproc_per_node}; change one of them")
@@ -39,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return train(args)
     from mixtral.recipes import load_recipe
 
-    init_distributed(load_recipe(args.recipe, args.overrides).backend)
+    init_distributed(load_recipe(args.recipe, overrides(args)).backend)
     return fail_fast(lambda: train(args))
 
 
@@ -50,7 +58,7 @@ def train(args: argparse.Namespace) -> int:
     from mixtral.recipes import load_recipe
     from mixtral.train.trainer import Trainer
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, overrides(args))
     trainer = Trainer(recipe)
     if trainer.spmd_mesh:
         print(f"one SPMD program over {recipe.parallel.world_size} {trainer.device.type} devices, mesh "

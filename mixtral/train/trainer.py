@@ -129,6 +129,23 @@ class Trainer:
         parts.model.train()
         return parts.model, parts.pipeline
 
+    def _peak_flops(self) -> float:
+        """MFU's denominator: the backend's datasheet peak for this device and precision, else measured here."""
+        dtype = torch.float32 if self.recipe.precision == "fp32" else torch.bfloat16
+        return self.backend.peak_flops(self.device, dtype) or measure_peak_flops(self.device, dtype,
+                                                                                  self.backend.synchronize)
+
+    def _checked_peak(self, peak: float, achieved: float) -> float:
+        """peak, unless this step beat it (an MFU above 1: the denominator is wrong): then measured again, and said."""
+        if achieved <= peak:
+            return peak
+        given = "train.peak_flops" if self.recipe.train.peak_flops else "the peak FLOP/s"
+        fixed = max(self._peak_flops(), achieved)
+        tqdm.write(f"step {self.step}: {achieved / 1e12:.3g} TFLOP/s beats {given} {peak / 1e12:.3g} (MFU would be "
+                   f"{achieved / peak:.2f}); measured again: {fixed / 1e12:.3g} TFLOP/s from here on"
+                   + (" (set train.peak_flops to the device's datasheet figure)" if self.recipe.train.peak_flops else ""))
+        return fixed
+
     def _planned_device(self) -> Device | None:
         """The planner's device this run is checked against: hardware.device, else the backend's (None: unknown)."""
         name = self.recipe.hardware.device or BACKEND_DEVICE.get(self.backend.name)
@@ -398,8 +415,7 @@ class Trainer:
         if self.is_main:
             truncate_after(self.run_dir, self.step)
             self._write_recipe()
-            peak = r.train.peak_flops or measure_peak_flops(
-                self.device, torch.float32 if r.precision == "fp32" else torch.bfloat16, self.backend.synchronize)
+            peak = r.train.peak_flops or self._peak_flops()
             log = MetricsLog(self.run_dir, r.train.tensorboard)
         flops_per_token = self.config.flops_per_token(r.seq_len)
         tokens_per_step = r.batch.global_batch * r.seq_len
@@ -425,7 +441,10 @@ class Trainer:
                 self.bad_in_a_row = 0
                 record = {"step": self.step, "loss": stats.loss, "ce_loss": stats.ce_loss, "aux_loss": stats.aux_loss,
                           "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tokens_per_s, 1),
-                          "mfu": round(flops_per_token * tokens_per_s / peak, 5), "tokens": self.tokens}
+                          "mfu": None, "tokens": self.tokens}
+                if self.is_main:
+                    peak = self._checked_peak(peak, flops_per_token * tokens_per_s)
+                    record["mfu"] = round(flops_per_token * tokens_per_s / peak, 5)
                 record.update(stats.memory, **stats.bin_edges)
                 every = r.train.expert_load_interval
                 if every and self.step % every == 0:

@@ -1,0 +1,55 @@
+"""`mixtral-run train` flags and what it logs: --backend, MFU against the backend's peak (never above 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral.backend import all_backends
+from mixtral.cli import main
+from mixtral.train.metrics import read_metrics
+
+SHORT = ["train.steps=3", "train.tensorboard=false", "eval.interval=0", "checkpoint.interval=0",
+         "batch.global_batch=4", "batch.micro_batch=4", "model.num_hidden_layers=1", "seq_len=64"]
+
+
+def registered(name: str):
+    """A registered backend, usable here or not."""
+    return next(b for b in all_backends() if b.name == name)
+
+
+def test_backend_flag_overrides_the_recipe(tmp_path, capsys):
+    assert main(["train", "--recipe", "cpu-tiny", "--backend", "cpu", *SHORT, f"train.output_dir={tmp_path}"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3]
+    if not registered("cuda").availability.ok:
+        assert main(["train", "--recipe", "cpu-tiny", "--backend", "cuda", *SHORT,
+                     f"train.output_dir={tmp_path / 'cuda'}"]) == 2
+        assert "backend 'cuda' is not available here" in capsys.readouterr().err
+
+
+def test_mfu_is_never_above_one(tmp_path, capsys):
+    """A peak below what a step achieves (train.peak_flops far too low) is replaced, and the log says why."""
+    assert main(["train", "--recipe", "cpu-tiny", *SHORT, "train.peak_flops=1000", f"train.output_dir={tmp_path}"]) == 0
+    mfus = [r["mfu"] for r in read_metrics(tmp_path) if "mfu" in r]
+    assert len(mfus) == 3 and all(0 < m <= 1 for m in mfus)
+    out = capsys.readouterr().out
+    assert "beats train.peak_flops 1e-09 (MFU would be" in out and "measured again" in out
+
+
+@pytest.mark.parametrize("name, dtype, tf32, tflops", [("NVIDIA H100 80GB HBM3", torch.bfloat16, False, 989),
+                                                       ("NVIDIA H100 PCIe", torch.bfloat16, False, 756),
+                                                       ("NVIDIA A100-SXM4-80GB", torch.float32, True, 156),
+                                                       ("NVIDIA A100-SXM4-80GB", torch.float32, False, 19.5),
+                                                       ("Some Future GPU", torch.bfloat16, False, None)])
+def test_cuda_peak_comes_from_the_device_name(monkeypatch, name, dtype, tf32, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    peak = registered("cuda").peak_flops(torch.device("cuda", 0), dtype)
+    assert peak == (None if tflops is None else tflops * 1e12)
+
+
+def test_tpu_peak_comes_from_the_accelerator_type(monkeypatch):
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-128")
+    assert registered("xla").peak_flops(torch.device("xla", 0), torch.bfloat16) == 459e12
+    monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-16")
+    assert registered("xla").peak_flops(torch.device("xla", 0), torch.bfloat16) == 197e12
