@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
-from mixtral.kernels import reference
+from mixtral.kernels import native, reference
 
 CAUSAL_SPARSE_MODE = 2  # leftUpCausal: the kernel builds the causal mask from a compressed 2048 x 2048 triangle
 LAYOUTS = ("BNSD", "BSND")
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # npu_fusion_attention's query / key / value dtypes
 FUSED_OPS = ("npu_fusion_attention", "npu_grouped_matmul", "npu_moe_token_permute", "npu_moe_token_unpermute",
              "npu_rms_norm", "npu_rotary_position_embedding", "npu_swiglu")
 
@@ -44,6 +45,8 @@ def attention(fusion_attention: Callable[..., tuple], q: torch.Tensor, k: torch.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    if q.dtype not in HALF_DTYPES:  # the kernel takes fp16 and bf16 only: fp32 runs torch's SDPA on the NPU
+        return native.attention(q, k, v, mask, causal, scale)
     b, heads, s, d = q.shape
     t = k.shape[-2]
     extra = {}
@@ -78,9 +81,16 @@ def grouped_mm(grouped_matmul: Callable[..., list], x: torch.Tensor, w: torch.Te
 
     One x and one y tensor (split_item 3) split on the M axis (group_type 0) by group_list; w is one 3-D
     [G, K, N] tensor. Zero-row groups are allowed. x and w share a dtype (fp16, bf16, or fp32 with single tensors).
+    The split must cover x exactly, so rows past the last group (expert parallelism's padding) are cut off and
+    their zero outputs padded back; counts (group_list_type 1) need two groups, so one group goes as its end.
     """
-    return grouped_matmul([x], [w], group_list=group_list(offs, group_list_type), split_item=3, group_type=0,
-                          group_list_type=group_list_type)[0]
+    rows = int(offs[-1])
+    kind = group_list_type if w.shape[0] > 1 else 0
+    if rows == 0:
+        return x.new_zeros(x.shape[0], w.shape[-1])
+    y = grouped_matmul([x[:rows]], [w], group_list=group_list(offs, kind), split_item=3, group_type=0,
+                       group_list_type=kind)[0]
+    return F.pad(y, (0, 0, 0, x.shape[0] - rows))
 
 
 def inverse_permutation(perm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

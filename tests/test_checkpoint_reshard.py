@@ -164,6 +164,7 @@ def _load_hf_into_fsdp(hf_dir: str) -> dict:
     from mixtral.checkpoint.hf import HFSource
     from mixtral.checkpoint.loading import load_parameters
     from mixtral.config import ModelConfig
+    from mixtral.parallel import ShardMap
 
     with torch.device("meta"):
         model = Mixtral(ModelConfig(**BIG_CONFIG))
@@ -171,7 +172,8 @@ def _load_hf_into_fsdp(hf_dir: str) -> dict:
     model.to_empty(device="cpu")
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     base = _status_mb("VmRSS")
-    load_parameters(model, hf_dir)
+    shards = ShardMap(model.config)
+    load_parameters(model, hf_dir, shards, shards.shapes)
     grown = _status_mb("VmHWM") - base
     local_mb = sum(p.to_local().numel() * 4 for p in model.parameters()) / 2**20
     source = HFSource(hf_dir)
@@ -180,9 +182,9 @@ def _load_hf_into_fsdp(hf_dir: str) -> dict:
 
 
 def test_hf_into_a_sharded_model_reads_only_each_ranks_shards(tmp_path):
-    """A ~210 MB model loads into FSDP2 on 2 ranks with each rank's peak RSS growing by its half, one whole tensor
-    in flight (the largest, a layer's fused gate_up, is 19% of the model) and 5% of the model for the allocator,
-    not by the whole model. (Measured: 120-135 MB against a 101 MB half.)"""
+    """A ~210 MB model loads into FSDP2 on 2 ranks with each rank's peak RSS growing by its half, at most one whole
+    tensor in flight (each piece is read as a box: far less) and 5% of the model for the allocator, not by the
+    whole model."""
     from mixtral.checkpoint.hf import save_hf
 
     model, model_mb = big_random_model()

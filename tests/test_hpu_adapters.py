@@ -41,7 +41,7 @@ def test_attention_scale_and_modes_pass_through() -> None:
 
 
 def test_wrong_attention_calls_fail() -> None:
-    """The simulation catches the mistakes an adapter could make: inverted mask, wrong layout, mask with is_causal."""
+    """The simulation catches the mistakes an adapter could make: inverted mask, wrong layout, a 2-D mask with GQA."""
     q, k, v = qkv(5, 13)
     mask = random_mask(2, 1, 5, 13)
     want = reference.attention(q, k, v, mask=mask)
@@ -49,8 +49,12 @@ def test_wrong_attention_calls_fail() -> None:
     assert not torch.allclose(inverted, want, **FP32)
     with pytest.raises(ValueError, match="key heads 13 must divide query heads 5"):  # [B, S, H, D] passed as [B, H, S, D]
         sim.FusedSDPA.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0, False, None)
-    with pytest.raises(ValueError, match="is_causal with an attn_mask"):
-        sim.FusedSDPA.apply(q[:, :, :5], k[:, :, :5], v[:, :, :5], mask[..., :5], 0.0, True, None)
+    with pytest.raises(AssertionError, match="2D attention mask is not supported with grouped-query"):
+        sim.FusedSDPA.apply(q, k, v, mask[0, 0], 0.0, False, None)  # the wrapper unpacks a 4-D mask under GQA
+    square = mask[..., :5]  # is_causal and a mask together apply both, as the wrapper does
+    both = sim.FusedSDPA.apply(q[:, :, :5], k[:, :, :5], v[:, :, :5], square, 0.0, True, None)
+    torch.testing.assert_close(both, reference.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], mask=square,
+                                                         causal=True), **FP32)
     with pytest.raises(ValueError, match="neither"):
         sim.FusedSDPA.apply(q, k, v, mask[..., :1, :], 0.0, False, None)  # an unexpanded broadcast mask
 

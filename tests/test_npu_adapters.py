@@ -1,6 +1,7 @@
 """The Ascend adapters (backends/npu.py) against kernels/reference, on the CPU through tests/vendor_sim.py's simulations.
 
-fp32 with tolerance 1e-5 (relative and absolute) unless stated; integer outputs (order, counts) exactly.
+fp32 with tolerance 1e-5 (relative and absolute) unless stated; npu_fusion_attention takes fp16 and bf16 only, so its
+cases run in both, against the fp32 reference on the same rounded inputs (vendor_sim.HALF); integer outputs exactly.
 """
 
 from __future__ import annotations
@@ -13,21 +14,35 @@ from mixtral.backends import npu
 from mixtral.kernels import reference
 from mixtral.model.rope import rope_tables
 from tests import vendor_sim as sim
-from tests.vendor_sim import ATTENTION_CASES, FP32, qkv, random_mask
+from tests.vendor_sim import ATTENTION_CASES, FP32, HALF, qkv, random_mask
 
 NPU = sim.torch_npu
 OPS = npu.make_ops(NPU)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("layout", npu.LAYOUTS)
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_attention_matches_reference(case, layout) -> None:
+def test_attention_matches_reference(case, layout, dtype) -> None:
     s, t, kv_heads, causal, mask = ATTENTION_CASES[case]
-    q, k, v = qkv(s, t, kv_heads=kv_heads)
-    want = reference.attention(q, k, v, mask=mask, causal=causal, scale=0.2 if case == "mha" else None)
-    got = npu.attention(NPU.npu_fusion_attention, q, k, v, mask=mask, causal=causal,
-                        scale=0.2 if case == "mha" else None, layout=layout)
-    torch.testing.assert_close(got, want, **FP32)
+    q, k, v = qkv(s, t, kv_heads=kv_heads, dtype=dtype)
+    scale = 0.2 if case == "mha" else None
+    want = reference.attention(q.float(), k.float(), v.float(), mask=mask, causal=causal, scale=scale)
+    got = npu.attention(NPU.npu_fusion_attention, q, k, v, mask=mask, causal=causal, scale=scale, layout=layout)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, **HALF[dtype])
+
+
+def test_fp32_attention_runs_sdpa_not_the_half_precision_kernel() -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("npu_fusion_attention takes fp16 and bf16 only")
+
+    q, k, v = qkv(5, 13)
+    mask = random_mask(2, 1, 5, 13)
+    torch.testing.assert_close(npu.attention(refuse, q, k, v, mask=mask), reference.attention(q, k, v, mask=mask),
+                               **FP32)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        NPU.npu_fusion_attention(q, k, v, 6, "BNSD", scale=0.25)
 
 
 def test_causal_uses_the_compressed_mask_and_sparse_mode_2() -> None:
@@ -37,7 +52,7 @@ def test_causal_uses_the_compressed_mask_and_sparse_mode_2() -> None:
         seen.update(kwargs)
         return NPU.npu_fusion_attention(*args, **kwargs)
 
-    q, k, v = qkv(11, 11)
+    q, k, v = qkv(11, 11, dtype=torch.bfloat16)
     npu.attention(spy, q, k, v, causal=True)
     assert seen["sparse_mode"] == 2 and seen["atten_mask"].shape == (2048, 2048)
     assert seen["atten_mask"] is npu.compressed_causal_mask(q.device)  # built once per device
@@ -45,14 +60,16 @@ def test_causal_uses_the_compressed_mask_and_sparse_mode_2() -> None:
 
 def test_wrong_attention_calls_fail() -> None:
     """Mistakes an adapter could make, each caught by the simulation: polarity, scale, layout, mask shape."""
-    q, k, v = qkv(11, 13)
+    q, k, v = qkv(11, 13, dtype=torch.bfloat16)
     mask = random_mask(2, 1, 11, 13)
-    want = reference.attention(q, k, v, mask=mask)
+    want = reference.attention(q.float(), k.float(), v.float(), mask=mask)
+    tolerance = HALF[torch.bfloat16]
     as_is = NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=mask | (torch.arange(13) == 1), scale=0.25)[0]
-    assert not torch.allclose(as_is, want, **FP32)  # our True = attend passed where True = masked out
+    assert not torch.allclose(as_is.float(), want, **tolerance)  # our True = attend passed where True = masked out
     no_scale = NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask)[0]  # the kernel's default is 1.0
-    assert not torch.allclose(no_scale, want, **FP32)
-    torch.testing.assert_close(NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask, scale=0.25)[0], want, **FP32)
+    assert not torch.allclose(no_scale.float(), want, **tolerance)
+    torch.testing.assert_close(NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask, scale=0.25)[0].float(),
+                               want, **tolerance)
     with pytest.raises(ValueError, match="head_num 6 does not match"):
         NPU.npu_fusion_attention(q, k, v, 6, "BSND", scale=0.25)  # BNSD tensors declared BSND
     with pytest.raises(ValueError, match="is not BNSS, B1SS, 11SS or SS"):
@@ -70,25 +87,34 @@ def test_group_list_conversion() -> None:
         npu.group_list(offs, 2)
 
 
-GROUPS = {"zeros_inside": [3, 0, 7, 0, 5], "leading_empty": [0, 0, 12], "last_empty": [4, 4, 0], "one_group": [9]}
+GROUPS = {"zeros_inside": [3, 0, 7, 0, 5], "leading_empty": [0, 0, 12], "last_empty": [4, 4, 0], "one_group": [9],
+          "all_empty": [0, 0, 0]}
 
 
+@pytest.mark.parametrize("padding", [0, 4], ids=["exact", "padded_rows"])  # expert parallelism pads x past the groups
 @pytest.mark.parametrize("group_list_type", [0, 1], ids=["cumsum", "counts"])
 @pytest.mark.parametrize("case", list(GROUPS))
-def test_grouped_mm_matches_reference(case, group_list_type) -> None:
+def test_grouped_mm_matches_reference(case, group_list_type, padding) -> None:
     counts = GROUPS[case]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    x = torch.randn(sum(counts), 32)
+    x = torch.randn(sum(counts) + padding, 32)
     w = torch.randn(len(counts), 24, 32).transpose(1, 2)  # [G, K, N] viewed from [G, N, K] parameters, as the experts pass it
     got = npu.grouped_mm(NPU.npu_grouped_matmul, x, w, offs, group_list_type=group_list_type)
-    torch.testing.assert_close(got, reference.grouped_mm(x, w, offs), **FP32)
+    rows = sum(counts)  # the reference leaves rows past the groups unwritten; the adapter zeroes them
+    torch.testing.assert_close(got[:rows], reference.grouped_mm(x, w, offs)[:rows], **FP32)
+    assert got.shape == (x.shape[0], 24) and not got[rows:].any()
 
 
 def test_wrong_grouped_mm_calls_fail() -> None:
     offs = torch.tensor([3, 3, 10, 10, 15], dtype=torch.int32)
     x, w = torch.randn(15, 8), torch.randn(5, 8, 4)
-    with pytest.raises(ValueError, match="counts summing to at most"):  # cumulative ends declared as counts
+    with pytest.raises(ValueError, match="counts summing to x's rows"):  # cumulative ends declared as counts
         NPU.npu_grouped_matmul([x], [w], group_list=offs.long(), split_item=3, group_type=0, group_list_type=1)
+    with pytest.raises(ValueError, match="the last equal to x's rows"):  # rows past the last group
+        NPU.npu_grouped_matmul([torch.randn(17, 8)], [w], group_list=offs.long(), split_item=3, group_type=0)
+    with pytest.raises(ValueError, match="needs at least 2 groups"):  # one group as a count
+        NPU.npu_grouped_matmul([x], [w[:1]], group_list=torch.tensor([15]), split_item=3, group_type=0,
+                               group_list_type=1)
     with pytest.raises(TypeError, match="group_list must be int64"):  # our int32 offsets passed unconverted
         NPU.npu_grouped_matmul([x], [w], group_list=offs, split_item=3, group_type=0)
     with pytest.raises(TypeError, match="share a dtype"):

@@ -62,3 +62,59 @@ def test_missing_torchrun_environment_is_a_user_error(monkeypatch) -> None:
     monkeypatch.delenv("MASTER_PORT", raising=False)
     with pytest.raises(MixtralError, match="MASTER_PORT are not set; launch with `torchrun --nproc-per-node N"):
         init_distributed("cpu")
+
+
+def _descendants(root: int) -> dict[int, dict[str, str]]:
+    """pid -> environment of every live descendant of root (Linux /proc)."""
+    parents, envs = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                envs[int(entry)] = dict(item.decode(errors="replace").partition("=")[::2]
+                                        for item in environ.read().split(b"\0") if b"=" in item)
+        except OSError:  # exited meanwhile
+            continue
+
+    def under_root(pid: int) -> bool:
+        while pid in parents and pid != root:
+            pid = parents[pid]
+        return pid == root
+
+    return {pid: env for pid, env in envs.items() if pid != root and under_root(pid)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_killed_during_training_stops_the_run_naming_it(tmp_path, world: int) -> None:
+    """SIGKILL one worker of `mixtral-run train --nproc-per-node N` mid-run: the launcher reports that rank within
+    60 s and no worker is left running."""
+    import signal
+
+    command = [sys.executable, "-m", "mixtral.cli", "train", "--recipe", "cpu-tiny", "--nproc-per-node", str(world),
+               f"parallel.dp={world}", "train.steps=100000", f"batch.global_batch={world}", "batch.micro_batch=1",
+               "model.num_hidden_layers=1", "seq_len=32", "eval.interval=0", "checkpoint.interval=0",
+               "train.tensorboard=false", "train.peak_flops=1e12", f"train.output_dir={tmp_path}"]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = world - 1
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "metrics.jsonl").is_file():  # training has started on every rank
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.5)
+        workers = {int(env["RANK"]): pid for pid, env in _descendants(launcher.pid).items()
+                   if "RANK" in env and "TORCHELASTIC_RUN_ID" in env}
+        assert sorted(workers) == list(range(world)), workers
+        os.kill(workers[victim], signal.SIGKILL)
+        killed = time.monotonic()
+        output, _ = launcher.communicate(timeout=90)
+        assert time.monotonic() - killed < 60
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert f"rank {victim} failed first (exit code -9)" in output, output[-3000:]
+    assert not any(pid in _descendants(os.getpid()) for pid in workers.values())  # every rank has exited

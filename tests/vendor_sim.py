@@ -59,13 +59,13 @@ class FusedSDPA:
         nt, ns = q.shape[-2], k.shape[-2]
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         bias = torch.zeros(nt, ns, device=q.device)
-        if is_causal:
-            if attn_mask is not None:
-                raise ValueError("is_causal with an attn_mask: pass one or the other, as in torch SDPA")
+        if is_causal:  # the wrapper applies is_causal and an attn_mask together
             bias = bias.masked_fill(~torch.ones(nt, ns, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         if attn_mask is not None:
             if attn_mask.dim() == 2 and tuple(attn_mask.shape) != (nt, ns):
                 raise AssertionError("unsupported 2D attention mask, the shape is not (Nt, Ns)")
+            if attn_mask.dim() == 2 and k.shape[1] != q.shape[1]:  # the wrapper unpacks a 4-D mask under GQA
+                raise AssertionError("a 2D attention mask is not supported with grouped-query attention")
             if attn_mask.dim() not in (2, 4) or tuple(attn_mask.shape[-2:]) != (nt, ns) or \
                     (attn_mask.dim() == 4 and attn_mask.shape[1] not in (1, q.shape[1])):
                 raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is neither (Nt, Ns) nor [B, 1 or Hq, Nt, Ns]")
@@ -143,6 +143,8 @@ class torch_npu:
             raise NotImplementedError("simulation: dropout is not simulated")
         if not (query.dtype == key.dtype == value.dtype):
             raise TypeError("query, key and value must share a dtype")
+        if query.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"query, key and value must be float16 or bfloat16, not {query.dtype}")
         q, k, v = (_to_bnsd(x, input_layout, query.shape[-1] // head_num) for x in (query, key, value))
         if q.shape[1] != head_num:
             raise ValueError(f"head_num {head_num} does not match the query's {q.shape[1]} heads in layout {input_layout}")
@@ -191,10 +193,7 @@ class torch_npu:
         ys = [(xi.float() @ wi.float()).to(dtype) for xi, wi in zip(xs, weights)]
         if split_item in (0, 1):
             return ys
-        out = torch.cat(ys)
-        if split_item == 3 and out.shape[0] < x[0].shape[0]:  # rows past the last group are not written
-            out = torch.cat([out, out.new_zeros(x[0].shape[0] - out.shape[0], out.shape[1])])
-        return [out]
+        return [torch.cat(ys)]
 
     @staticmethod
     def npu_rms_norm(x, gamma, epsilon=1e-06):
@@ -284,16 +283,18 @@ def _split_rows(x: torch.Tensor, group_list, group_list_type: int, groups: int) 
     if len(values) != groups:
         raise ValueError(f"group_list has {len(values)} entries for {groups} weights")
     if group_list_type == 0:
-        if any(b < a for a, b in zip([0, *values], values)) or values[-1] > x.shape[0]:
-            raise ValueError("group_list_type 0 wants non-decreasing cumulative row ends within x")
+        if any(b < a for a, b in zip([0, *values], values)) or values[-1] != x.shape[0]:
+            raise ValueError("group_list_type 0 wants non-decreasing cumulative row ends, the last equal to x's rows")
         counts = [b - a for a, b in zip([0, *values], values)]
     elif group_list_type == 1:
-        if min(values) < 0 or sum(values) > x.shape[0]:
-            raise ValueError("group_list_type 1 wants non-negative counts summing to at most x's rows")
+        if len(values) < 2:
+            raise ValueError("group_list_type 1 (counts) needs at least 2 groups")
+        if min(values) < 0 or sum(values) != x.shape[0]:
+            raise ValueError("group_list_type 1 wants non-negative counts summing to x's rows")
         counts = values
     else:
         raise ValueError(f"group_list_type must be 0 or 1, not {group_list_type}")
-    return list(x[:sum(counts)].split(counts))
+    return list(x.split(counts))
 
 
 def _to_bnsd(x: torch.Tensor, layout: str, bsh_head_dim: int) -> torch.Tensor:
@@ -347,11 +348,15 @@ def _fusion_attention_mask(atten_mask, sparse_mode, pre, nxt, b, n, sq, skv, dev
 # ---------------------------------------------------------------------------------------------- shared test inputs
 
 FP32 = {"rtol": 1e-5, "atol": 1e-5}  # the adapter tests' fp32 tolerance, relative and absolute
+# half precision: the kernel's output rounded once from an fp32 computation on the same rounded inputs
+HALF = {torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}, torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
 
 
-def qkv(s: int, t: int, heads: int = 6, kv_heads: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random fp32 q [2, heads, s, 16] and k, v [2, kv_heads, t, 16]."""
-    return torch.randn(2, heads, s, 16), torch.randn(2, kv_heads, t, 16), torch.randn(2, kv_heads, t, 16)
+def qkv(s: int, t: int, heads: int = 6, kv_heads: int = 2, dtype: torch.dtype = torch.float32
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q [2, heads, s, 16] and k, v [2, kv_heads, t, 16] in dtype."""
+    return tuple(x.to(dtype) for x in (torch.randn(2, heads, s, 16), torch.randn(2, kv_heads, t, 16),
+                                       torch.randn(2, kv_heads, t, 16)))
 
 
 def random_mask(*shape: int) -> torch.Tensor:
