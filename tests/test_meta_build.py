@@ -116,14 +116,21 @@ def test_random_init_is_the_same_global_weights_under_every_layout(one_process):
         _assert_same_as_one_process(ranks, one_process, layout)
 
 
-def test_checkpoint_is_read_into_every_layout(tmp_path):
-    """An HF checkpoint loaded after the layout: every rank's shards are the checkpoint's values."""
+@pytest.mark.parametrize("fmt", ["hf", "native"])
+def test_checkpoint_is_read_into_every_layout(tmp_path, fmt):
+    """A checkpoint loaded after the layout: every rank's shards are the checkpoint's values (the ranks of a
+    pipeline read different tensors, so no read may wait for the others)."""
+    from mixtral.checkpoint.convert import write
+    from mixtral.checkpoint.loading import open_source
+
     model = Mixtral(_recipe().model_config())
     model.init_weights(seed=99)
     save_hf(model, tmp_path / "hf")
+    if fmt == "native":
+        write("native", open_source(tmp_path / "hf")[1], tmp_path / "native")
     expected = {name: p.detach() for name, p in model.named_parameters()}
-    layouts = {name: LAYOUTS[name] for name in ("dp2_zero3", "tp2_etp2", "pp2_dp2_ep2", "dp2_tp2_sp_ep2_zero3")}
-    for layout, ranks in _run_layouts(layouts, str(tmp_path / "hf")).items():
+    layouts = {name: LAYOUTS[name] for name in ("dp2_zero3", "tp2_etp2", "pp2", "pp2_dp2_ep2", "dp2_tp2_sp_ep2_zero3")}
+    for layout, ranks in _run_layouts(layouts, str(tmp_path / fmt)).items():
         _assert_same_as_one_process(ranks, expected, layout)
 
 

@@ -216,11 +216,13 @@ def _unwrap_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-def _dcp_load(state: dict[str, Any], path: Path, planner: DefaultLoadPlanner | None = None) -> None:
+def _dcp_load(state: dict[str, Any], path: Path, planner: DefaultLoadPlanner | None = None,
+              local: bool = False) -> None:
+    """dcp.load; local reads on this rank alone (no collective), so ranks may read different tensors."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.load(state, storage_reader=SafeReader(path), planner=planner or _LoadPlanner())
+            dcp.load(state, storage_reader=SafeReader(path), planner=planner or _LoadPlanner(), no_dist=local)
     except (Exception, CheckpointException) as exc:  # DCP wraps every rank's failure; report it in one line
         cause = _unwrap_failure(exc)
         if isinstance(cause, MixtralError):
@@ -251,7 +253,7 @@ def read_boxes(path: Path, requests: dict[str, list[Box]],
                                    f"{box}); the checkpoint is incomplete or corrupt: save or copy it again")
         state[key] = BoxTarget(tuple(md.size), boxes,
                                [torch.empty(sizes, dtype=md.properties.dtype) for _, sizes in boxes])
-    _dcp_load(state, path, _BoxLoadPlanner())
+    _dcp_load(state, path, _BoxLoadPlanner(), local=True)
     return {key: target.tensors for key, target in state.items()}
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 TILE = 256
-BLOCK_ELEMENTS = 1 << 24  # a piece is filled in blocks of rows up to this size (64 MiB in fp32), whole tiles tall
+BLOCK_ELEMENTS = 1 << 22  # a piece is filled in blocks of rows up to this size (16 MiB in fp32), whole tiles tall
 NORM_SUFFIXES = ("layernorm.weight", "norm.weight")  # RMSNorm gains: ones, not random
 
 

@@ -7,7 +7,9 @@ sharded between steps and gives the optimizer sharded state):
      (`microbatch_sync`): full gradients accumulate locally, one reduce-scatter per step (ZeRO-1).
   2  fully_shard(reshard_after_forward=False): gradients reduce-scattered every micro-batch (ZeRO-2).
   3  fully_shard(reshard_after_forward=True): parameters also re-gathered for backward (ZeRO-3).
-Each decoder block is its own FSDP unit, the root holds the embedding, final norm and lm head.
+FSDP units, each gathered whole while it runs: every block's experts (most of a block), the rest of every block,
+the embedding, the final norm with the lm head (as torchtitan wraps them), and the root for what is left. Small
+units bound what one rank holds gathered: about one layer's experts, twice while FSDP copies a gather out.
 
 Gradients are averaged over the data ranks, so each rank's loss must be the mean over its own
 micro-batch: the result equals one process averaging the same micro-batches' losses (gradient
@@ -42,10 +44,20 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, tp_ena
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=dp_mesh)
-    reshard, placement = zero == 3, spread_over(dp_mesh.size())
+    def shard(module: nn.Module | list[nn.Module]) -> nn.Module:
+        return fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero == 3,
+                           shard_placement_fn=spread_over(dp_mesh.size()))
+
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
-    return fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, shard_placement_fn=placement)
+        if not isinstance(block.mlp.experts, FSDPModule):  # expert parallelism shards them over edp already
+            shard(block.mlp.experts)
+        shard(block)
+    tied = getattr(model, "lm_head", None) is None and getattr(model, "embed_tokens", None) is not None
+    if getattr(model, "embed_tokens", None) is not None and not tied:  # tied: the head reads the embedding's weight
+        shard(model.embed_tokens)
+    if getattr(model, "lm_head", None) is not None:
+        shard([model.norm, model.lm_head])
+    return shard(model)
 
 
 def spread_over(ranks: int) -> Callable[[nn.Parameter], Shard | None]:
