@@ -65,6 +65,14 @@ def build_ranks(recipe, ranks: list[int]) -> list[dict[str, BuiltParameter]]:
         return pool.submit(_build_ranks, recipe, ranks).result()
 
 
+def built_rows(w: Workload, built: dict[str, BuiltParameter]) -> dict[str, float]:
+    """The planner's parameter rows (weights, gradients, optimizer states) of one rank's built parameters: the
+    local FSDP2 shard where the ZeRO level shards the row, the model-parallel tensor where it does not."""
+    return {row: per_param * sum(b.local_numel if level is not None and w.zero >= level else math.prod(b.shape)
+                                 for b in built.values())
+            for row, level, per_param in parameter_rows(w)}
+
+
 def compare(config, w: Workload, stage: int, built: dict[str, BuiltParameter], device) -> tuple[list[str], list[str]]:
     """(table lines, mismatches) of one rank's built parameters against the planner's shapes and memory rows."""
     expected = shard_shapes(config, w, stage)
@@ -78,10 +86,8 @@ def compare(config, w: Workload, stage: int, built: dict[str, BuiltParameter], d
              f"{sum(math.prod(b.shape) for b in built.values()) / 1e9:.3f} B before ZeRO "
              f"(plan {sum(math.prod(s) for s in expected.values()) / 1e9:.3f} B)"]
     planned = dict(stage_memory(config, w, device, stage).rows)
-    for row, level, per_param in parameter_rows(w):
-        numel = sum(b.local_numel if level is not None and w.zero >= level else math.prod(b.shape)
-                    for b in built.values())
-        have, want = numel * per_param, planned[row]
+    for row, have in built_rows(w, built).items():
+        want = planned[row]
         ok = abs(have - want) <= TOLERANCE * want
         lines.append(f"    {row:<18} built {have / GiB:9.3f} GiB   plan {want / GiB:9.3f} GiB   "
                      f"{'ok' if ok else 'MISMATCH'}")

@@ -197,3 +197,23 @@ def test_conversion_streams_in_bounded_memory(hf_dir, tmp_path):
     assert model_mb > 200 and growth_mb < model_mb / 4
     source = megatron.MegatronSource(tmp_path / "big-megatron")
     assert torch.equal(source.read("layers.2.mlp.experts.gate_up_proj", 5)[0], expert)
+
+
+def test_convert_carries_the_tokenizer_files(hf_dir, capsys):
+    """tokenizer.model and the HF tokenizer files next to the input arrive next to the output, whatever the format."""
+    import shutil
+
+    from mixtral.data.tokenizer import Tokenizer, default_tokenizer_path
+
+    src, _ = hf_dir
+    shutil.copyfile(default_tokenizer_path(), src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 4096}')
+    root = src.parent
+    assert convert("--input", src, "--output", root / "native", "--to", "native") == 0
+    assert "with tokenizer.model, tokenizer_config.json" in capsys.readouterr().out
+    assert convert("--input", root / "native", "--output", root / "meg", "--to", "megatron") == 0
+    assert convert("--input", root / "meg", "--output", root / "hf2", "--to", "hf") == 0
+    for out in ("native", "meg", "hf2"):
+        assert (root / out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes(), out
+        assert (root / out / "tokenizer_config.json").read_text() == '{"model_max_length": 4096}', out
+    assert Tokenizer(root / "hf2").encode("The with statement") == Tokenizer(src).encode("The with statement")

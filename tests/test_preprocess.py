@@ -95,4 +95,61 @@ def test_parquet_without_pyarrow_names_the_install(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     err = run_error(capsys, ["--input", str(tmp_path / "d.parquet"), "--output-prefix", str(tmp_path / "o")])
-    assert "pip install pyarrow" in err
+    assert "d.parquet: reading Parquet needs pyarrow, which is not installed: pip install 'mixtral-run[data]'" in err
+    assert "Traceback" not in err
+
+
+ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+          {"instruction": "Name a colour.", "input": "", "output": "Blue"}]
+
+
+def _alpaca_docs() -> list[list[int]]:
+    texts = ["### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5",
+             "### Instruction:\nName a colour.\n\n### Response:\nBlue"]
+    return [TOK.encode(t) for t in texts]
+
+
+def _write(path, rows: list[dict]) -> None:
+    """rows in the container path's suffix names: .json (an array), .jsonl, .jsonl.gz / .json.gz, .parquet."""
+    import gzip
+
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        pq.write_table(pyarrow.Table.from_pylist(rows), path)
+        return
+    text = json.dumps(rows) if ".json" in path.suffixes and ".jsonl" not in path.suffixes and \
+        path.suffixes[-1] != ".gz" else "".join(json.dumps(r) + "\n" for r in rows)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as handle:
+            handle.write(text)
+    else:
+        path.write_text(text)
+
+
+@pytest.mark.parametrize("name", ["c4.json.gz", "c4.jsonl.gz", "d.parquet", "d.jsonl"])
+def test_text_records_from_every_container(tmp_path, name):
+    """C4's gzipped JSON lines, Parquet (a text column) and plain JSON lines give the same documents."""
+    rows = [{"text": f"Document {i}: {'words ' * i}", "url": f"u{i}"} for i in range(5)]
+    _write(tmp_path / name, rows)
+    assert main(["preprocess", "--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out")]) == 0
+    assert decoded(tmp_path / "out") == [TOK.encode(r["text"]) for r in rows]
+
+
+@pytest.mark.parametrize("name", ["a.json", "a.jsonl", "a.parquet", "a.jsonl.gz"])
+def test_alpaca_from_json_jsonl_and_parquet(tmp_path, name):
+    _write(tmp_path / name, ALPACA)
+    assert main(["preprocess", "--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out"),
+                 "--format", "alpaca"]) == 0
+    assert decoded(tmp_path / "out") == _alpaca_docs()
+
+
+@pytest.mark.parametrize("name, content, fmt", [("bin.txt", b"\xff\xfe\x00binary\x80", "text"),
+                                                ("broken.jsonl.gz", b"not gzip at all", "jsonl"),
+                                                ("fake.parquet", b"PAR1 but not parquet", "parquet")])
+def test_undecodable_file_is_one_line_naming_it(tmp_path, capsys, name, content, fmt):
+    (tmp_path / name).write_bytes(content)
+    err = run_error(capsys, ["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "o")])
+    message = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar, one line
+    assert f"{tmp_path / name} cannot be read as" in message and "--format" in message and "Traceback" not in err

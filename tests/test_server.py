@@ -194,6 +194,10 @@ def test_megatron_api(served):
     # errors come back as {"message"}, which text_generation_cli prints
     bad = requests.put(served.url + "/api", data=json.dumps({"prompts": "x"}), timeout=TIMEOUT)
     assert (bad.status_code, bad.json()["message"]) == (400, "prompts is not a list of strings")
+    for field, value in (("beam_width", 2), ("stop_token", 13), ("top_p_decay", 0.5), ("length_penalty", 1.0)):
+        refused = requests.put(served.url + "/api", json={"prompts": ["x"], field: value}, timeout=TIMEOUT)
+        assert refused.status_code == 400, field
+        assert refused.json()["message"].startswith(f"{field} is not supported by this server; remove it")
 
 
 def test_seeds_stops_and_limits_per_request(served, oai):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mixtral.checkpoint import hf
-from mixtral.checkpoint.loading import Source, detect_format, open_source
+from mixtral.checkpoint.loading import Source, detect_format, open_source, resolve_checkpoint
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
@@ -33,6 +35,8 @@ from mixtral.model.moe import EXPERT_SUFFIXES
 FORMATS = ("hf", "native", "megatron")
 DTYPE_NAMES = ("bf16", "fp32")
 PROMPT_LEN = 16
+# what HF and SentencePiece tooling reads beside the weights
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +103,20 @@ def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None,
             megatron.save_megatron(out, source.read, source.config, dtype, bar.update)
         else:
             hf.write_hf(out, source.config, source.shapes, source.read, dtype, on_write=bar.update)
+
+
+def copy_tokenizer_files(sources: list[Path], out: Path) -> list[str]:
+    """The tokenizer files found beside the input (the first folder of sources holding each), copied into out, each
+    replaced atomically; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        found = next((folder / name for folder in sources if (folder / name).is_file()), None)
+        if found is not None and not (out / name).exists():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(found, tmp)
+            os.replace(tmp, out / name)
+            copied.append(name)
+    return copied
 
 
 def _expert_of(name: str, box: tuple) -> int | None:
@@ -234,8 +252,10 @@ def run(args: argparse.Namespace) -> int:
     layout = target_layout(args, source.config)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
     write(args.to, source, out, dtype, layout, extra={"converted_from": in_fmt}, desc=f"{in_fmt} -> {args.to}")
+    copied = copy_tokenizer_files([src, resolve_checkpoint(src)], out)
     shown = f", layout {layout}" if layout else ""
-    print(f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})")
+    print(f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})"
+          + (f" with {', '.join(copied)}" if copied else ""))
     if args.verify and not verify(in_fmt, src, args.to, out, dtype, args.config):
         print("verify: the output does not reproduce the input", file=sys.stderr)
         return 1

@@ -2,14 +2,17 @@
 
 Documents: `text` files hold one document per paragraph block (blocks separated by blank lines); `jsonl` holds one
 JSON object per line (or a JSON array) whose `--text-key` field is a document; `parquet` the `--text-key` column;
-`alpaca` records' instruction/input/output joined into one prompt-and-response document. Every document starts with
-BOS (and ends with EOS with --append-eos); empty documents are skipped. Without --format it follows the suffix
-(.jsonl/.json -> jsonl, .parquet -> parquet, anything else -> text).
+`alpaca` records' instruction/input/output joined into one prompt-and-response document, read from JSON, JSON lines
+or Parquet. Every document starts with BOS (and ends with EOS with --append-eos); empty documents are skipped.
+Without --format it follows the suffix (.jsonl/.json -> jsonl, .parquet -> parquet, anything else -> text); a
+trailing .gz (C4's .json.gz files) is decompressed on the fly. Parquet needs pyarrow (`pip install
+'mixtral-run[data]'`).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import re
@@ -55,25 +58,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def suffix(path: Path) -> str:
+    """The suffix that names the container: .jsonl for data.jsonl.gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else path.suffix.lower()
+
+
 def infer_format(path: Path) -> str:
-    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
+    return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(suffix(path), "text")
+
+
+def open_text(path: Path):
+    """The file as text, gunzipped when it ends in .gz."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def read_documents(path: Path, fmt: str, text_key: str = "text") -> Iterator[str]:
-    """The document texts of one input file."""
-    if fmt == "text":
-        return read_text(path)
-    if fmt == "parquet":
-        return read_parquet(path, text_key)
-    if fmt == "alpaca":
-        return (alpaca_document(record, where) for where, record in read_records(path))
-    return (field(record, text_key, where) for where, record in read_records(path))
+    """The document texts of one input file; one that cannot be decoded fails with a one-line error."""
+    try:
+        if fmt == "text":
+            yield from read_text(path)
+            return
+        records = read_parquet_records(path) if fmt == "parquet" or suffix(path) == ".parquet" else read_records(path)
+        if fmt == "alpaca":
+            yield from (alpaca_document(record, where) for where, record in records)
+        else:
+            yield from (field(record, text_key, where) for where, record in records)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+        raise MixtralError(f"{path} cannot be read as {fmt} ({type(exc).__name__}: {str(exc)[:120]}); preprocess "
+                           f"reads UTF-8 text, JSON / JSON lines (optionally .gz), Parquet, and Alpaca records in "
+                           f"any of those: pass --format {'|'.join(FORMATS)}") from None
 
 
 def read_text(path: Path) -> Iterator[str]:
     """Paragraph blocks, streamed: a blank line ends a document."""
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for line in itertools.chain(f, [""]):
             if line.strip():
                 block.append(line)
@@ -84,7 +106,7 @@ def read_text(path: Path) -> Iterator[str]:
 
 def read_records(path: Path) -> Iterator[tuple[str, dict]]:
     """(location, object) pairs from a JSON-lines file or a file holding one JSON array of objects."""
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         head = f.read(4096).lstrip()
         f.seek(0)
         try:
@@ -122,17 +144,24 @@ def alpaca_document(record: dict, where: str) -> str:
     return "\n\n".join(parts)
 
 
-def read_parquet(path: Path, text_key: str) -> Iterator[str]:
+def read_parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(location, row as a dict) pairs of a Parquet file, a batch of rows at a time."""
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
-        raise MixtralError("reading parquet needs pyarrow: pip install pyarrow") from None
-    parquet = pq.ParquetFile(path)
-    if text_key not in parquet.schema_arrow.names:
-        raise MixtralError(f"{path}: no column {text_key!r} (found: {', '.join(parquet.schema_arrow.names)}); "
-                           "pass the right --text-key")
-    for batch in parquet.iter_batches(columns=[text_key]):
-        yield from (text or "" for text in batch.column(0).to_pylist())
+        raise MixtralError(f"{path}: reading Parquet needs pyarrow, which is not installed: "
+                           f"pip install 'mixtral-run[data]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+        row = 0
+        for batch in parquet.iter_batches():
+            for record in batch.to_pylist():
+                yield f"{path} row {row}", record
+                row += 1
+    except pyarrow.ArrowException as exc:
+        raise MixtralError(f"{path} cannot be read as Parquet ({str(exc)[:120]}); pass --format for its real "
+                           f"format ({'|'.join(FORMATS)})") from None
 
 
 def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:

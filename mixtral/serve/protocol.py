@@ -201,6 +201,10 @@ def parse_megatron(body: Any) -> MegatronRequest:
         raise RequestError("prompts is empty")
     if len(prompts) > MAX_PROMPTS:
         raise RequestError(f"Maximum number of prompts is {MAX_PROMPTS}")
+    unknown = sorted(set(body) - set(MegatronRequest.model_fields) - {"no_log"})  # no_log: server logging only
+    if unknown:
+        raise RequestError(f"{unknown[0]} is not supported by this server; remove it (supported: "
+                           f"{', '.join(MegatronRequest.model_fields)})")
     request = MegatronRequest(prompts=prompts)
     checks = {
         "tokens_to_generate": (_is_int, lambda v: v >= 0,
