@@ -321,15 +321,20 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise _Mismatch
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """Field types, an optional section (`SomeConfig | None`) as its section type."""
-    hints = typing.get_type_hints(cls)
-    for name, tp in hints.items():
+def _optional_sections(cls: type) -> dict[str, type]:
+    """Fields typed `SomeSection | None`: name -> the section's dataclass."""
+    sections = {}
+    for name, tp in typing.get_type_hints(cls).items():
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and \
                 dataclasses.is_dataclass(args[0]):
-            hints[name] = args[0]
-    return hints
+            sections[name] = args[0]
+    return sections
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Field types, an optional section (`SomeConfig | None`) as its section type."""
+    return typing.get_type_hints(cls) | _optional_sections(cls)
 
 
 def _unknown_key(key: str, allowed: list[str]) -> MixtralError:
@@ -354,8 +359,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             raise _unknown_key(full, names)
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full)
+        if dataclasses.is_dataclass(tp):  # an optional section given as null stays unset
+            kwargs[key] = None if value is None and key in _optional_sections(cls) else _build(tp, value, full)
             continue
         try:
             kwargs[key] = _coerce(value, tp)

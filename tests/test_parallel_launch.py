@@ -118,3 +118,32 @@ def test_a_rank_killed_during_training_stops_the_run_naming_it(tmp_path, world: 
     assert launcher.returncode != 0
     assert f"rank {victim} failed first (exit code -9)" in output, output[-3000:]
     assert not any(pid in _descendants(os.getpid()) for pid in workers.values())  # every rank has exited
+
+
+MISSING_CHECKPOINT_WORKER = """
+import sys
+from mixtral.parallel import fail_fast, init_distributed
+from mixtral.recipes import load_recipe
+from mixtral.train.trainer import Trainer
+
+info = init_distributed("cpu", timeout_s=20)
+path = {paths!r}[info.rank]  # the checkpoint exists where rank 0 looks, not where rank 1 does
+sys.exit(fail_fast(lambda: Trainer(load_recipe("cpu-tiny", ["model.preset=null", f"model.init_from={{path}}",
+                                                          "parallel.dp=2", "batch.micro_batch=8"]))))
+"""
+
+
+def test_a_checkpoint_missing_on_one_rank_names_the_rank_and_the_path(tmp_path) -> None:
+    from mixtral.checkpoint.hf import save_hf
+    from mixtral.model import Mixtral
+    from mixtral.recipes import load_recipe
+
+    save_hf(Mixtral(load_recipe("cpu-tiny").model_config()), tmp_path / "here")
+    paths = [str(tmp_path / "here"), str(tmp_path / "not-on-this-host")]
+    store = host_store(2)
+    procs = [subprocess.Popen([sys.executable, "-c", MISSING_CHECKPOINT_WORKER.format(paths=paths)],
+                              env={**os.environ, **rank_env(r, 2, store.port)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert procs[1].returncode != 0 and procs[0].returncode != 0
+    assert f"rank 1 failed: rank 1: MixtralError: {paths[1]}: model directory not found" in errs[1], errs[1][-2000:]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from mixtral.backend import all_backends
 from mixtral.cli import main
+from mixtral.model import Mixtral
+from mixtral.recipes import load_recipe
 from mixtral.train.metrics import read_metrics
 
 SHORT = ["train.steps=3", "train.tensorboard=false", "eval.interval=0", "checkpoint.interval=0",
@@ -53,3 +57,31 @@ def test_tpu_peak_comes_from_the_accelerator_type(monkeypatch):
     assert registered("xla").peak_flops(torch.device("xla", 0), torch.bfloat16) == 459e12
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-16")
     assert registered("xla").peak_flops(torch.device("xla", 0), torch.bfloat16) == 197e12
+
+
+def test_a_layout_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path, capsys):
+    huge = ["model.hidden_size=16384", "model.intermediate_size=65536", "model.num_hidden_layers=64",
+            "model.num_attention_heads=128", "model.num_key_value_heads=8"]
+    assert main(["train", "--recipe", "cpu-tiny", *huge, f"train.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe cpu-tiny does not fit on host CPU (gloo)" in err and "GiB per device" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_step_one_logs_each_ranks_bytes_next_to_the_plan(tmp_path, monkeypatch, capsys):
+    """bf16_master under dp2 ZeRO-3: bf16 weights, fp32 master weights, gradients and AdamW states exist for each
+    rank's shard only, exactly as the planner's rows say."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    assert main(["train", "--recipe", "cpu-tiny", "--nproc-per-node", "2", *SHORT, "parallel.dp=2", "parallel.zero=3",
+                 "batch.micro_batch=2", "precision=bf16_master", "train.steps=1", f"train.output_dir={tmp_path}"]) == 0
+    first = read_metrics(tmp_path)[0]
+    params = sum(p.numel() for p in Mixtral(load_recipe("cpu-tiny", SHORT).model_config()).parameters())
+    for rank in range(2):
+        held = [first[key][rank] for key in ("param_bytes", "grad_bytes", "optim_bytes")]
+        assert held == [params // 2 * 2, params // 2 * 4, params // 2 * 12], (rank, held)  # bf16, fp32, m + v + master
+        assert sum(held) == first["planned_bytes"][rank]
+    assert "warning: rank" not in capsys.readouterr().out
