@@ -132,6 +132,8 @@ def test_scaled_down_run_matches_one_process(name, capsys):
     p = scaled_recipe(recipe).parallel
     out = capsys.readouterr().out
     assert f"dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} etp{p.etp}" in out and "ok  losses agree" in out
+    # what every rank allocated equals, to the byte, what the dry run's meta build of the layout says it holds
+    assert "ok  every rank's weights, gradients and optimizer states" in out
     if name == "tpu-v5p-8x22b-spmd":  # the MLPerf FSDP layout (dp256 zero3)
         assert "dp8 tp1 pp1 cp1 ep1 etp1 zero3 on 8 gloo ranks" in out
 

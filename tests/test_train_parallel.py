@@ -91,3 +91,41 @@ def test_a_failing_worker_fails_the_launch(tmp_path, capsys) -> None:
     assert main(["train", "--recipe", "cpu-tiny", "--nproc-per-node", "2", *SHORT, "parallel.tp=4"]) == 2
     assert ("the recipe's layout has 4 ranks (parallel.dp x tp x pp x cp) but --nproc-per-node is 2"
             in capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def hf_start(tmp_path_factory) -> tuple[Path, dict[int, list[dict]]]:
+    """An HF checkpoint of cpu-tiny's untied 2-layer model, and one process's first step fine-tuned from it, by
+    micro-batch size (the pipeline's two micro-batches are one process accumulating the same two)."""
+    from mixtral.checkpoint.hf import save_hf
+    from mixtral.model import Mixtral
+    from mixtral.recipes import load_recipe
+
+    root = tmp_path_factory.mktemp("init-from")
+    model = Mixtral(load_recipe("cpu-tiny", ["model.num_hidden_layers=2", "model.tie_word_embeddings=false",
+                                             "model.num_local_experts=4"]).model_config())
+    model.init_weights(seed=5, std=0.05)
+    save_hf(model, root / "hf")
+    return root / "hf", {size: train(root / f"one{size}", *FROM_HF(root / "hf"), f"batch.micro_batch={size}")
+                         for size in (16, 8)}
+
+
+def FROM_HF(path: Path) -> list[str]:
+    return ["model.preset=null", f"model.init_from={path}", "model.hidden_size=null", "model.intermediate_size=null",
+            "model.num_hidden_layers=null", "model.num_attention_heads=null", "model.num_key_value_heads=null",
+            "model.num_local_experts=null", "model.num_experts_per_tok=null", "model.max_position_embeddings=null",
+            "train.steps=1"]
+
+
+@pytest.mark.parametrize("layout", [["parallel.dp=2", "parallel.zero=3", "batch.micro_batch=8"],
+                                    ["parallel.tp=2", "parallel.sp=true", "batch.micro_batch=16"],
+                                    ["parallel.dp=2", "parallel.ep=2", "batch.micro_batch=8"],
+                                    ["parallel.pp=2", "batch.micro_batch=8"]], ids=["dp2_zero3", "tp2", "ep2", "pp2"])
+def test_init_from_hf_under_a_layout_gives_one_process_loss(tmp_path, hf_start, layout) -> None:
+    """Each rank reads only its shards of the HF checkpoint after the layout: the first step's loss is one process's."""
+    path, expected = hf_start
+    runs = train(tmp_path, *FROM_HF(path), *layout, nproc=2)
+    reference = expected[8 if "parallel.pp=2" in layout else 16]
+    ours, ref = [r for r in runs if "loss" in r][0], [r for r in reference if "loss" in r][0]
+    for key in ("loss", "ce_loss", "aux_loss"):
+        assert abs(ours[key] - ref[key]) <= RTOL * abs(ref[key]), (key, ours[key], ref[key])
