@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mixtral.checkpoint import hf
-from mixtral.checkpoint.loading import Source, detect_format, open_source, resolve_checkpoint
+from mixtral.checkpoint.loading import Source, detect_format, local_checkpoint, open_source, resolve_checkpoint
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
@@ -244,7 +244,7 @@ def verify(in_fmt: str, in_path: Path, out_fmt: str, out_path: Path, dtype: torc
 
 
 def run(args: argparse.Namespace) -> int:
-    src, out = Path(args.input), Path(args.output)
+    src, out = local_checkpoint(args.input), Path(args.output)  # a Hub model ID: its cached snapshot
     a, b = src.resolve(), out.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise MixtralError(f"--output {out} overlaps --input {src}; write the conversion to a separate directory")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mixtral.backend import Backend, Ops
-from mixtral.checkpoint import hf
+from mixtral.checkpoint import hf, hub
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
@@ -55,10 +55,16 @@ def detect_format(path: str | Path) -> str:
                        f"{megatron.METADATA}")
 
 
+def local_checkpoint(path: str | Path) -> Path:
+    """path as a local directory: itself, or a Hugging Face model ID's snapshot in the Hub cache."""
+    return hub.snapshot(path) if hub.is_model_id(path) else Path(path)
+
+
 def open_source(path: str | Path, config: str | None = None) -> tuple[str, Source]:
-    """The format of path and a source reading our parameters from it."""
+    """The format of path (a directory or a Hub model ID) and a source reading our parameters from it."""
     from mixtral.checkpoint import megatron, native
 
+    path = local_checkpoint(path)
     fmt = detect_format(path)
     if fmt == "hf":
         return fmt, hf.HFSource(path)
@@ -72,8 +78,9 @@ def open_source(path: str | Path, config: str | None = None) -> tuple[str, Sourc
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory path means: the step `latest` names in a checkpoints root or in a run
-    directory's checkpoints/, else path itself (resolved once, so a save moving `latest` cannot mix steps)."""
-    path = Path(path)
+    directory's checkpoints/, else path itself (resolved once, so a save moving `latest` cannot mix steps); a Hub
+    model ID is its cached snapshot."""
+    path = local_checkpoint(path)
     if not path.is_dir():
         raise MixtralError(f"{path}: model directory not found; pass an HF Mixtral directory, a native checkpoint, "
                            f"a checkpoints root or a training run directory")
