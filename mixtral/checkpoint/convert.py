@@ -32,8 +32,8 @@ from mixtral.model.moe import EXPERT_SUFFIXES
 
 # native and megatron import torch.distributed.checkpoint (seconds): loaded inside the functions that use
 # them, so that building the mixtral-run parser stays cheap.
-FORMATS = ("hf", "native", "megatron")
-DTYPE_NAMES = ("bf16", "fp32")
+FORMATS = ("hf", "native", "megatron", "gguf")
+DTYPE_NAMES = ("bf16", "fp32", "q8_0")  # q8_0: GGUF only
 PROMPT_LEN = 16
 # what HF and SentencePiece tooling reads beside the weights
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -42,12 +42,14 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="HF directory, native checkpoint (or checkpoints root), "
                                                        "or Megatron torch_dist directory")
-    parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--output", required=True, help="directory to write (replaced atomically); for gguf the "
+                                                        ".gguf file")
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
     for dim in ("tp", "pp", "ep"):
         parser.add_argument(f"--{dim}", type=int, default=None,
                             help=f"{dim} degree recorded in a native checkpoint's manifest (checked against the model)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the input's)")
+    parser.add_argument("--dtype", default=None, help=f"output dtype, one of {', '.join(DTYPE_NAMES)} (default: the "
+                                                      f"input's; gguf: bf16); q8_0 is for gguf")
     parser.add_argument("--config", default=None, help="HF config.json or preset for a Megatron input that has no "
                                                        "config.json beside it")
     parser.add_argument("--verify", action="store_true", help="round-trip tensor equality and fixed-prompt logits")
@@ -243,8 +245,34 @@ def verify(in_fmt: str, in_path: Path, out_fmt: str, out_path: Path, dtype: torc
     return not problems and logits_ok
 
 
+def run_gguf(args: argparse.Namespace, src: Path, out: Path) -> int:
+    """convert --to gguf: one .gguf file for llama.cpp and ollama (mixtral.checkpoint.gguf_export)."""
+    from mixtral.checkpoint.gguf_export import write_gguf
+    from mixtral.data.tokenizer import Tokenizer
+
+    if args.verify or any(getattr(args, dim) is not None for dim in ("tp", "pp", "ep")):
+        raise MixtralError("--verify and --tp/--pp/--ep do not apply to gguf: llama.cpp reads the file whole "
+                           "(tests/test_gguf.py checks it against llama.cpp itself)")
+    if out.suffix != ".gguf" or out.is_dir():
+        raise MixtralError(f"--output {out}: a GGUF output is one file named *.gguf, e.g. --output mixtral.gguf")
+    kind = {"fp32": "f32", None: "bf16"}.get(args.dtype, args.dtype)
+    source = open_source(src, args.config)[1]
+    total = sum(math.prod(shape) for shape in source.shapes.values()) * 2
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"-> gguf {kind}", disable=None, file=sys.stderr) as bar:
+        write_gguf(out, source.config, source.read, Tokenizer(resolve_checkpoint(src)).path, kind,
+                   name=Path(args.input).name, on_write=bar.update)
+    print(f"wrote {out} (GGUF {kind.upper()}); llama.cpp: llama-cli -m {out}; ollama: a Modelfile with `FROM {out}`")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.dtype is not None and args.dtype not in DTYPE_NAMES:
+        raise MixtralError(f"--dtype {args.dtype!r} is not one convert writes; choose one of {', '.join(DTYPE_NAMES)}")
+    if args.dtype == "q8_0" and args.to != "gguf":
+        raise MixtralError("--dtype q8_0 is a GGUF type; use --to gguf, or bf16 / fp32 for the other formats")
     src, out = local_checkpoint(args.input), Path(args.output)  # a Hub model ID: its cached snapshot
+    if args.to == "gguf":
+        return run_gguf(args, src, out)
     a, b = src.resolve(), out.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise MixtralError(f"--output {out} overlaps --input {src}; write the conversion to a separate directory")
