@@ -146,6 +146,15 @@ class ModelConfig:
 REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_local_experts", "num_experts_per_tok")
 
+EP_COMMS = ("alltoall", "allgather")  # expert parallel exchange: uneven all-to-all, or all-gather + reduce-scatter
+CP_ALGOS = ("allgather", "ring")      # context parallel attention: gather K/V, or pass them round a ring
+
+
+def divisors(n: int) -> list[int]:
+    """The degrees that split n evenly: the choices an error about a layout that does not divide offers."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 @dataclass(frozen=True)
 class CapacityBinsConfig:
     """The recipe's `moe.capacity_bins` mapping; defaults are Gaudi's Mixtral script."""
@@ -208,7 +217,7 @@ class MoEConfig:
         if self.dispatcher not in DISPATCHERS:
             raise MixtralError(f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}")
         for name, allowed in (("capacity_per", ("batch", "sequence")), ("drop_policy", ("position", "probs")),
-                              ("ep_comm", ("alltoall", "allgather"))):
+                              ("ep_comm", EP_COMMS)):
             if getattr(self, name) not in allowed:
                 raise MixtralError(f"moe.{name} '{getattr(self, name)}' is unknown; choose one of: {', '.join(allowed)}")
         if self.dispatcher == "capacity" and (self.capacity_factor is None or self.capacity_factor <= 0):

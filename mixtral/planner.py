@@ -57,7 +57,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from mixtral.config import ModelConfig
+from mixtral.config import CP_ALGOS, EP_COMMS, ModelConfig, divisors
 from mixtral.errors import MixtralError
 
 GiB = 2 ** 30
@@ -65,8 +65,6 @@ RESERVE = 0.08            # share of device memory kept for the runtime, communi
 BINS_PAD = 1.5            # capacity bins: expected expert-input padding (the bin above the balanced load)
 CHECKPOINTING = ("none", "selective", "moe", "full")
 MODES = ("train", "inference")
-EP_COMMS = ("alltoall", "allgather")
-CP_ALGOS = ("allgather", "ring")
 
 
 @dataclass(frozen=True)
@@ -531,10 +529,6 @@ class Plan:
     time: StepTime
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def plan_layouts(config: ModelConfig, device: Device, devices: int, seq_len: int, global_batch: int,
                  micro_batch: int = 1, max_tp: int = 8) -> list[Plan]:
     """Every layout of `devices` that passes the checks and fits, with its cheapest fitting checkpointing and
@@ -545,13 +539,13 @@ def plan_layouts(config: ModelConfig, device: Device, devices: int, seq_len: int
     dispatcher = caps.preferred_dispatcher
     factor = 1.25 if dispatcher == "capacity" else None
     spmd = caps.spmd
-    tps = [t for t in _divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
+    tps = [t for t in divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
            if t <= min(max_tp, device.link_domain)]
-    pps = [1] if spmd else _divisors(config.num_hidden_layers)
+    pps = [1] if spmd else divisors(config.num_hidden_layers)
     cps = [1] if spmd else [c for c in (1, 2, 4, 8) if seq_len % c == 0]
     zeros = (3,) if spmd else (1, 3)
     plans = []
-    for tp, pp, cp, ep in itertools.product(tps, pps, cps, _divisors(config.num_local_experts)):
+    for tp, pp, cp, ep in itertools.product(tps, pps, cps, divisors(config.num_local_experts)):
         if devices % (tp * pp * cp):
             continue
         dp = devices // (tp * pp * cp)

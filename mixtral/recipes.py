@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mixtral.config import ModelConfig, MoEConfig
+from mixtral.config import CP_ALGOS, ModelConfig, MoEConfig
 from mixtral.data.loader import DataConfig
 from mixtral.errors import MixtralError
 from mixtral.planner import DEVICES
@@ -78,7 +78,7 @@ class ParallelSection:
     etp: int = 1
     sp: bool = False
     zero: Literal[0, 1, 2, 3] = 1           # 0: DDP; 1 distributed optimizer; 2 also gradients; 3 also weights (FSDP)
-    cp_algo: Literal["allgather", "ring"] = "allgather"  # context parallel attention: gather K/V, or pass them round
+    cp_algo: Literal[CP_ALGOS] = "allgather"  # context parallel attention: gather K/V, or pass them round
     # pipeline schedule; its micro-batches are the step's batch.micro_batch ones (global_batch / (micro_batch x dp))
     pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
 

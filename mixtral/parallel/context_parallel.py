@@ -22,10 +22,10 @@ import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from mixtral.config import CP_ALGOS
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 
-CP_ALGOS = ("allgather", "ring")
 MASKED = -1e30  # a masked score: exp underflows to exactly 0, and a row with nothing allowed stays finite
 
 

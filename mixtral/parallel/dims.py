@@ -13,15 +13,11 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mixtral.config import ModelConfig
+from mixtral.config import ModelConfig, divisors
 from mixtral.errors import MixtralError
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 EXPERT_MESH_DIMS = ("pp", "edp", "ep", "etp")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
@@ -69,10 +65,10 @@ class ParallelDims:
                                f"= {product} does not equal the world size {self.world_size}; {fix}")
         if self.tp % self.etp:
             raise MixtralError(f"parallel.etp ({self.etp}) must divide parallel.tp ({self.tp}): expert tensor "
-                               f"parallelism folds over the tp ranks; choose etp from {_divisors(self.tp)}")
+                               f"parallelism folds over the tp ranks; choose etp from {divisors(self.tp)}")
         stage = self.dp * self.cp * self.tp
         if stage % (self.ep * self.etp):
-            choices = _divisors(stage // self.etp)
+            choices = divisors(stage // self.etp)
             raise MixtralError(f"parallel.ep ({self.ep}) x etp ({self.etp}) = {self.ep * self.etp} must divide "
                                f"dp x cp x tp = {stage} (the ranks of one pipeline stage, over which experts fold); "
                                f"choose ep from {choices}")
@@ -99,9 +95,9 @@ class ParallelDims:
         for dim, degree, field, value in checks:
             if value % degree:
                 if dim == "tp":
-                    fits = _divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
+                    fits = divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
                 else:
-                    fits = _divisors(value)
+                    fits = divisors(value)
                 raise MixtralError(f"parallel.{dim}={degree}: the model's {field} ({value}) is not divisible by "
                                    f"{dim} ({degree}); choose {dim} from {fits}")
         if seq_len is not None and seq_len % self.sequence_divisor:

@@ -35,6 +35,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # private, same in torch 2.9
 
+from mixtral.config import EP_COMMS, divisors
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.model.dispatch import Capacity, CapacityBinned, Context, Dropless, Routing
@@ -43,7 +44,6 @@ from mixtral.parallel.context_parallel import gather_dim
 from mixtral.parallel.data_parallel import spread_over
 from mixtral.parallel.dims import ParallelMeshes
 
-EP_COMMS = ("alltoall", "allgather")
 
 
 def expert_modules(model: Mixtral) -> list[GroupedExperts]:
@@ -199,7 +199,7 @@ def apply_expert_parallel(model: Mixtral, meshes: ParallelMeshes, comm: str = "a
     total = model.config.num_local_experts
     if total % ep:
         raise MixtralError(f"parallel.ep={ep}: the model's num_local_experts ({total}) is not divisible by ep; "
-                           f"choose ep from {[d for d in range(1, total + 1) if total % d == 0]}")
+                           f"choose ep from {divisors(total)}")
     local = total // ep
     exchange = ExpertExchange(comm, ep_mesh, ep, ep_mesh.get_local_rank() * local, local,
                               etp_mesh if etp > 1 else None)

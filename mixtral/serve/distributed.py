@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixtral.config import EP_COMMS
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.serve.engine import inference_mode
@@ -98,7 +99,7 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tp", type=int, default=1, help="tensor parallel ranks")
     group.add_argument("--ep", type=int, default=1, help="expert parallel ranks (fold over the tp x data ranks)")
     group.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    group.add_argument("--ep-comm", choices=("alltoall", "allgather"), default="alltoall",
+    group.add_argument("--ep-comm", choices=EP_COMMS, default="alltoall",
                        help="expert parallel exchange")
 
 

@@ -113,7 +113,11 @@ class Generator:
                 break
             start: int | torch.Tensor = longest + step
             if self.fixed_shapes:  # the position lives on the device, advanced in place: one graph for every step
-                start = position = torch.tensor(start, device=self.device) if step == 0 else position.add_(1)
+                if step == 0:
+                    position = torch.tensor(start, device=self.device)
+                else:
+                    position.add_(1)
+                start = position
             logits = self.model(next_ids.view(batch, 1), start=start, pad=pad).logits[:, -1]
             self.end_step()
         return out
