@@ -6,7 +6,7 @@ from typing import TextIO
 
 from mixtral.errors import MixtralError
 from mixtral.serve.engine import Generator, TextStream
-from mixtral.serve.generate_command import Settings, check_settings
+from mixtral.serve.runner import Settings, check_settings
 
 HELP = """commands:
   /set temperature T   sampling temperature (0 = greedy)

@@ -9,7 +9,7 @@ from pathlib import Path
 from mixtral.backend import add_backend_argument
 from mixtral.errors import MixtralError
 from mixtral.serve.distributed import add_parallel_arguments
-from mixtral.serve.generate_command import DTYPES, add_compile_argument
+from mixtral.serve.runner import DTYPES, add_compile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise MixtralError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
     if not 0 <= args.port < 65536:
         raise MixtralError(f"--port must be in 0..65535, got {args.port}")
-    from mixtral.serve.generate_command import with_generator
+    from mixtral.serve.runner import with_generator
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return with_generator(args, lambda generator, tokenizer: serve(args, generator, tokenizer))
