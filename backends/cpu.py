@@ -5,12 +5,13 @@ bf16 / fp16 GEMMs run in fp32 on CPUs whose PyTorch has no fast kernel for them 
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Any, Callable
 
 import torch
 
-from mixtral.backend import Backend, Capabilities, Ops, hookimpl
+from mixtral.backend import Backend, Capabilities, Device, Ops, hookimpl
 from mixtral.kernels import causal_blocks, fp32_compute, native, packed_experts
 
 
@@ -80,4 +81,11 @@ def use_packed_experts(module: torch.nn.Module) -> None:
 @hookimpl
 def mixtral_register_backends(register) -> None:
     register(CPUBackend(name="cpu", device_type="cpu", dist_backend="gloo",
-                        capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless")))
+                        capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless", auto_priority=0,
+                                                  fused_optimizer=True),  # torch's fused AdamW runs on the CPU since 2.4
+                        planner_devices=(Device("cpu", "host CPU (gloo)", "cpu", round(host_memory_gib(), 1), 1, 0.3, 5, 1,
+                                                64, 64),)))
+
+
+def host_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -10,12 +10,12 @@ import importlib.util
 
 import torch
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, peak_by_name
+from mixtral.backend import Availability, Backend, Capabilities, Device, Ops, hookimpl, peak_by_name
 from mixtral.kernels import native
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Dense (no sparsity) datasheet peaks in TFLOP/s: bf16 tensor cores, and fp32 (TF32 tensor cores when torch allows
-# TF32 matmuls, else the plain fp32 units). Longer names first: "H100 PCIe" before "H100".
+# Dense (no sparsity) datasheet peaks in TFLOP/s: bf16 tensor cores, and fp32 (TF32 tensor cores when
+# torch.set_float32_matmul_precision allows them, else the plain fp32 units). Longer names first: "H100 PCIe" first.
 PEAK_TFLOPS = {  # name: (bf16, tf32, fp32)
     "GB200": (2500, 1250, 80), "B200": (2250, 1100, 80), "H200": (989, 494, 67), "H100 PCIe": (756, 378, 51),
     "H100": (989, 494, 67), "H800": (989, 494, 67), "H20": (148, 74, 44), "A100": (312, 156, 19.5),
@@ -67,7 +67,7 @@ class CUDABackend(Backend):
         bf16, tf32, fp32 = peaks
         if dtype in (torch.bfloat16, torch.float16):
             return bf16 * 1e12
-        return (tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32) * 1e12
+        return (fp32 if torch.get_float32_matmul_precision() == "highest" else tf32) * 1e12  # "high": TF32 matmuls
 
     def memory_stats(self) -> dict[str, int]:
         return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}
@@ -77,5 +77,8 @@ class CUDABackend(Backend):
 def mixtral_register_backends(register) -> None:
     register(CUDABackend(name="cuda", device_type="cuda", dist_backend="nccl",
                          capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless",
-                                                   fused_ops=TRITON_OPS if HAS_TRITON else ()),
+                                                   fused_ops=TRITON_OPS if HAS_TRITON else (), auto_priority=50,
+                                                   fused_optimizer=True),
+                         # NVLink4 450 GB/s, 400 Gb/s InfiniBand per GPU
+                         planner_devices=(Device("h100", "NVIDIA H100 SXM 80 GB", "cuda", 80, 989, 0.45, 360, 45, 8, 8),),
                          install_hint="install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu128)"))

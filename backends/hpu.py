@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
+from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
+                             peak_by_name)
 from mixtral.errors import MixtralError
 
 
@@ -124,7 +125,10 @@ class HPUBackend(Backend):
 @hookimpl
 def mixtral_register_backends(register) -> None:
     register(HPUBackend(name="hpu", device_type="hpu", dist_backend="hccl",
-                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins", 
+                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins",
                                                   compile_backend="hpu_backend",  # registered by habana_frameworks
-                                                  fused_ops=("FusedSDPA", "FusedRMSNorm", "RotaryPosEmbeddingHelperV1")),
+                                                  fused_ops=("FusedSDPA", "FusedRMSNorm", "RotaryPosEmbeddingHelperV1"),
+                                                  auto_priority=30),
+                        # 21 of 24 x 100 GbE RoCE ports inside the node, 3 out of it
+                        planner_devices=(Device("gaudi2", "Intel Gaudi 2 96 GB", "hpu", 96, 432, 0.40, 230, 33, 8, 8),),
                         install_hint="install Intel Gaudi's PyTorch stack (habana-torch-plugin) from the Intel Gaudi software release"))

@@ -17,7 +17,8 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
+from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
+                             peak_by_name)
 from mixtral.kernels import native, reference
 
 CAUSAL_SPARSE_MODE = 2  # leftUpCausal: the kernel builds the causal mask from a compressed 2048 x 2048 triangle
@@ -175,5 +176,8 @@ class NPUBackend(Backend):
 @hookimpl
 def mixtral_register_backends(register) -> None:
     register(NPUBackend(name="npu", device_type="npu", dist_backend="hccl",
-                        capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless", fused_ops=FUSED_OPS),
+                        capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless", fused_ops=FUSED_OPS,
+                                                  auto_priority=20),
+                        # HCCS inside the node, 200 Gb/s RoCE per NPU
+                        planner_devices=(Device("910b", "Huawei Ascend 910B 64 GB", "npu", 64, 313, 0.32, 175, 22, 8, 8),),
                         install_hint="pip install 'mixtral-run[npu]' (torch_npu matching your torch and CANN)"))

@@ -15,7 +15,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from mixtral.backend import Availability, Backend, Capabilities, Ops, hookimpl, module_available, peak_by_name
+from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
+                             peak_by_name)
 from mixtral.kernels import native
 
 
@@ -78,5 +79,7 @@ class XLABackend(Backend):
 def mixtral_register_backends(register) -> None:
     register(XLABackend(name="xla", device_type="xla", dist_backend="xla",
                         capabilities=Capabilities(dynamic_shapes=False, spmd=True, preferred_dispatcher="capacity",
-                                                  compile_backend=None),
+                                                  compile_backend=None, auto_priority=40, inference_tensors=False),
+                        # a 3D-torus ICI over the pod, DCN between pods
+                        planner_devices=(Device("v5p", "Google TPU v5p 95 GB", "xla", 95, 459, 0.55, 180, 25, 8960, 4),),
                         install_hint="pip install 'mixtral-run[xla]' (torch_xla 2.9 with torch 2.9)"))

@@ -20,7 +20,6 @@ from mixtral.errors import MixtralError
 hookspec = pluggy.HookspecMarker("mixtral")
 hookimpl = pluggy.HookimplMarker("mixtral")
 
-AUTO_ORDER = ("cuda", "xla", "hpu", "npu", "cpu")
 DISPATCHERS = ("dropless", "capacity", "capacity_bins")
 
 
@@ -41,8 +40,27 @@ class Capabilities:
     dynamic_shapes: bool = True
     spmd: bool = False
     preferred_dispatcher: str = "dropless"
-    fused_ops: tuple[str, ...] = ()
+    fused_ops: tuple[str, ...] = ()             # the vendor kernels the op table uses (`mixtral-run backends`)
     compile_backend: str | None = "inductor"  # torch.compile's backend here; None: the device does not use it
+    auto_priority: int = 10                     # `--backend auto` takes the available backend that ranks highest
+    fused_optimizer: bool = False               # torch's fused AdamW kernel runs on this device
+    inference_tensors: bool = True              # torch.inference_mode works (torch_xla 2.9 rejects its tensors)
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator as the planner sees it; figures are public datasheet numbers or stated assumptions."""
+
+    name: str
+    label: str
+    backend: str          # the mixtral backend that drives it
+    memory_gib: float     # HBM per device
+    peak_tflops: float    # dense bf16
+    mfu: float            # share of peak a tuned MoE run reaches (the anchors: Megatron 47%, MaxText 55%, MindSpeed 32%)
+    intra_gbs: float      # GB/s per device for collectives inside a link domain (NVLink, RoCE scale-up, HCCS, ICI)
+    inter_gbs: float      # GB/s per device across link domains (InfiniBand / Ethernet NICs, DCN)
+    link_domain: int      # devices sharing the fast links
+    per_host: int         # devices per node (host)
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,7 @@ class Backend:
     capabilities: Capabilities = field(default_factory=Capabilities)
     install_hint: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # a recipe's backend_options, read by build_ops
+    planner_devices: tuple[Device, ...] = ()  # the hardware it drives, for `recipe plan / validate`; first: default
 
     def configure(self, options: dict[str, Any]) -> "Backend":
         """A copy with a recipe's backend_options (ops built afresh); the registered instance stays as it is."""
@@ -179,13 +198,17 @@ class Registry:
             self._backends = found
         return self._backends
 
+    def by_priority(self) -> list[Backend]:
+        """Every backend, the one `auto` prefers first (capabilities.auto_priority, then name)."""
+        return sorted(self.backends.values(), key=lambda b: (-b.capabilities.auto_priority, b.name))
+
     def get(self, name: str = "auto") -> Backend:
-        """The named backend, or the first available one in AUTO_ORDER; unusable ones fail with their reason."""
+        """The named backend, or the available one of highest auto priority; unusable ones fail with their reason."""
         backends = self.backends
         if name == "auto":
-            for candidate in [*AUTO_ORDER, *sorted(set(backends) - set(AUTO_ORDER))]:
-                if candidate in backends and backends[candidate].availability.ok:
-                    return backends[candidate]
+            for backend in self.by_priority():
+                if backend.availability.ok:
+                    return backend
             raise MixtralError("no backend is available; run `mixtral-run backends` to see why")
         if name not in backends:
             raise MixtralError(f"unknown backend '{name}'; registered backends: {', '.join(sorted(backends))}")
@@ -209,12 +232,13 @@ def get_backend(name: str = "auto") -> Backend:
 def add_backend_argument(parser) -> None:
     """The --backend flag every command takes."""
     parser.add_argument("--backend", default="auto",
-                        help="backend name (see `mixtral-run backends`) or 'auto' (first available of "
-                             + ", ".join(AUTO_ORDER) + ")")
+                        help="backend name, or 'auto': the available backend of highest priority (`mixtral-run "
+                             "backends` lists them in that order)")
 
 
 def all_backends() -> Iterable[Backend]:
-    return registry().backends.values()
+    """Every registered backend, in `auto`'s order."""
+    return registry().by_priority()
 
 
 def backend_for_device(device_type: str) -> Backend | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixtral.backend import AUTO_ORDER, all_backends, add_backend_argument, get_backend
+from mixtral.backend import all_backends, add_backend_argument, get_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,8 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows = [("name", "available", "device", "dist", "dispatcher", "reason")]
-    order = {name: i for i, name in enumerate(AUTO_ORDER)}
-    for b in sorted(all_backends(), key=lambda b: (order.get(b.name, len(order)), b.name)):
+    for b in all_backends():  # in `auto`'s order
         ok = b.availability.ok
         rows.append((b.name, "yes" if ok else "no", b.device_type, b.dist_backend,
                      b.capabilities.preferred_dispatcher, b.availability.reason or "-"))

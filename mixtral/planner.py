@@ -45,7 +45,7 @@ Step time (training) = compute + tp + cp + ep + pp + dp, nothing overlapped (an 
              every micro-batch, zero 3 also two weight all-gathers per micro-batch
 A group's bandwidth is the device's intra-node figure when its ranks lie inside one link domain (ranks
 are laid out (pp, dp, cp, tp), tp innermost, experts (pp, edp, ep, etp)), else the inter-node figure.
-The device table below writes down each assumption.
+Each backend declares the devices it drives (Backend.planner_devices), with every figure these use.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from mixtral.backend import Device
 from mixtral.config import CP_ALGOS, EP_COMMS, ModelConfig, divisors
 from mixtral.errors import MixtralError
 
@@ -67,40 +67,23 @@ CHECKPOINTING = ("none", "selective", "moe", "full")
 MODES = ("train", "inference")
 
 
-@dataclass(frozen=True)
-class Device:
-    """One accelerator as the estimates see it; figures are public datasheet numbers or stated assumptions."""
+def devices() -> dict[str, Device]:
+    """Every device a registered backend declares (Backend.planner_devices), by name."""
+    from mixtral.backend import all_backends
 
-    name: str
-    label: str
-    backend: str          # the mixtral backend that drives it
-    memory_gib: float     # HBM per device
-    peak_tflops: float    # dense bf16
-    mfu: float            # share of peak a tuned MoE run reaches (the anchors: Megatron 47%, MaxText 55%, MindSpeed 32%)
-    intra_gbs: float      # GB/s per device for collectives inside a link domain (NVLink, RoCE scale-up, HCCS, ICI)
-    inter_gbs: float      # GB/s per device across link domains (InfiniBand / Ethernet NICs, DCN)
-    link_domain: int      # devices sharing the fast links
-    per_host: int         # devices per node (host)
+    return {device.name: device for backend in all_backends() for device in backend.planner_devices}
 
 
-def _host_memory_gib() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-
-
-DEVICES: dict[str, Device] = {d.name: d for d in (
-    Device("h100", "NVIDIA H100 SXM 80 GB", "cuda", 80, 989, 0.45, 360, 45, 8, 8),        # NVLink4 450 GB/s, 400 Gb/s IB per GPU
-    Device("gaudi2", "Intel Gaudi 2 96 GB", "hpu", 96, 432, 0.40, 230, 33, 8, 8),          # 21 / 3 x 100 GbE RoCE per HPU
-    Device("910b", "Huawei Ascend 910B 64 GB", "npu", 64, 313, 0.32, 175, 22, 8, 8),       # HCCS, 200 Gb/s RoCE per NPU
-    Device("v5p", "Google TPU v5p 95 GB", "xla", 95, 459, 0.55, 180, 25, 8960, 4),         # 3D-torus ICI over the pod, DCN
-    Device("cpu", "host CPU (gloo)", "cpu", round(_host_memory_gib(), 1), 1, 0.3, 5, 1, 64, 64),
-)}
-BACKEND_DEVICE = {d.backend: d.name for d in DEVICES.values()}
+def backend_device(backend: str) -> str | None:
+    """The default device of a backend (its first planner device), None for a backend that declares none."""
+    return next((d.name for d in devices().values() if d.backend == backend), None)
 
 
 def get_device(name: str) -> Device:
-    if name not in DEVICES:
-        raise MixtralError(f"unknown device type '{name}'; choose one of: {', '.join(DEVICES)}")
-    return DEVICES[name]
+    known = devices()
+    if name not in known:
+        raise MixtralError(f"unknown device type '{name}'; choose one of: {', '.join(known)}")
+    return known[name]
 
 
 @dataclass(frozen=True)
@@ -165,10 +148,10 @@ class Workload:
 
 def recipe_device(recipe, override: str | None = None) -> Device:
     """The device a recipe is checked against: --device-type, else hardware.device, else its backend's."""
-    name = override or recipe.hardware.device or BACKEND_DEVICE.get(recipe.backend)
+    name = override or recipe.hardware.device or backend_device(recipe.backend)
     if name is None:
         raise MixtralError(f"recipe '{recipe.name}' has backend '{recipe.backend}', which names no device; set "
-                           f"hardware.device ({', '.join(DEVICES)}) or pass --device-type")
+                           f"hardware.device ({', '.join(devices())}) or pass --device-type")
     return get_device(name)
 
 

@@ -20,10 +20,9 @@ import yaml
 from mixtral.config import CP_ALGOS, ModelConfig, MoEConfig
 from mixtral.data.loader import DataConfig
 from mixtral.errors import MixtralError
-from mixtral.planner import DEVICES
+from mixtral.planner import devices
 
 RECIPES_DIR = Path(__file__).parent / "recipes"  # the repository's recipes/, shipped inside the package
-DeviceName = Literal[tuple(DEVICES)]  # h100, gaudi2, 910b, v5p, cpu: the planner's device table
 
 # The model section: where the config comes from, plus any ModelConfig field as an override (None: keep).
 _MODEL_FIELDS = [(f.name, typing.get_type_hints(ModelConfig)[f.name] | None, field(default=None))
@@ -92,7 +91,7 @@ class ParallelSection:
 class HardwareSection:
     """What the recipe was validated on: `recipe validate` checks memory and world size against it."""
 
-    device: DeviceName | None = None      # None: the backend's device (cuda -> h100, hpu -> gaudi2, ...)
+    device: str | None = None             # a planner device (`mixtral-run recipe plan`); None: the backend's own
     devices: int | None = None            # accelerators in all; None: the layout's world size
     nodes: int | None = None              # hosts; checked against the device's devices per host
 
@@ -200,6 +199,9 @@ class Recipe:
         for key, value in positive.items():
             if value <= 0:
                 raise MixtralError(f"recipe key '{key}' must be positive, got {value}")
+        if self.hardware.device is not None and self.hardware.device not in devices():
+            raise MixtralError(f"recipe key 'hardware.device' expects one of {', '.join(devices())} (the devices "
+                               f"the registered backends declare), got {self.hardware.device!r}")
         for key in ("eval.interval", "checkpoint.interval", "checkpoint.keep_last", "train.expert_load_interval",
                     "schedule.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip"):
             section, name = key.split(".")

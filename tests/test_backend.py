@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
-from mixtral.backend import AUTO_ORDER, Availability, Backend, Ops, Registry, get_backend, hookimpl, registry
+from mixtral.backend import Availability, Backend, Ops, Registry, get_backend, hookimpl, registry
 from mixtral.errors import MixtralError
 from mixtral.kernels import reference
 from mixtral.model import Mixtral
@@ -33,9 +36,10 @@ def test_unavailable_backends_say_why() -> None:
             get_backend(name)
 
 
-def test_auto_picks_first_available_in_order() -> None:
-    first = next(n for n in AUTO_ORDER if registry().backends[n].availability.ok)
-    assert get_backend("auto").name == first
+def test_auto_picks_the_available_backend_of_highest_priority() -> None:
+    ranked = registry().by_priority()
+    assert [b.name for b in ranked][:1] == ["cuda"] and ranked[-1].name == "cpu"  # cuda 50, xla 40, ..., cpu 0
+    assert get_backend("auto").name == next(b.name for b in ranked if b.availability.ok)
 
 
 def test_unknown_backend_lists_the_registered_ones() -> None:
@@ -137,3 +141,60 @@ def test_backends_command_prints_the_table(capsys) -> None:
     assert "cpu   yes" in out and "--backend auto selects:" in out
     assert main(["backends", "--backend", "nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+THIRD_PARTY = """
+import torch
+from mixtral.backend import Backend, Capabilities, Device, hookimpl
+
+
+class AcmeBackend(Backend):
+    def peak_flops(self, device, dtype):
+        return 2e12  # the Acme 1's datasheet
+
+
+@hookimpl
+def mixtral_register_backends(register):
+    register(AcmeBackend(name="acme", device_type="cpu", dist_backend="gloo",
+                         capabilities=Capabilities(auto_priority=100, fused_optimizer=True),
+                         planner_devices=(Device("acme1", "Acme 1 48 GB", "acme", 48, 2000, 0.5, 400, 50, 16, 16),)))
+"""
+
+
+def test_a_third_party_device_is_planned_picked_and_measured_without_a_core_edit(tmp_path) -> None:
+    """A plugin's backend declares its device and priority: `auto` picks it, the planner plans for its device,
+    a recipe checks against it, and MFU uses its peak."""
+    pkg = tmp_path / "site"
+    (pkg / "mixtral_backend_acme").mkdir(parents=True)
+    (pkg / "mixtral_backend_acme" / "__init__.py").write_text(THIRD_PARTY)
+    dist = pkg / "mixtral_backend_acme-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mixtral-backend-acme\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mixtral]\nacme = mixtral_backend_acme\n")
+    code = textwrap.dedent(f"""
+        import json
+        from mixtral.backend import get_backend
+        from mixtral.config import ModelConfig
+        from mixtral.planner import get_device, plan_layouts
+        from mixtral.cli import main
+        from mixtral.train.metrics import read_metrics
+
+        print(get_backend("auto").name)
+        plans = plan_layouts(ModelConfig.preset("8x7b"), get_device("acme1"), 64, 4096, 256)
+        print(len(plans), plans[0].memory.device.label)
+        assert main(["train", "--recipe", "cpu-tiny", "train.steps=2", "train.tensorboard=false", "eval.interval=0",
+                     "checkpoint.interval=0", "model.num_hidden_layers=1", "seq_len=64", "batch.micro_batch=4",
+                     "batch.global_batch=4", "train.output_dir={tmp_path / 'run'}", "backend=auto"]) == 0
+        print(json.dumps([r for r in read_metrics("{tmp_path / 'run'}") if "mfu" in r]))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), str(Path(__file__).resolve().parents[1])])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    name, (count, label), metrics = lines[0], lines[1].split(" ", 1), lines[-1]
+    assert name == "acme" and label == "Acme 1 48 GB" and int(count) > 0
+    from mixtral.recipes import load_recipe
+
+    flops = load_recipe("cpu-tiny", ["model.num_hidden_layers=1", "seq_len=64"]).model_config().flops_per_token(64)
+    for record in json.loads(metrics):
+        assert record["mfu"] == round(flops * record["tokens_per_s"] / 2e12, 5)

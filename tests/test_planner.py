@@ -7,13 +7,13 @@ import pytest
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.planner import (
-    DEVICES,
     RESERVE,
     GiB,
     Workload,
     check_layout,
     check_memory,
     estimate_memory,
+    get_device,
     layer_activations,
     plan_layouts,
     stage_parameters,
@@ -21,7 +21,7 @@ from mixtral.planner import (
 )
 
 M8x7B = ModelConfig.preset("8x7b")
-H100 = DEVICES["h100"]
+H100 = get_device("h100")
 # Megatron's recommended training layout: TP1 EP8 PP4 on 32 GPUs (dp 8), seq 4096, global batch 256.
 MEGATRON = Workload(dp=8, pp=4, ep=8, zero=1, global_batch=256, seq_len=4096, precision="bf16_master")
 
@@ -138,7 +138,7 @@ def test_plan_returns_only_fitting_layouts_sorted_by_cost():
 
 
 def test_plan_spmd_device_and_nothing_fits():
-    plans = plan_layouts(ModelConfig.preset("8x22b"), DEVICES["v5p"], 256, 32768, 256)
+    plans = plan_layouts(ModelConfig.preset("8x22b"), get_device("v5p"), 256, 32768, 256)
     assert plans and all(p.workload.pp == 1 and p.workload.cp == 1 and p.workload.zero == 3 for p in plans)
     assert all(p.workload.dispatcher == "capacity" and p.workload.capacity_factor == 1.25 for p in plans)
     assert plan_layouts(ModelConfig.preset("8x22b"), H100, 2, 4096, 2) == []

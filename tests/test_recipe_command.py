@@ -83,7 +83,7 @@ BAD = [
     ("cuda-8x7b-tp1ep8pp4", ["hardware.devices=16"], None, r"does not equal the world size 16; set parallel.dp to 4"),
     ("cuda-8x7b-tp1ep8pp4", ["hardware.nodes=3"], None,
      r"hardware.nodes=3: 32 devices on h100 \(8 per node\) need 4 nodes; set hardware.nodes to that"),
-    ("cuda-8x7b-tp1ep8pp4", ["hardware.device=h200"], None, r"'hardware.device' expects one of h100, gaudi2, 910b"),
+    ("cuda-8x7b-tp1ep8pp4", ["hardware.device=h200"], None, r"'hardware.device' expects one of h100, v5p, gaudi2, 910b, cpu"),
     ("gaudi2-8x7b-32hpu-capacity-bins", ["parallel.zero=0"], None,
      r"parallel.zero=0 \(DDP\) does not compose with tensor parallelism; set parallel.zero to 1, 2 or 3"),
     ("cuda-8x7b-tp1ep8pp4", ["schedule.decay_steps=100"], None,
@@ -115,5 +115,5 @@ def test_plan_lists_fitting_layouts_fastest_first(capsys):
     assert all(float(line.split()[4]) <= 80 for line in lines[2:])
     with pytest.raises(MixtralError, match=r"no layout of 2 x h100 fits 8x22b.*use more devices"):
         run("plan", "--devices", "2", "--device-type", "h100", "--model", "8x22b")
-    with pytest.raises(MixtralError, match=r"unknown device type 'a100'; choose one of: h100, gaudi2, 910b, v5p"):
+    with pytest.raises(MixtralError, match=r"unknown device type 'a100'; choose one of: h100, v5p, gaudi2, 910b, cpu"):
         run("plan", "--devices", "8", "--device-type", "a100")

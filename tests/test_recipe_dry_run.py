@@ -11,7 +11,7 @@ from mixtral import recipe_command
 from mixtral.config import ModelConfig
 from mixtral.dry_run import BuiltParameter, compare
 from mixtral.errors import MixtralError
-from mixtral.planner import DEVICES, Workload, check_layout, shard_shapes
+from mixtral.planner import Workload, check_layout, get_device, shard_shapes
 from mixtral.recipes import RECIPES_DIR, load_recipe
 from mixtral.scaled_down import scaled_down_run, scaled_layout, scaled_recipe
 
@@ -84,11 +84,11 @@ def _as_built(shapes: dict, ranks: int = 1) -> dict[str, BuiltParameter]:
 def test_compare_accepts_the_plan_and_names_each_difference():
     w = Workload(dp=8, pp=4, ep=8, zero=1, global_batch=256, seq_len=4096, precision="bf16_master")
     shapes = shard_shapes(M8x7B, w, 3)
-    lines, problems = compare(M8x7B, w, 3, _as_built(shapes, 8), DEVICES["h100"])
+    lines, problems = compare(M8x7B, w, 3, _as_built(shapes, 8), get_device("h100"))
     assert problems == [] and sum("ok" in line for line in lines) == 3
     wrong = dict(shapes, **{"lm_head.weight": (32000 * 4, 4096)})  # a head left whole under tp = 4
     del wrong["norm.weight"]
-    _, problems = compare(M8x7B, w, 3, _as_built(wrong, 8), DEVICES["h100"])
+    _, problems = compare(M8x7B, w, 3, _as_built(wrong, 8), get_device("h100"))
     assert "lm_head.weight: shape (128000, 4096), the plan expects (32000, 4096)" in problems
     assert "norm.weight: missing on stage 3 (the plan expects (4096,))" in problems
     assert any(p.startswith("stage 3 weights: built") for p in problems)
@@ -97,7 +97,7 @@ def test_compare_accepts_the_plan_and_names_each_difference():
     built = _as_built(shard_shapes(M8x7B, layout, 0), 8)
     built = {n: BuiltParameter(b.shape, math.prod(b.shape) if ".experts." in n else b.local_numel)
              for n, b in built.items()}
-    lines, problems = compare(M8x7B, layout, 0, built, DEVICES["h100"])
+    lines, problems = compare(M8x7B, layout, 0, built, get_device("h100"))
     assert [p.split(":")[0] for p in problems] == ["stage 0 optimizer states"]
     assert "MISMATCH" in lines[-1]
 

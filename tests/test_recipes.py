@@ -62,7 +62,7 @@ def test_resolved_recipe_round_trips():
     ("parallel.zero=4", ["parallel.zero", "one of 0, 1, 2, 3"]),
     ("parallel.cp_algo=ulysses", ["parallel.cp_algo", "one of allgather, ring"]),
     ("mode=serve", ["'mode'", "one of train, inference"]),
-    ("hardware.device=a100", ["hardware.device", "one of h100, gaudi2, 910b, v5p, cpu"]),
+    ("hardware.device=a100", ["hardware.device", "one of h100, v5p, gaudi2, 910b, cpu"]),
     ("hardware.devcies=8", ["hardware.devcies", "did you mean 'devices'", "allowed keys in hardware"]),
     ("hardware.nodes=0", ["'hardware.nodes' must be positive"]),
     ("backend_options=3", ["backend_options", "a mapping of names to values"]),

@@ -47,7 +47,7 @@ def test_mfu_is_never_above_one(tmp_path, capsys):
                                                        ("Some Future GPU", torch.bfloat16, False, None)])
 def test_cuda_peak_comes_from_the_device_name(monkeypatch, name, dtype, tf32, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high" if tf32 else "highest")
     peak = registered("cuda").peak_flops(torch.device("cuda", 0), dtype)
     assert peak == (None if tflops is None else tflops * 1e12)
 

@@ -21,8 +21,9 @@ PROMPT_ROUND = 16  # fixed-shape backends: padded prompt lengths round up to thi
 
 
 def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
-    """torch.inference_mode, except on XLA: torch_xla 2.9 rejects inference tensors, and supports no_grad."""
-    return torch.no_grad() if device.type == "xla" else torch.inference_mode()
+    """torch.inference_mode, or no_grad on a device whose backend rejects inference tensors (torch_xla 2.9)."""
+    backend = backend_for_device(device.type)
+    return torch.inference_mode() if backend is None or backend.capabilities.inference_tensors else torch.no_grad()
 
 
 class Generator:

@@ -36,7 +36,7 @@ from mixtral.parallel import (
     microbatch_sync,
     shard_sequence,
 )
-from mixtral.planner import BACKEND_DEVICE, Device, Workload, check_memory, get_device, stage_memory
+from mixtral.planner import Device, Workload, backend_device, check_memory, get_device, stage_memory
 from mixtral.recipes import Recipe
 from mixtral.train import checkpointing as ckpt
 from mixtral.train.metrics import (
@@ -148,7 +148,7 @@ class Trainer:
 
     def _planned_device(self) -> Device | None:
         """The planner's device this run is checked against: hardware.device, else the backend's (None: unknown)."""
-        name = self.recipe.hardware.device or BACKEND_DEVICE.get(self.backend.name)
+        name = self.recipe.hardware.device or backend_device(self.backend.name)
         return get_device(name) if name else None
 
     def _memory_record(self, optimizer_stepped: bool) -> dict:
