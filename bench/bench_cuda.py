@@ -18,6 +18,7 @@ from mixtral.backend import get_backend
 from mixtral.config import ModelConfig
 from mixtral.kernels import reference, triton_grouped_mm, triton_moe
 from mixtral.model import Mixtral
+from mixtral.train.loss import TrainingLoss
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}  # dense bf16, SXM datasheet
 
@@ -96,7 +97,7 @@ def train_step_ms(model: Mixtral, tokens: torch.Tensor, steps: int) -> float:
     for i in range(steps + 2):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model(tokens, tokens).loss.backward()
+        TrainingLoss(model.config).of(model, tokens, tokens).loss.backward()
         end.record()
         torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
@@ -122,7 +123,7 @@ def print_profile(layers: int, vocab: int, seq: int) -> None:
     tokens = torch.randint(0, vocab, (1, seq), device="cuda")
     train_step_ms(model, tokens, 1)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model(tokens, tokens).loss.backward()
+        TrainingLoss(model.config).of(model, tokens, tokens).loss.backward()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 

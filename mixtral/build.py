@@ -13,6 +13,7 @@ run allocates. No rank ever holds a parameter it does not own.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,9 +54,10 @@ def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
 
 
 def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None, meshes: ParallelMeshes | None,
-                       device: torch.device, pp_schedule: str | None = None) -> tuple[Mixtral, Parallelized]:
-    """A training run's model on meta: the whole model and this rank's laid-out part (and pipeline); pp_schedule
-    overrides the recipe's (a forward-only dry run)."""
+                       device: torch.device, pp_schedule: str | None = None, loss: Callable | None = None
+                       ) -> tuple[Mixtral, Parallelized]:
+    """A training run's model on meta: the whole model and this rank's laid-out part (and pipeline, whose last
+    stage computes loss); pp_schedule overrides the recipe's (a forward-only dry run)."""
     r = recipe
     dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
     model = build_on_meta(r.model_config(), backend, r.moe, dtype)
@@ -67,7 +69,8 @@ def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None
         return model, Parallelized(model, None)
     p = r.parallel
     return model, parallelize(model, dims, meshes, zero=p.zero, ep_comm=r.moe.ep_comm, cp_algo=p.cp_algo,
-                              pp_schedule=pp_schedule or p.pp_schedule, microbatches=r.grad_accum, device=device)
+                              pp_schedule=pp_schedule or p.pp_schedule, microbatches=r.grad_accum, device=device,
+                              loss=loss)
 
 
 def materialize(model: Mixtral, part: nn.Module, device: torch.device | str, meshes: ParallelMeshes | None = None,

@@ -39,6 +39,7 @@ from mixtral.parallel import (
 from mixtral.parallel.context_parallel import shard_sequence
 from mixtral.recipes import Recipe, recipe_from_dict
 from mixtral.train.optim import build_optimizer
+from mixtral.train.loss import TrainingLoss
 from mixtral.train.memory import held_bytes
 
 STEPS = 3
@@ -129,7 +130,8 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
     dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, world_size=info.world_size)
     meshes = dims.build_meshes("cpu")
     accumulate = recipe.grad_accum
-    whole, laid = build_for_training(recipe, get_backend("cpu"), dims, meshes, torch.device("cpu"))
+    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe, meshes.dp_cp.get_group())
+    whole, laid = build_for_training(recipe, get_backend("cpu"), dims, meshes, torch.device("cpu"), loss=loss_fn)
     materialize(whole, laid.model, "cpu", meshes, seed=recipe.train.seed)
     model, pipeline = laid.model, laid.pipeline
     tokens, targets = batches(recipe)
@@ -143,7 +145,7 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
         loss = torch.zeros(())
         for m in range(accumulate):
             micro = slice(m * MICRO_BATCH, (m + 1) * MICRO_BATCH)
-            out = model(x[micro], y[micro])
+            out = loss_fn.of(model, x[micro], y[micro])
             microbatch_sync(model, p.zero, last=m == accumulate - 1)
             (out.loss / accumulate).backward()
             loss += out.loss.detach() / accumulate
@@ -163,6 +165,7 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
 def reference_losses(recipe: Recipe) -> list[float]:
     """One process, no torch.distributed: micro-batch m of a step is every data rank's micro-batch m, concatenated."""
     model = build_model(recipe)
+    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe)
     tokens, targets = batches(recipe)
     accumulate, per_rank = recipe.grad_accum, MICRO_BATCH * recipe.grad_accum
 
@@ -171,7 +174,7 @@ def reference_losses(recipe: Recipe) -> list[float]:
         for m in range(accumulate):
             rows = torch.cat([torch.arange(d * per_rank + m * MICRO_BATCH, d * per_rank + (m + 1) * MICRO_BATCH)
                               for d in range(recipe.parallel.dp)])
-            out = model(tokens[step, rows], targets[step, rows])
+            out = loss_fn.of(model, tokens[step, rows], targets[step, rows])
             (out.loss / accumulate).backward()
             loss += out.loss.detach() / accumulate
         return loss

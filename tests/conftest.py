@@ -12,6 +12,13 @@ from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
 
 
+def model_loss(model: Mixtral, tokens: torch.Tensor, targets: torch.Tensor, keep_logits: bool = True):
+    """The training loss of one process's model on tokens (mixtral.train.loss): logits, routing and the losses."""
+    from mixtral.train.loss import TrainingLoss
+
+    return TrainingLoss(model.config, model.moe).of(model, tokens, targets, keep_logits)
+
+
 def small_config(**overrides) -> ModelConfig:
     """A tiny Mixtral with odd sizes, fast enough for many tests."""
     base = dict(vocab_size=101, hidden_size=48, intermediate_size=40, num_hidden_layers=2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import functools
 import os
 import tempfile
 
@@ -18,7 +19,8 @@ from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.model.capacity_bins import CapacityBins, CapacityBinsConfig, make_bins, optimize_bins
 from mixtral.model.dispatch import CapacityBinned, Routing
-from mixtral.model.moe import MoE
+from mixtral.model.moe import MoE, moe_metrics
+from mixtral.parallel.expert_parallel import all_reduce_max
 
 
 def test_bin_edges_by_hand():
@@ -119,7 +121,7 @@ def test_bins_are_model_state_and_reshape_every_interval():
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert [layer.mlp.dispatcher.bins.edges.tolist() for layer in restored.layers] == after
     assert int(restored.layers[0].mlp.dispatcher.bins.steps) == 2
-    used = restored.train()(tokens, targets=tokens).moe_metrics["capacity"].tolist()
+    used = moe_metrics(restored.train()(tokens).routing)["capacity"].tolist()
     assert all(c in edges for c, edges in zip(used, after))   # picked from the restored bins, not fresh ones
     assert [layer.mlp.dispatcher.bins.edges.tolist() for layer in restored.layers] == after
 
@@ -137,7 +139,7 @@ def test_usage_reshape_moves_edges_toward_used_bins():
 def _agree(rank: int, path: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     bins = CapacityBins(CapacityBinsConfig(num_bins=3, exp_base=2.0, alignment=64, tokens=1024), 8, 2).train()
-    bins.group = dist.group.WORLD
+    bins.agree = functools.partial(all_reduce_max, group=dist.group.WORLD)
     counts = torch.tensor([700 if rank else 260] + [256] * 7)
     assert bins.capacity(counts, 1024) == (1024, 2)      # rank 0's own max (260) is bin 0; MAX makes it 2
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIG_CONFIG, big_random_model, small_config
+from conftest import BIG_CONFIG, big_random_model, model_loss, small_config
 from dist_utils import run_ranks
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict)
@@ -46,7 +46,7 @@ def tokens(seed: int, rows: int = 2) -> torch.Tensor:
 
 
 def step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor) -> None:
-    model(batch[:, :-1], batch[:, 1:]).loss.backward()
+    model_loss(model, batch[:, :-1], batch[:, 1:]).loss.backward()
     opt.step()
     opt.zero_grad()
 

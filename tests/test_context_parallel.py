@@ -1,7 +1,7 @@
 """Context parallel layouts train 3 steps on real gloo ranks with the same loss and every gradient as one process.
 
 Each rank runs one contiguous chunk of every sequence; the losses cover the context ranks' whole batch
-(model.loss_group), so the reference is one process on the whole batch, no accumulation.
+(TrainingLoss over the data x context ranks), so the reference is one process on the whole batch, no accumulation.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mixtral.parallel import (
     mean_over,
     shard_sequence,
 )
+from mixtral.train.loss import TrainingLoss
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,15 @@ def make_model(window: int | None) -> Mixtral:
     return model
 
 
-class SequenceChunk(nn.Module):
-    """The model fed this rank's chunk of every sequence, as a context parallel data loader does."""
+class SequenceChunkLoss:
+    """The loss over the data x context ranks of this rank's chunk of every sequence, as a context parallel data
+    loader feeds it."""
 
-    def __init__(self, model: Mixtral, cp_mesh) -> None:
-        super().__init__()
-        self.model, self.cp_mesh = model, cp_mesh
+    def __init__(self, loss: TrainingLoss, cp_mesh) -> None:
+        self.loss, self.cp_mesh = loss, cp_mesh
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor):
-        return self.model(shard_sequence(tokens, self.cp_mesh), shard_sequence(targets, self.cp_mesh))
+    def of(self, model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor):
+        return self.loss.of(model, shard_sequence(tokens, self.cp_mesh), shard_sequence(targets, self.cp_mesh))
 
 
 def _run_layouts(names: list[str]) -> dict:
@@ -78,15 +79,14 @@ def _run_layouts(names: list[str]) -> dict:
         model = make_model(layout.window)
         meshes = dims.build_meshes("cpu")
         apply_context_parallel(model, meshes["cp"], layout.algo)
-        model.loss_group = meshes.dp_cp.get_group()
         apply_expert_parallel(model, meshes)
         if dims.ep > 1:
             apply_expert_data_parallel(model, meshes, layout.zero)
         apply_data_parallel(model, meshes.dp_cp, layout.zero)
-        losses, ce_losses, grads = train(SequenceChunk(model, meshes["cp"]), 1, range(1), layout.zero)
+        loss = SequenceChunkLoss(TrainingLoss(model.config, model.moe, meshes.dp_cp.get_group()), meshes["cp"])
+        losses, ce_losses, grads = train(model, 1, range(1), layout.zero, loss)
         if dims.ep > 1:
-            gather_expert_grads(model, grads, meshes, prefix="model.")
-        grads = [{key.removeprefix("model."): grad for key, grad in step.items()} for step in grads]
+            gather_expert_grads(model, grads, meshes)
         reduce = functools.partial(mean_over, mesh=meshes.dp_cp)
         results[name] = ([reduce(l).item() for l in losses], [reduce(c).item() for c in ce_losses], grads)
     if dist.get_world_size() == 2:

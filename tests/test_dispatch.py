@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import model_loss, small_config
 from mixtral.backend import Ops, get_backend
 from mixtral.config import MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.model.dispatch import Capacity, Dropless, Routing
-from mixtral.model.moe import MoE
+from mixtral.model.moe import MoE, moe_metrics
 
 # 4 tokens, top-2 of 3 experts; worked through by hand in test_capacity_drops_by_hand.
 IDS = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1]])
@@ -122,8 +122,8 @@ def test_dropped_fraction_in_model_metrics():
     model = Mixtral(config, moe=MoEConfig(dispatcher="capacity", capacity_factor=0.5)).train()
     model.init_weights()
     tokens = torch.randint(0, config.vocab_size, (2, 20))
-    out = model(tokens, targets=tokens)
-    m = out.moe_metrics
+    out = model_loss(model, tokens, tokens)
+    m = moe_metrics(out.routing)
     assert m["dropped_fraction"].shape == (config.num_hidden_layers,)
     kept = out.tokens_per_expert.clamp(max=8).sum(1)     # C = ceil(0.5 * 40 * 2 / 5) = 8 per expert
     torch.testing.assert_close(m["dropped_fraction"], 1 - kept.float() / 80)
@@ -132,9 +132,9 @@ def test_dropped_fraction_in_model_metrics():
 
 
 def test_dropless_reports_no_drops():
-    out = Mixtral(small_config()).train()(torch.randint(0, 101, (2, 9)), targets=torch.zeros(2, 9, dtype=torch.long))
-    assert out.moe_metrics["dropped_fraction"].tolist() == [0.0, 0.0]
-    assert out.moe_metrics["capacity"].tolist() == [0, 0]
+    out = Mixtral(small_config()).train()(torch.randint(0, 101, (2, 9)))
+    assert moe_metrics(out.routing)["dropped_fraction"].tolist() == [0.0, 0.0]
+    assert moe_metrics(out.routing)["capacity"].tolist() == [0, 0]
 
 
 def test_dropless_dispatch_is_the_permute_op():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config
+from conftest import model_loss, small_config
 
 from mixtral.backend import Ops, get_backend
 from mixtral.config import ModelConfig
@@ -62,7 +62,7 @@ def test_forced_routing_zero_token_experts_and_one_expert_taking_all(ops, top_k)
     batch, seq = 2, 9
     tokens = torch.randint(0, config.vocab_size, (batch, seq))
     targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), IGNORE_INDEX)], dim=1)
-    out = model(tokens, targets)
+    out = model_loss(model, tokens, targets)
 
     expected = torch.tensor([batch * seq] * top_k + [0] * (6 - top_k))
     assert torch.equal(out.tokens_per_expert, expected.expand(config.num_hidden_layers, -1))
@@ -99,7 +99,7 @@ def test_cpu_ops_match_reference(sizes):
     cpu.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, config.vocab_size, (2, 11))
     targets = torch.cat([tokens[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
-    ours, ref = cpu(tokens, targets), reference(tokens, targets)
+    ours, ref = model_loss(cpu, tokens, targets), model_loss(reference, tokens, targets)
     assert rel(ours.logits, ref.logits) <= 1e-5
     assert abs(ours.loss.item() - ref.loss.item()) <= 1e-5
     assert torch.equal(ours.tokens_per_expert, ref.tokens_per_expert)
@@ -150,7 +150,7 @@ def test_last_only_prefill_fills_the_cache_and_keeps_the_last_logits(ops, window
 
 
 def test_training_forward_without_logits_gives_the_same_loss_and_gradients():
-    """keep_logits=False (the trainer's forward) writes the loss's gradient over the logits: same loss, same grads."""
+    """keep_logits=False (the trainer's step) writes the loss's gradient over the logits: same loss, same grads."""
     config = small_config()
     model = Mixtral(config, get_backend("cpu").ops)
     model.init_weights(std=0.15)
@@ -158,7 +158,7 @@ def test_training_forward_without_logits_gives_the_same_loss_and_gradients():
     targets = torch.cat([tokens[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
     results = []
     for keep_logits in (True, False):
-        out = model(tokens, targets, keep_logits=keep_logits)
+        out = model_loss(model, tokens, targets, keep_logits=keep_logits)
         grads = torch.autograd.grad(out.loss, list(model.parameters()))
         results.append((out, grads))
     (kept, kept_grads), (dropped, dropped_grads) = results

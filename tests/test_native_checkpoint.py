@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import model_loss, small_config
 from dist_utils import run_ranks
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -32,7 +32,7 @@ def trained(config, steps: int = 1) -> tuple[Mixtral, torch.optim.AdamW]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
         tokens = torch.randint(0, config.vocab_size, (2, 8))
-        model(tokens, tokens.roll(-1, 1)).loss.backward()
+        model_loss(model, tokens, tokens.roll(-1, 1)).loss.backward()
         opt.step()
         opt.zero_grad()
     return model, opt

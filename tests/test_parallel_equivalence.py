@@ -27,6 +27,7 @@ from mixtral.parallel import (
     mean_over,
     microbatch_sync,
 )
+from mixtral.train.loss import TrainingLoss
 
 BATCH, SEQ, STEPS, LR = 4, 16, 3, 1.0
 RTOL = 1e-5
@@ -73,12 +74,15 @@ def make_batches() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[..., :-1], targets
 
 
-def train(model: torch.nn.Module, micro_batches: int, mine: range, zero: int = 0) -> tuple[list, list, list[dict]]:
-    """STEPS SGD steps, each accumulating this process's micro-batches `mine` out of `micro_batches`.
+def train(model: torch.nn.Module, micro_batches: int, mine: range, zero: int = 0, loss=None
+          ) -> tuple[list, list, list[dict]]:
+    """STEPS SGD steps, each accumulating this process's micro-batches `mine` out of `micro_batches`; loss is the
+    model's TrainingLoss unless given (one over a group, or on a context parallel chunk).
 
     SGD keeps the comparison linear in the gradients: Adam's g / sqrt(v) would blow fp32 reduction-order
     noise in near-zero gradients up to a full learning-rate step.
     """
+    loss_fn = loss or TrainingLoss(model.config, model.moe)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     tokens, targets = make_batches()
     per = BATCH // micro_batches
@@ -87,7 +91,7 @@ def train(model: torch.nn.Module, micro_batches: int, mine: range, zero: int = 0
         loss = ce = 0.0
         for m in mine:
             rows = slice(m * per, (m + 1) * per)
-            out = model(tokens[step, rows], targets[step, rows])
+            out = loss_fn.of(model, tokens[step, rows], targets[step, rows])
             microbatch_sync(model, zero, last=m == mine[-1])
             (out.loss / len(mine)).backward()
             loss, ce = loss + out.loss.detach() / len(mine), ce + out.ce_loss.detach() / len(mine)
@@ -164,6 +168,7 @@ def test_layout_matches_one_process(distributed, name: str) -> None:
 def test_data_parallel_cross_entropy_is_the_concatenated_batch_mean(distributed) -> None:
     """The dp ranks' averaged CE is one forward's CE over the whole batch (equal counted targets per row)."""
     tokens, targets = make_batches()
-    whole = make_model()(tokens[0], targets[0])
+    model = make_model()
+    whole = TrainingLoss(model.config, model.moe).of(model, tokens[0], targets[0])
     for name in ("dp2", "fsdp4_zero3"):
         assert_close(torch.tensor(distributed[name][1][0]), whole.ce_loss.detach(), f"{name} step 0 ce")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import small_config
+from conftest import model_loss, small_config
 
 from mixtral.backend import get_backend
 from mixtral.checkpoint.hf import load_hf_model, save_hf
@@ -51,7 +51,7 @@ def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_parity(ours: Mixtral, hf: transformers.MixtralForCausalLM, config: ModelConfig) -> None:
     tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ))
     targets = torch.cat([tokens[:, 1:], torch.full((BATCH, 1), IGNORE_INDEX)], dim=1)
-    out = ours(tokens, targets)
+    out = model_loss(ours, tokens, targets)
     ref = hf(input_ids=tokens, labels=tokens, output_router_logits=True)
 
     assert rel(out.logits, ref.logits) <= 1e-5

@@ -17,6 +17,7 @@ from mixtral.errors import MixtralError
 from mixtral.parallel import ParallelDims, PipelinedModel, PipelineStageModel, mean_over, parallelize
 from mixtral.parallel.context_parallel import shard_sequence
 from mixtral.serve.distributed import Leader, follow
+from mixtral.train.loss import TrainingLoss
 
 MICROBATCHES = 4
 LAYOUTS = {  # name: (world size, dims, schedule)
@@ -36,7 +37,8 @@ def _train_layouts(names: list[str]) -> dict[str, tuple]:
         model = make_model()
         dims.validate_model(model.config, SEQ)
         meshes = dims.build_meshes("cpu")
-        parts = parallelize(model, dims, meshes, pp_schedule=schedule, microbatches=MICROBATCHES)
+        loss = TrainingLoss(model.config, model.moe, meshes.dp_cp.get_group())  # over the data x context ranks
+        parts = parallelize(model, dims, meshes, pp_schedule=schedule, microbatches=MICROBATCHES, loss=loss)
         opt = torch.optim.SGD(parts.model.parameters(), lr=LR, momentum=0.9)
         tokens, targets = make_batches()
         losses, ce_losses, grads = [], [], []

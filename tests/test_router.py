@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import model_loss, small_config
 from mixtral.backend import Ops
 from mixtral.config import MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.model.moe import MoE, MoEStats, moe_metrics, route, router_losses, router_totals
+from mixtral.model.moe import MoE, MoEStats, moe_metrics, route, router_totals
+from mixtral.train.loss import router_losses
 
 
 def test_route_renormalises_top_k_in_fp32():
@@ -52,7 +53,7 @@ def test_z_loss_enters_the_model_loss():
     model = Mixtral(config, moe=MoEConfig(z_loss_coeff=0.1, aux_loss_coeff=0.5))
     model.init_weights()
     tokens = torch.randint(0, config.vocab_size, (2, 8))
-    out = model(tokens, targets=tokens)
+    out = model_loss(model, tokens, tokens)
     torch.testing.assert_close(out.loss, out.ce_loss + 0.5 * out.aux_loss + 0.1 * out.z_loss)
 
 

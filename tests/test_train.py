@@ -106,7 +106,7 @@ def test_activation_checkpointing_keeps_loss_grads_and_names(tmp_path, mode):
     assert [n for n, _ in plain.model.named_parameters()] == [n for n, _ in recomputed.model.named_parameters()]
     batch = torch.randint(0, plain.config.vocab_size, (2, SEQ + 1))
     for trainer in (plain, recomputed):
-        trainer.model(batch[:, :-1], targets=batch[:, 1:]).loss.backward()
+        trainer.loss.of(trainer.model, batch[:, :-1], batch[:, 1:]).loss.backward()
     for (name, a), b in zip(plain.model.named_parameters(), recomputed.model.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
 
@@ -125,7 +125,7 @@ def test_compile_keeps_losses_gradients_and_names(tmp_path, dispatcher):
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
     batch = torch.randint(0, eager.config.vocab_size, (2, SEQ + 1))
     for trainer in (eager, compiled):
-        trainer.model(batch[:, :-1], targets=batch[:, 1:]).loss.backward()
+        trainer.loss.of(trainer.model, batch[:, :-1], batch[:, 1:]).loss.backward()
     for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters()):
         assert torch.allclose(b.grad, a.grad, rtol=1e-5, atol=1e-7), name
     for trainer in (eager, compiled):
@@ -189,8 +189,8 @@ def poison(trainer: Trainer, bad: Callable[[int], bool]) -> None:
 
     def poisoned(*args, **kwargs):
         out = forward(*args, **kwargs)
-        if bad(trainer.step) and out.loss is not None:
-            out.loss = out.loss * float("nan")
+        if bad(trainer.step):
+            out.logits = out.logits * float("nan")
         return out
 
     trainer.model.forward = poisoned

@@ -1,6 +1,6 @@
 """`mixtral-run train --nproc-per-node 2` (and plain torchrun) on the cpu-tiny recipe: the same losses as one process.
 
-Every data rank's loss is its share of the whole batch (model.loss_group), so dp2 with 8 sequences per rank
+Every data rank's loss is its share of the whole batch (mixtral.train.loss), so dp2 with 8 sequences per rank
 equals one process with the 16 in one micro-batch; the pipeline's 4 micro-batches equal one process
 accumulating the same 4.
 """

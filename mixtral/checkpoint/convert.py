@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="HF config.json or preset for a Megatron input that has no "
                                                        "config.json beside it")
     parser.add_argument("--verify", action="store_true", help="round-trip tensor equality and fixed-prompt logits")
+    parser.add_argument("--megatron-spec", default=None, help="megatron output: the layer spec Megatron-LM builds, "
+                                                              "local or te (Transformer Engine; default local)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                        help="megatron output: pad the vocabulary with zero rows to a multiple of this x "
+                             "--megatron-tp, as Megatron-LM does (its default is 128; default here 1: no padding)")
+    parser.add_argument("--megatron-tp", type=int, default=None,
+                        help="megatron output: the tensor-parallel size Megatron-LM loads with, for the padding "
+                             "(default 1)")
 
 
 def boxes_for(name: str, shape: tuple[int, ...]) -> list:
@@ -86,8 +94,10 @@ def _replaceable(path: Path, fmt: str) -> None:
 
 
 def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None, layout: dict[str, int] | None = None,
-          extra: dict[str, Any] | None = None, desc: str = "convert") -> None:
-    """Write source's parameters to out in format fmt (dtype None keeps the source's)."""
+          extra: dict[str, Any] | None = None, desc: str = "convert", megatron_spec: str = "local",
+          vocab_multiple: int = 1) -> None:
+    """Write source's parameters to out in format fmt (dtype None keeps the source's); megatron output is laid out
+    for megatron_spec, its vocabulary padded to a multiple of vocab_multiple."""
     from mixtral.checkpoint import megatron, native
 
     _replaceable(out, fmt)
@@ -102,7 +112,8 @@ def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None,
             native.save_native(out, state, config=source.config, layout=layout, manifest_extra=extra,
                                file_per_item=True)
         elif fmt == "megatron":
-            megatron.save_megatron(out, source.read, source.config, dtype, bar.update)
+            vocab_rows = megatron.padded_vocab_size(source.config.vocab_size, vocab_multiple)
+            megatron.save_megatron(out, source.read, source.config, dtype, bar.update, megatron_spec, vocab_rows)
         else:
             hf.write_hf(out, source.config, source.shapes, source.read, dtype, on_write=bar.update)
 
@@ -143,6 +154,27 @@ def target_layout(args: argparse.Namespace, config: ModelConfig) -> dict[str, in
     except MixtralError as exc:
         raise MixtralError(str(exc).replace("parallel.", "--")) from None
     return layout
+
+
+def megatron_target(args: argparse.Namespace) -> tuple[str, int]:
+    """--megatron-spec and the multiple the vocabulary is padded to (--make-vocab-size-divisible-by x --megatron-tp),
+    checked; only a megatron output takes them."""
+    sizes = {"--make-vocab-size-divisible-by": args.make_vocab_size_divisible_by, "--megatron-tp": args.megatron_tp}
+    given = [flag for flag, value in {"--megatron-spec": args.megatron_spec, **sizes}.items() if value is not None]
+    if args.to != "megatron":
+        if given:
+            raise MixtralError(f"{given[0]}: applies to --to megatron only ({args.to} output has no Megatron layer "
+                               f"spec or padded vocabulary); drop it")
+        return "local", 1
+    from mixtral.checkpoint import megatron
+
+    spec = args.megatron_spec or "local"
+    megatron.layer_spec(spec)
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise MixtralError(f"{flag} {value}: must be a positive integer (Megatron-LM's defaults: "
+                               f"--make-vocab-size-divisible-by 128, --megatron-tp 1)")
+    return spec, (args.make_vocab_size_divisible_by or 1) * (args.megatron_tp or 1)
 
 
 # --- verify --------------------------------------------------------------------------------------
@@ -271,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "q8_0" and args.to != "gguf":
         raise MixtralError("--dtype q8_0 is a GGUF type; use --to gguf, or bf16 / fp32 for the other formats")
     src, out = local_checkpoint(args.input), Path(args.output)  # a Hub model ID: its cached snapshot
+    spec, vocab_multiple = megatron_target(args)
     if args.to == "gguf":
         return run_gguf(args, src, out)
     a, b = src.resolve(), out.resolve()
@@ -279,7 +312,8 @@ def run(args: argparse.Namespace) -> int:
     in_fmt, source = open_source(src, args.config)
     layout = target_layout(args, source.config)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-    write(args.to, source, out, dtype, layout, extra={"converted_from": in_fmt}, desc=f"{in_fmt} -> {args.to}")
+    write(args.to, source, out, dtype, layout, extra={"converted_from": in_fmt}, desc=f"{in_fmt} -> {args.to}",
+          megatron_spec=spec, vocab_multiple=vocab_multiple)
     copied = copy_tokenizer_files([src, resolve_checkpoint(src)], out)
     shown = f", layout {layout}" if layout else ""
     print(f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})"

@@ -1,11 +1,13 @@
-"""Megatron-core's torch_dist checkpoints of Mixtral (GPTModel, local layer spec), both ways.
+"""Megatron-core's torch_dist checkpoints of Mixtral (GPTModel, local or Transformer Engine layer spec), both ways.
 
 torch_dist is plain torch.distributed.checkpoint: one DCP key per Megatron ShardedTensor key, with
 every decoder layer stacked on dim 0 (homogeneous layers) and every expert on dim 1, so one
-checkpoint serves every TP/PP/EP layout. The key table is in docs/checkpoint-formats.md; it was read
-off megatron-core's own code (gpt_layer_specs.get_gpt_layer_local_spec's sharded_state_dict_keys_map,
-experts.SequentialMLP.sharded_state_dict, TransformerBlock.sharded_state_dict, attention's
-per-query-group QKV split, dist_checkpointing.core.CheckpointingConfig for metadata.json).
+checkpoint serves every TP/PP/EP layout. Each ShardedObject (a module's `_extra_state`, the common
+state) is one pickled list under its unique key. The key table is in docs/checkpoint-formats.md; it
+was read off megatron-core's own code (gpt_layer_specs' local and Transformer Engine specs,
+experts.SequentialMLP/TEGroupedMLP.sharded_state_dict, TransformerBlock.sharded_state_dict,
+attention's per-query-group QKV split, dist_checkpointing.serialization.save for metadata.json and
+the common state) and is checked against megatron-core 0.19 itself by tests/megatron.
 """
 
 from __future__ import annotations
@@ -13,26 +15,34 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 
 from mixtral.checkpoint.hf import CONFIG
-from mixtral.checkpoint.native import (Box, LazyTensor, dcp_save, publish, read_boxes, read_dcp_metadata,
-                                      temporary_sibling, whole)
+from mixtral.checkpoint.native import (_SINGLE_PROCESS_WARNING, Box, LazyTensor, _SavePlanner, publish, read_boxes,
+                                      read_dcp_metadata, temporary_sibling, whole)
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model.moe import EXPERT_SUFFIXES
 from mixtral.model.transformer import parameter_shapes
 
 METADATA = "metadata.json"
-COMMON = "common.pt"
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
-# megatron.core.dist_checkpointing.core.CheckpointingConfig, exactly as save_config writes it
-CHECKPOINTING_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                        "common_backend": "torch", "common_backend_version": 1}
+# megatron.core.dist_checkpointing.core.CheckpointingConfig, exactly as megatron-core 0.19's save_config writes it
+CHECKPOINTING_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+# megatron-core 0.19 keeps the common (non-sharded) state in the DCP files: ShardedObject("common_state", data,
+# (1,), (0,)), read back by load_common_state_dict; older ones wrote common.pt (which it still reads). Reading here
+# needs neither.
+COMMON_STATE = "common_state/shard_0_1"
+COMMON_STATE_DATA = {"checkpoint_version": 3.0, "iteration": 0}  # what Megatron-LM's load_checkpoint reads of it
 
 QKV = "decoder.layers.self_attention.linear_qkv.weight"
 QKV_PARTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
@@ -49,23 +59,64 @@ LAYER_KEYS = {  # our per-layer name -> Megatron key (stacked over layers on dim
 TOP_KEYS = {"embed_tokens.weight": "embedding.word_embeddings.weight", "norm.weight": "decoder.final_layernorm.weight",
             "lm_head.weight": "output_layer.weight"}
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")  # Megatron may pad the vocabulary rows
+PRE_MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
+TE_PRE_MLP_NORM = "decoder.layers.pre_mlp_layernorm.weight"  # the TE spec keeps the pre-MLP norm its own module
 ALIASES = {  # the same tensors under other layer specs (Transformer Engine spec, older local spec)
     "decoder.layers.self_attention.linear_qkv.layer_norm_weight": ("decoder.layers.input_layernorm.weight",),
-    "decoder.layers.mlp.linear_fc1.layer_norm_weight": ("decoder.layers.pre_mlp_layernorm.weight",),
+    PRE_MLP_NORM: (TE_PRE_MLP_NORM,),
 }
 SUFFIX_OF = {key: suffix for suffix, key in LAYER_KEYS.items()}
 LAYER_NAME = re.compile(r"layers\.(\d+)\.(.+)")
+ATTENTION_MODULES = ("decoder.layers.self_attention.linear_qkv", "decoder.layers.self_attention.linear_proj")
+EXPERT_MODULES = ("decoder.layers.mlp.experts.experts.linear_fc1", "decoder.layers.mlp.experts.experts.linear_fc2")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What GPTModel.sharded_state_dict() asks for under one megatron-core layer spec, beyond the local spec's
+    tensors: renamed tensors, and the modules whose get_extra_state() makes an `_extra_state` ShardedObject."""
+
+    renames: dict[str, str]         # local-spec key -> this spec's key
+    layer_modules: tuple[str, ...]  # one _extra_state per layer (besides EXPERT_MODULES: one per layer and expert)
+    model_modules: tuple[str, ...]  # one _extra_state for the whole model
+    extra_state: Any                # what those modules' get_extra_state() returns without FP8 state
+
+
+SPECS = {
+    # get_gpt_layer_local_spec: ColumnParallelLinear/RowParallelLinear (attention, SequentialMLP experts) return None;
+    # its norms (WrappedTorchNorm / Apex) have no extra state
+    "local": LayerSpec({}, ATTENTION_MODULES, (), None),
+    # get_gpt_layer_with_transformer_engine_spec: TELayerNormColumnParallelLinear, TERowParallelLinear, TENorm's RMSNorm
+    # (pre-MLP and final norms) and TEGroupedMLP's grouped linears return an empty uint8 tensor without FP8 state
+    "te": LayerSpec({PRE_MLP_NORM: TE_PRE_MLP_NORM}, (*ATTENTION_MODULES, "decoder.layers.pre_mlp_layernorm"),
+                    ("decoder.final_layernorm",), torch.empty(0, dtype=torch.uint8)),
+}
 
 Read = Callable[[str, "int | None"], torch.Tensor]  # (our name, expert or None) -> that tensor or [1, ...] expert slice
 ReadBox = Callable[[str, Box], torch.Tensor]         # (Megatron key, box) -> that box
 
 
-def megatron_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every Megatron key this model has, with its global shape."""
+def layer_spec(name: str) -> LayerSpec:
+    """The layer spec Megatron-LM builds its GPTModel with, by the name --megatron-spec takes."""
+    if name not in SPECS:
+        raise MixtralError(f"Megatron layer spec {name!r} is unknown; choose --megatron-spec local (megatron-core's "
+                           f"own modules) or te (Transformer Engine, as with --moe-grouped-gemm)")
+    return SPECS[name]
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Megatron-LM's vocab_size_with_padding: the vocabulary rounded up to a multiple of
+    make_vocab_size_divisible_by x tensor_model_parallel_size."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def megatron_shapes(config: ModelConfig, vocab_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every Megatron key this model has (local spec names), with its global shape; vocab_rows pads the vocabulary."""
     c = config
     L, H, E, F, d = c.num_hidden_layers, c.hidden_size, c.num_local_experts, c.intermediate_size, c.head_dim
+    V = c.vocab_size if vocab_rows is None else vocab_rows
     shapes = {
-        "embedding.word_embeddings.weight": (c.vocab_size, H),
+        "embedding.word_embeddings.weight": (V, H),
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (L, H),
         QKV: (L, (c.num_attention_heads + 2 * c.num_key_value_heads) * d, H),
         "decoder.layers.self_attention.linear_proj.weight": (L, H, c.num_attention_heads * d),
@@ -76,8 +127,28 @@ def megatron_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "decoder.final_layernorm.weight": (H,),
     }
     if not c.tie_word_embeddings:
-        shapes["output_layer.weight"] = (c.vocab_size, H)
+        shapes["output_layer.weight"] = (V, H)
     return shapes
+
+
+def object_key(module: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """The DCP key of a module's `_extra_state`: megatron-core's ShardedObject.unique_key."""
+    return f"{module}._extra_state/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
+
+
+def megatron_objects(config: ModelConfig, spec: LayerSpec) -> dict[str, list[Any]]:
+    """Every ShardedObject spec's GPTModel asks for, plus the common state, as torch_dist stores them: the list
+    of the shards' data (one here) under the object's unique key."""
+    L, E = config.num_hidden_layers, config.num_local_experts
+    objects = {COMMON_STATE: [dict(COMMON_STATE_DATA)]}
+    for module in spec.layer_modules:
+        objects |= {object_key(module, (layer,), (L,)): [spec.extra_state] for layer in range(L)}
+    for module in EXPERT_MODULES:
+        objects |= {object_key(module, (layer, expert), (L, E)): [spec.extra_state]
+                    for layer in range(L) for expert in range(E)}
+    for module in spec.model_modules:
+        objects[object_key(module, (0,), (1,))] = [spec.extra_state]
+    return objects
 
 
 def megatron_boxes(key: str, shape: tuple[int, ...]) -> list[Box]:
@@ -108,7 +179,10 @@ def megatron_piece(key: str, box: Box, read: Read, config: ModelConfig) -> torch
     """One box of Megatron key (as megatron_boxes cuts it), built from our tensors."""
     if not key.startswith("decoder.layers."):
         name = next(ours for ours, theirs in TOP_KEYS.items() if theirs == key)
-        return read(name, None)
+        tensor = read(name, None)
+        if key in VOCAB_KEYS:  # Megatron's padded vocabulary rows are zeros
+            return torch.nn.functional.pad(tensor, (0, 0, 0, box[1][0] - tensor.shape[0]))
+        return tensor
     layer = box[0][0]
     if key == QKV:
         q, k, v = (read(f"layers.{layer}.{part}", None) for part in QKV_PARTS)
@@ -191,21 +265,35 @@ class MegatronSource:
         if backend != "torch_dist":
             raise MixtralError(f"{meta_file}: sharded_backend is {backend!r}; only 'torch_dist' is read. Re-save "
                                f"it with Megatron's --ckpt-format torch_dist")
-        if config is None:
-            if not (self.path / CONFIG).is_file():
-                raise MixtralError(f"{self.path}: a Megatron checkpoint does not record the model's shape in a "
-                                   f"form read without unpickling; pass --config with the HF config.json or preset")
-            config = ModelConfig.from_json(self.path / CONFIG)
-        self.config = config
-        self.shapes = parameter_shapes(config)
+        self.config = self._config(config)
+        self.shapes = parameter_shapes(self.config)
         self.metadata = read_dcp_metadata(self.path)
         self.keys = self._resolve_keys()
         self.dtype = self.metadata.state_dict_metadata[self.keys[QKV]].properties.dtype
         self._last: tuple[str, Box, torch.Tensor] | None = None  # q, k and v come from one QKV box
         self._assembled: tuple[str, int | None, torch.Tensor] | None = None
 
+    def _config(self, given: ModelConfig | None) -> ModelConfig:
+        """The given config, else our config.json beside the weights; both must agree."""
+        if not (self.path / CONFIG).is_file():
+            if given is None:
+                raise MixtralError(f"{self.path}: a Megatron checkpoint does not record the model's shape in a "
+                                   f"form read without unpickling; pass --config with the HF config.json or preset")
+            return given
+        saved = ModelConfig.from_json(self.path / CONFIG)
+        fields, wanted = saved.to_hf_dict(), (given or saved).to_hf_dict()
+        differ = [f"{k}: {wanted.get(k)!r} given, {v!r} saved" for k, v in fields.items() if v != wanted.get(k)]
+        if differ:
+            raise MixtralError(f"{self.path}: --config does not match the {CONFIG} saved with these weights "
+                               f"({'; '.join(differ[:3])}); drop --config")
+        return saved
+
     def _resolve_keys(self) -> dict[str, str]:
         stored = self.metadata.state_dict_metadata
+        if self.config.tie_word_embeddings and TOP_KEYS["lm_head.weight"] in stored:
+            raise MixtralError(f"{self.path}: holds '{TOP_KEYS['lm_head.weight']}' but the config ties the "
+                               f"embeddings (tie_word_embeddings); pass the config.json these weights were trained "
+                               f"with (--config)")
         keys = {}
         for key, shape in megatron_shapes(self.config).items():
             found = next((k for k in (key, *ALIASES.get(key, ())) if k in stored), None)
@@ -241,22 +329,41 @@ class MegatronSource:
         return self._assembled[2][(slice(0, 1), *box[1:]) if expert is not None else box]
 
 
+class _ObjectSavePlanner(_SavePlanner):
+    """The streaming save planner, storing each ShardedObject's list whole (torch.save([data]), as megatron-core
+    does) rather than flattening it into its elements."""
+
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False)
+
+
 def save_megatron(path: Path, read: Read, config: ModelConfig, dtype: torch.dtype,
-                  on_write: Callable[[int], None] | None = None) -> Path:
-    """Write a Megatron save dir atomically: `release/` (torch_dist DCP, metadata.json, common.pt, config.json)
-    plus the tracker file Megatron's --load reads; tensors are built and written one box at a time."""
-    shapes = megatron_shapes(config)
-    state = {key: LazyTensor(shape, dtype, megatron_boxes(key, shape),
-                             lambda box, key=key: megatron_piece(key, box, read, config), on_write)
-             for key, shape in shapes.items()}
+                  on_write: Callable[[int], None] | None = None, spec: str = "local",
+                  vocab_rows: int | None = None) -> Path:
+    """Write a Megatron save dir atomically: `release/` (the torch_dist DCP files with exactly the keys spec's
+    GPTModel asks for, metadata.json, our config.json) plus the tracker file Megatron's --load reads; tensors are
+    built and written one box at a time, one file each. vocab_rows pads the vocabulary (padded_vocab_size)."""
+    modules = layer_spec(spec)
+    shapes = megatron_shapes(config, vocab_rows)
+    if shapes["embedding.word_embeddings.weight"][0] < config.vocab_size:
+        raise MixtralError(f"a padded vocabulary of {vocab_rows} rows is smaller than the vocabulary "
+                           f"({config.vocab_size}); pad it to a multiple of --make-vocab-size-divisible-by x "
+                           f"--megatron-tp")
+    state: dict[str, Any] = {
+        modules.renames.get(key, key): LazyTensor(shape, dtype, megatron_boxes(key, shape),
+                                                  lambda box, key=key: megatron_piece(key, box, read, config), on_write)
+        for key, shape in shapes.items()}
+    state |= megatron_objects(config, modules)
     tmp = temporary_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         release = tmp / RELEASE
         release.mkdir(parents=True)
-        dcp_save(state, release, file_per_item=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+            dcp.save(state, storage_writer=FileSystemWriter(release, single_file_per_rank=False),
+                     planner=_ObjectSavePlanner())
         (release / METADATA).write_text(json.dumps(CHECKPOINTING_CONFIG))
-        torch.save({"checkpoint_version": 3.0, "iteration": 0}, release / COMMON)  # Megatron's common state
         (release / CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2))
         (tmp / TRACKER).write_text(RELEASE)
         publish(tmp, path)

@@ -64,7 +64,12 @@ _ALLOWED_GLOBALS = {
     for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
                  "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
 } | {
+    # megatron-core keeps every rank's save plan in the metadata (all_local_plans), to reuse it on the next save
+    ("torch.distributed.checkpoint.planner", name): None
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
+} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): None,
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): None,
     ("torch.serialization", "_get_layout"): None,
     ("torch", "Size"): None,
     ("pathlib", "PosixPath"): None,

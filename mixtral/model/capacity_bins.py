@@ -11,15 +11,17 @@ only N shapes ever reach the experts. Training counts how often each bin is used
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mixtral.config import CapacityBinsConfig
 from mixtral.errors import MixtralError
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed (or maxed) over some ranks: given by the trainer
 
 
 def align_up(value: float, alignment: int) -> int:
@@ -82,8 +84,8 @@ def optimize_bins(edges: list[int], usage: list[int], lower: int, alignment: int
 class CapacityBins(nn.Module):
     """One layer's bins as model state (edges, usage, steps are saved and restored with the model).
 
-    `group` is the EP x TP process group whose ranks must agree on the shape (all-reduce MAX);
-    None keeps the choice local. With tensor parallelism and no expert parallelism the parallel
+    `agree` maps this rank's largest count to the largest over the ranks that must agree on the shape (expert
+    parallelism's: an all-reduce MAX over the EP group); None keeps the choice local. With tensor parallelism and no expert parallelism the parallel
     setup raises `alignment` to at least the TP size before the first training step.
     """
 
@@ -91,7 +93,7 @@ class CapacityBins(nn.Module):
         super().__init__()
         self.config, self.num_experts, self.top_k = config, num_experts, top_k
         self.alignment = config.alignment
-        self.group: dist.ProcessGroup | None = None
+        self.agree: Reduce | None = None
         self.tokens = config.tokens
         self.register_buffer("edges", torch.zeros(config.num_bins, dtype=torch.int64))  # all 0: not set yet
         self.register_buffer("usage", torch.zeros(config.num_bins, dtype=torch.int64))
@@ -132,9 +134,7 @@ class CapacityBins(nn.Module):
                                      self.config.exp_base, self.alignment))
             edges = self._edges
         largest = counts.max()
-        if self.group is not None:
-            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=self.group)
-        largest = int(largest)
+        largest = int(self.agree(largest) if self.agree is not None else largest)
         if edges[0] == 0:
             return align_up(max(largest, 1), self.alignment), -1
         index = min(bisect.bisect_left(edges, largest), len(edges) - 1)
@@ -143,12 +143,13 @@ class CapacityBins(nn.Module):
         return max(edges[index], align_up(largest, self.alignment)), index
 
 
-def step_bins(bins: list[CapacityBins], dp_group: dist.ProcessGroup | None = None, first_layer: int = 0) -> bool:
+def step_bins(bins: list[CapacityBins], total: Reduce | None = None, first_layer: int = 0) -> bool:
     """End of a training step: count it and, every optimize_interval steps, re-shape the bins.
 
     Layers in groups of `group_size` (by model layer index: bins[i] is layer first_layer + i, so a pipeline
-    stage groups its layers as the whole model does) pool their usage, summed over the data-parallel group,
-    and all take the same new bins. Returns whether the bins were re-shaped.
+    stage groups its layers as the whole model does) pool their usage, summed by `total` over the data ranks
+    (the trainer's all-reduce; None: this process's), and all take the same new bins. Returns whether the bins
+    were re-shaped.
     """
     if not bins:
         return False
@@ -163,8 +164,8 @@ def step_bins(bins: list[CapacityBins], dp_group: dist.ProcessGroup | None = Non
         groups.setdefault((first_layer + i) // size, []).append(b)
     for group in groups.values():
         usage = torch.stack([b.usage for b in group]).sum(0)
-        if dp_group is not None:
-            dist.all_reduce(usage, op=dist.ReduceOp.SUM, group=dp_group)
+        if total is not None:
+            usage = total(usage)
         first = group[0]
         edges = optimize_bins(first.host_edges(), usage.tolist(), first.lower(), first.alignment)
         for b in group:

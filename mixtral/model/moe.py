@@ -6,19 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.kernels import reference, row_products
-from mixtral.model.capacity_bins import step_bins
+from mixtral.model.capacity_bins import Reduce, step_bins
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
 
 EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")  # stacks [experts, ...] by parameter name
 
-__all__ = ["EXPERT_SUFFIXES", "MoE", "MoEStats", "Routing", "route", "router_totals", "router_losses", "moe_metrics", "moe_step_end"]
+__all__ = ["EXPERT_SUFFIXES", "MoE", "MoEStats", "Routing", "route", "router_totals", "routing_summary", "moe_metrics",
+           "moe_step_end"]
 
 
 @torch.compiler.disable
@@ -164,24 +164,32 @@ class MoE(nn.Module):
         return self.dispatcher.combine(self.experts(rows, counts), ctx), ctx
 
     @torch.no_grad()
-    def update_expert_bias(self, dp_group: dist.ProcessGroup | None = None) -> None:
-        """Aux-loss-free balancing (DeepSeek-V3): raise under-loaded experts' bias, lower over-loaded ones."""
+    def update_expert_bias(self, total: Reduce | None = None) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise under-loaded experts' bias, lower over-loaded ones, by the
+        load since the last update summed by `total` over the data ranks (None: this process's)."""
         if self.expert_bias is None:
             return
-        load = self.expert_load
-        if dp_group is not None:
-            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=dp_group)
+        load = total(self.expert_load) if total is not None else self.expert_load
         self.expert_bias += self.expert_bias_rate * torch.sign(load.mean() - load)
-        load.zero_()
+        self.expert_load.zero_()
 
 
-def moe_step_end(moes: list[MoE], dp_group: dist.ProcessGroup | None = None, first_layer: int = 0) -> bool:
+def moe_step_end(moes: list[MoE], total: Reduce | None = None, first_layer: int = 0) -> bool:
     """What the trainer runs after each optimizer step: expert-bias updates and capacity-bin re-shaping (moes are
-    consecutive layers from first_layer). Returns whether the bins changed."""
+    consecutive layers from first_layer; total sums their statistics over the data ranks). Returns whether the bins
+    changed."""
     for moe in moes:
-        moe.update_expert_bias(dp_group)
-    return step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], dp_group,
+        moe.update_expert_bias(total)
+    return step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], total,
                      first_layer)
+
+
+def routing_summary(stats: list[MoEStats]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens per expert [L, E], dropped pairs [L], capacity bin [L] (-1: none)) of some blocks' routing."""
+    counts = torch.stack([s.counts for s in stats])
+    dropped = torch.stack([s.dropped.to(counts.dtype) if s.dropped is not None else counts.new_zeros(())
+                           for s in stats])
+    return counts, dropped, counts.new_tensor([-1 if s.bin is None else s.bin for s in stats])
 
 
 def moe_metrics(stats: list[MoEStats]) -> dict[str, torch.Tensor]:
@@ -215,20 +223,3 @@ def router_totals(router_logits: list[torch.Tensor], num_experts: int, top_k: in
     return totals
 
 
-def router_losses(totals: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Switch aux loss, z-loss) from router_totals, exactly as transformers computes the aux loss over
-    all layers' tokens at once.
-
-    With a group (the data x context ranks) the counts and row counts are summed over it while the
-    differentiable probability sums stay local, scaled by the group size: the mean of the ranks'
-    losses, and of their gradients, is then exactly the loss of the whole batch.
-    """
-    counts, rows = totals[0, :-1].detach(), totals[0, -1].detach()
-    local, scale = totals[1], 1.0
-    if group is not None and dist.get_world_size(group) > 1:
-        counts_rows = totals[0].detach().clone()
-        dist.all_reduce(counts_rows, op=dist.ReduceOp.SUM, group=group)
-        counts, rows, scale = counts_rows[:-1], counts_rows[-1], float(dist.get_world_size(group))
-    num_experts = counts.shape[0]
-    aux = num_experts * torch.sum((counts / rows) * (local[:-1] * scale / rows))
-    return aux, local[-1] * scale / rows

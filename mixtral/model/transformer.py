@@ -9,29 +9,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model.attention import Attention, attention_mask
-from mixtral.model.cross_entropy import IGNORE_INDEX, cross_entropy
 from mixtral.model.init import init_parameters
 from mixtral.model.kv_cache import KVCache
 from mixtral.model.linear import Linear
-from mixtral.model.moe import MoE, moe_metrics, moe_step_end, router_losses, router_totals
+from mixtral.model.moe import MoE, MoEStats, moe_step_end
 from mixtral.model.rope import rope_tables
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # None after a loss computed with keep_logits=False
-    loss: torch.Tensor | None = None          # ce + aux coefficient * aux (+ z coefficient * z)
-    ce_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-    z_loss: torch.Tensor | None = None
-    tokens_per_expert: torch.Tensor | None = None  # [layers, experts] int64, for load metrics
-    moe_metrics: dict[str, torch.Tensor] | None = None  # per-layer load metrics (with targets): moe.moe_metrics
+    logits: torch.Tensor    # [B, S, V], [B, 1, V] with last_only, [B * S, V] with flat
+    routing: list[MoEStats]  # each block's: router logits (the losses' input), tokens per expert, drops, bin
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[layers, experts] int64: how many token-expert pairs each block routed to each expert."""
+        return torch.stack([r.counts for r in self.routing])
+
+
+def run_blocks(blocks, x: torch.Tensor, inputs: tuple, last_only: bool = False
+               ) -> tuple[torch.Tensor, list[MoEStats]]:
+    """x through blocks (the model's, or a pipeline stage's) with Mixtral.layer_inputs' (start, cos, sin, mask,
+    causal); last_only: the final block computes its last position alone."""
+    start, cos, sin, mask, causal = inputs
+    routing = []
+    *_, final = blocks
+    for block in blocks:
+        x, stats = block(x, cos, sin, start, mask, causal, last_only and block is final)
+        routing.append(stats)
+    return x, routing
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +79,6 @@ class Mixtral(nn.Module):
         super().__init__()
         ops = backend if isinstance(backend, Ops) else (backend.ops if backend else Ops.reference())
         self.config, self.moe = config, moe or MoEConfig()
-        self.aux_loss_coeff = config.router_aux_loss_coef if self.moe.aux_loss_coeff is None else self.moe.aux_loss_coeff
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, ops, self.moe) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
@@ -77,7 +87,6 @@ class Mixtral(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_group: dist.ProcessGroup | None = None  # data x context ranks: losses over their whole batch
         self.context_shard = (0, 1)  # context parallel: (this rank's chunk, chunks) of every sequence
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
@@ -119,38 +128,23 @@ class Mixtral(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start: int | torch.Tensor = 0,
-                last_only: bool = False, pad: torch.Tensor | None = None, keep_logits: bool = True) -> ModelOutput:
-        """tokens [B, S] at positions start..start+S; targets [B, S] (IGNORE_INDEX skipped) give the losses.
+    def forward(self, tokens: torch.Tensor, *, start: int | torch.Tensor = 0, last_only: bool = False,
+                pad: torch.Tensor | None = None, flat: bool = False) -> ModelOutput:
+        """Logits of tokens [B, S] at positions start..start+S, and each block's routing.
 
         last_only computes logits for the final position only (generation prefill): the last block computes
-        attention and experts for that position alone (tokens_per_expert then counts it alone in that
-        layer), every block still fills the KV cache for all positions. pad [B] int64 says
-        how many slots row b is left-padded by (batched prompts of different lengths): those keys are
-        masked and row b's positions start pad[b] slots later. start as a 0-dim device tensor (decoding on
-        backends that compile fixed shapes) keeps every step's shapes and graph the same: the whole KV cache
-        is attended under a mask. keep_logits=False (training, with targets): no logits are returned, and the
-        loss's gradient is written over them.
+        attention and experts for that position alone (its routing then counts that position alone), every
+        block still fills the KV cache for all positions. pad [B] int64 says how many slots row b is
+        left-padded by (batched prompts of different lengths): those keys are masked and row b's positions
+        start pad[b] slots later. start as a 0-dim device tensor (decoding on backends that compile fixed
+        shapes) keeps every step's shapes and graph the same: the whole KV cache is attended under a mask.
+        flat returns the logits as [B * S, V], a tensor of its own that a loss may overwrite with its gradient.
         """
         x = self.embed_tokens(tokens)
-        start, cos, sin, mask, causal = self.layer_inputs(tokens, start, pad, x.dtype)
-        stats = []
-        for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin, start, mask, causal, last_only and layer is self.layers[-1])
-            stats.append(layer_stats)
+        inputs = self.layer_inputs(tokens, start, pad, x.dtype)
+        x, routing = run_blocks(self.layers, x, inputs, last_only)
         x = self.norm(x)
-        rewrite = targets is not None and not keep_logits
-        logits = self.head(x.flatten(0, 1) if rewrite else x)  # 2-D: a tensor of its own, which can be rewritten
-        out = ModelOutput(logits=logits, tokens_per_expert=torch.stack([s.counts for s in stats]))
-        in_place = rewrite and logits._base is None  # a tensor-parallel head hands back a view: keep it
-        if targets is not None:
-            c = self.config
-            totals = router_totals([s.logits for s in stats], c.num_local_experts, c.num_experts_per_tok)
-            self.losses(out, targets, totals, in_place)
-            out.moe_metrics = moe_metrics(stats)
-            if not keep_logits:
-                out.logits = None
-        return out
+        return ModelOutput(self.head(x.flatten(0, 1) if flat else x), routing)
 
     def layer_inputs(self, tokens: torch.Tensor, start: int | torch.Tensor, pad: torch.Tensor | None, dtype: torch.dtype
                      ) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
@@ -188,31 +182,10 @@ class Mixtral(nn.Module):
                 cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return start, cos, sin, mask, causal
 
-    def losses(self, out: ModelOutput, targets: torch.Tensor, totals: torch.Tensor, in_place: bool = False) -> None:
-        """Fill out's losses from its logits, the targets and the router totals (moe.router_totals); in_place
-        writes the gradient over the logits (2-D, not a view: cross_entropy's in_place).
-
-        With a loss_group each rank's loss is its share of the group's whole batch: the token sum over
-        the group's counted targets, times the group size, so the ranks' mean is the whole-batch loss.
-        """
-        logits, flat = out.logits.flatten(0, -2), targets.reshape(-1)  # 2-D logits stay themselves
-        group = self.loss_group
-        if group is None or dist.get_world_size(group) == 1:
-            out.ce_loss = cross_entropy(logits, flat, in_place=in_place)
-        else:
-            counted = (flat != IGNORE_INDEX).sum().float()
-            dist.all_reduce(counted, op=dist.ReduceOp.SUM, group=group)
-            out.ce_loss = (cross_entropy(logits, flat, reduction="sum", in_place=in_place)
-                           * dist.get_world_size(group) / counted)
-        out.aux_loss, z_loss = router_losses(totals, group)
-        out.loss = out.ce_loss + self.aux_loss_coeff * out.aux_loss
-        if self.moe.z_loss_coeff:
-            out.z_loss = z_loss
-            out.loss = out.loss + self.moe.z_loss_coeff * out.z_loss
-
-    def moe_step_end(self, dp_group=None) -> bool:
-        """Call after every optimizer step: expert-bias updates, capacity-bin usage and re-shaping."""
-        return moe_step_end([layer.mlp for layer in self.layers], dp_group)
+    def moe_step_end(self) -> bool:
+        """Call after every optimizer step of one process: expert-bias updates, capacity-bin usage and re-shaping
+        (the trainer sums their statistics over the data ranks: mixtral.train.trainer)."""
+        return moe_step_end([layer.mlp for layer in self.layers])
 
 
 def parameter_shapes(config: ModelConfig) -> dict[str, torch.Size]:

@@ -22,6 +22,7 @@ the data ranks' mean loss, also when ep folds over tp ranks that hold the same t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,13 @@ def full_expert_weight(local: torch.Tensor, name: str, meshes: ParallelMeshes) -
         halves = [piece.chunk(2, dim=1) for piece in pieces]
         merged = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)
     return gather_dim(merged, meshes["ep"], 0)
+
+
+def all_reduce_max(value: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """value's largest over the group (capacity bins: every ep rank pads its experts to one capacity)."""
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return value
 
 
 def _sum_scatter(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
@@ -208,8 +216,8 @@ def apply_expert_parallel(model: Mixtral, meshes: ParallelMeshes, comm: str = "a
         if comm == "allgather" and isinstance(moe.dispatcher, Capacity) and not moe.dispatcher.pad:
             raise MixtralError("moe.ep_comm=allgather needs static expert rows: set moe.pad_to_capacity true, "
                                "or use moe.ep_comm=alltoall with unpadded capacity")
-        if isinstance(moe.dispatcher, CapacityBinned):
-            moe.dispatcher.bins.group = ep_mesh.get_group()  # one capacity C on every ep rank
+        if isinstance(moe.dispatcher, CapacityBinned):  # one capacity C on every ep rank
+            moe.dispatcher.bins.agree = functools.partial(all_reduce_max, group=ep_mesh.get_group())
         with torch.no_grad():
             for name, param in list(moe.experts.named_parameters()):
                 shard = local_expert_weight(param, name, ep_mesh.get_local_rank(), ep, etp_mesh.get_local_rank(), etp)

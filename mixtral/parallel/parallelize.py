@@ -1,13 +1,14 @@
-"""The one place that lays a Mixtral out over the ranks: TP(+SP) -> EP/ETP -> CP -> loss group -> PP -> DP/FSDP2.
+"""The one place that lays a Mixtral out over the ranks: TP(+SP) -> EP/ETP -> CP -> PP -> DP/FSDP2.
 
 The order matters: tensor parallelism shards the blocks' weights in place (DTensor), expert and context
-parallelism hook the MoE and attention of the (already tensor-parallel) blocks, the loss group makes every
-rank's loss its share of the data x context ranks' whole batch, the pipeline cut takes the prepared blocks,
-and FSDP2 shards last, over whatever this rank still holds (its stage), as torchtitan does.
+parallelism hook the MoE and attention of the (already tensor-parallel) blocks, the pipeline cut takes the
+prepared blocks, and FSDP2 shards last, over whatever this rank still holds (its stage), as torchtitan does.
+The loss over the data x context ranks is the trainer's (mixtral.train.loss).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +33,16 @@ class Parallelized:
 
 def parallelize(model: Mixtral, dims: ParallelDims, meshes: ParallelMeshes, *, zero: int = 1,
                 ep_comm: str = "alltoall", cp_algo: str = "allgather", pp_schedule: PipelineSchedule = "1f1b",
-                microbatches: int = 1, device: torch.device | None = None) -> Parallelized:
-    """Apply every parallel dimension of dims to model (in place); microbatches is the pipeline's per step."""
+                microbatches: int = 1, device: torch.device | None = None, loss: Callable | None = None
+                ) -> Parallelized:
+    """Apply every parallel dimension of dims to model (in place); microbatches is the pipeline's per step, loss
+    what its last stage computes (mixtral.train.loss.TrainingLoss)."""
     if dims.tp > 1:
         apply_tensor_parallel(model, meshes["tp"], dims.sp)
     if meshes.expert is not None:
         apply_expert_parallel(model, meshes, comm=ep_comm)
     if dims.cp > 1:
         apply_context_parallel(model, meshes["cp"], algo=cp_algo)
-    if meshes.dp_cp.size() > 1:
-        model.loss_group = meshes.dp_cp.get_group()
     part: nn.Module = model
     if dims.pp > 1:
         part = PipelineStageModel(model, meshes["pp"].get_local_rank(), dims.pp, dims.tp if dims.sp else 1)
@@ -51,7 +52,7 @@ def parallelize(model: Mixtral, dims: ParallelDims, meshes: ParallelMeshes, *, z
         part = apply_data_parallel(part, meshes.dp_cp, zero, tp_enabled=dims.tp > 1)
     pipeline = None
     if dims.pp > 1:
-        pipeline = Pipeline(part, meshes["pp"], microbatches, pp_schedule, device or torch.device("cpu"))
+        pipeline = Pipeline(part, meshes["pp"], microbatches, pp_schedule, device or torch.device("cpu"), loss)
     return Parallelized(part, pipeline)
 
 

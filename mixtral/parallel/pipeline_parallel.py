@@ -10,6 +10,7 @@ averages gradients over micro-batches: one process accumulating the same micro-b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -20,7 +21,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral, ModelOutput
-from mixtral.model.moe import router_totals
+from mixtral.model.moe import MoEStats, router_totals
+from mixtral.model.transformer import run_blocks
 
 SCHEDULES = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
 PipelineSchedule = Literal["1f1b", "gpipe"]
@@ -55,8 +57,8 @@ class PipelineStageModel(nn.Module):
         self.lm_head = model.lm_head if self.is_last else None
         self.sequence_shards = sequence_shards  # tp under sequence parallelism: hidden states hold S / tp positions
         self.num_experts, self.top_k = model.config.num_local_experts, model.config.num_experts_per_tok
-        self.layer_inputs, self.losses = model.layer_inputs, model.losses  # the whole model's rope tables, loss group
-        self.expert_counts: list[torch.Tensor] = []  # [stage layers, experts + 2] per forward, for load metrics
+        self.layer_inputs = model.layer_inputs  # the whole model's rope tables
+        self.routing: list[list[MoEStats]] = []  # this stage's blocks' routing, per training forward
         owned = set(self.modules())
         for module in (model.embed_tokens, *model.layers, model.norm, model.lm_head):
             if module not in owned:
@@ -68,17 +70,11 @@ class PipelineStageModel(nn.Module):
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
         positions = x.new_empty(x.shape[0], x.shape[1] * self.sequence_shards)  # only its shape and device are read
-        start, cos, sin, mask, causal = self.layer_inputs(positions, start, pad, x.dtype)
-        stats = []
-        *_, final = self.layers
-        for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin, start, mask, causal, last_only and self.norm is not None and layer is final)
-            stats.append(layer_stats)
-        if self.training:  # per layer: tokens per expert, dropped pairs, capacity bin (-1: none)
-            self.expert_counts.append(torch.stack([torch.cat([
-                s.counts, (s.counts.new_zeros(()) if s.dropped is None else s.dropped.to(s.counts.dtype)).reshape(1),
-                s.counts.new_tensor([-1 if s.bin is None else s.bin])]) for s in stats]))
-        stage_totals = router_totals([s.logits for s in stats], self.num_experts, self.top_k)
+        inputs = self.layer_inputs(positions, start, pad, x.dtype)
+        x, routing = run_blocks(self.layers, x, inputs, last_only and self.norm is not None)
+        if self.training:
+            self.routing.append([MoEStats(None, r.counts, r.dropped, r.capacity, r.bin) for r in routing])  # no logits
+        stage_totals = router_totals([r.logits for r in routing], self.num_experts, self.top_k)
         totals = stage_totals if totals is None else totals + stage_totals
         if self.norm is None:
             return x, totals
@@ -89,7 +85,8 @@ class Pipeline:
     """One rank's pipeline stage and its schedule (GPipe or 1F1B) over the pp process group."""
 
     def __init__(self, stage_model: nn.Module, pp_mesh: DeviceMesh, microbatches: int,
-                 schedule: PipelineSchedule, device: torch.device) -> None:
+                 schedule: PipelineSchedule, device: torch.device, loss: Callable | None = None) -> None:
+        """loss(logits, router totals, targets) -> (loss, ce, aux, z): the trainer's (mixtral.train.loss)."""
         if schedule not in SCHEDULES:
             raise MixtralError(f"parallel.pp_schedule is {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         stages = pp_mesh.size()
@@ -97,7 +94,7 @@ class Pipeline:
             raise MixtralError(f"1F1B needs at least as many micro-batches as pipeline stages: {microbatches} < "
                                f"parallel.pp={stages}; raise batch.global_batch / (batch.micro_batch x parallel.dp) "
                                f"to {stages} or more, or set parallel.pp_schedule=gpipe")
-        self.model, self.mesh, self.device = stage_model, pp_mesh, device
+        self.model, self.mesh, self.device, self.loss = stage_model, pp_mesh, device, loss
         self.stage_index, self.stages = pp_mesh.get_local_rank(), stages
         self.is_first, self.is_last = self.stage_index == 0, self.stage_index == stages - 1
         self.microbatches = microbatches
@@ -109,24 +106,22 @@ class Pipeline:
         return PipelineStage(self.model, self.stage_index, self.stages, self.device, group=self.mesh.get_group())
 
     def _loss(self, output: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        logits, totals = output
-        out = ModelOutput(logits=logits)
-        self.model.losses(out, targets, totals)
-        self.losses.append(torch.stack([out.loss, out.ce_loss, out.aux_loss]).detach().float())
-        return out.loss
+        loss, ce, aux, _ = self.loss(*output, targets)
+        self.losses.append(torch.stack([loss, ce, aux]).detach().float())
+        return loss
 
-    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[list[MoEStats]]]:
         """Forward and backward of a batch split into the micro-batches, gradients averaged over them.
 
         Returns the last stage's (loss, ce loss, aux loss) per micro-batch [microbatches, 3], on every rank, and this
-        stage's [stage layers, experts + 2] routing counts per micro-batch (tokens per expert, dropped, bin). On its first call the schedule runs the stages
-        once more to learn the shapes; only the last `microbatches` losses and counts are the step's own.
+        stage's blocks' routing per micro-batch. On its first call the schedule runs the stages once more to learn
+        the shapes; only the last `microbatches` losses and routings are the step's own.
         """
-        self.losses, self.model.expert_counts = [], []
+        self.losses, self.model.routing = [], []
         self.schedule.step(*((tokens,) if self.is_first else ()), target=targets if self.is_last else None)
         steps = slice(-self.microbatches, None)
         losses = self.from_last_stage(lambda: torch.stack(self.losses[steps]), (self.microbatches, 3))
-        return losses, self.model.expert_counts[steps]
+        return losses, self.model.routing[steps]
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -141,9 +136,7 @@ class Pipeline:
         output = self.forward(tokens)
 
         def ce() -> torch.Tensor:
-            out = ModelOutput(logits=output[0])
-            self.model.losses(out, targets, output[1])
-            return out.ce_loss.float().reshape(1)
+            return self.loss(*output, targets)[1].float().reshape(1)
 
         return self.from_last_stage(ce, (1,))
 
@@ -180,9 +173,9 @@ class PipelinedModel:
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
                 pad: torch.Tensor | None = None) -> ModelOutput:
-        """Mixtral.forward without targets: the logits (fp32) on every stage."""
+        """Mixtral.forward for generation: the logits (fp32) on every stage (the routing stays on each stage)."""
         output = self.pipeline.forward(tokens, start=start, last_only=last_only, pad=pad)
         shape = (tokens.shape[0], 1 if last_only else tokens.shape[1], self.whole.config.vocab_size)
-        return ModelOutput(logits=self.pipeline.from_last_stage(lambda: output[0].float(), shape))
+        return ModelOutput(self.pipeline.from_last_stage(lambda: output[0].float(), shape), [])
 
     __call__ = forward

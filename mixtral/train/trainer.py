@@ -25,7 +25,7 @@ from mixtral.build import build_for_training, materialize
 from mixtral.data.loader import Loader, SampleSource, build_datasets
 from mixtral.data.tokenizer import default_tokenizer_path, load_tokenizer
 from mixtral.errors import MixtralError
-from mixtral.model.moe import moe_step_end
+from mixtral.model.moe import moe_step_end, routing_summary
 from mixtral.parallel import (
     ParallelDims,
     Pipeline,
@@ -45,6 +45,7 @@ from mixtral.train.metrics import (
     measure_peak_flops,
     truncate_after,
 )
+from mixtral.train.loss import TrainingLoss
 from mixtral.train.memory import ROWS, step_bytes
 from mixtral.train.optim import build_optimizer, lr_factor, set_lr
 
@@ -95,6 +96,8 @@ class Trainer:
         self.meshes = self.dims.build_meshes(self.device.type) if dist.is_initialized() and not self.spmd else None
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
+        group = self.meshes.dp_cp.get_group() if self.meshes is not None else None
+        self.loss = TrainingLoss(self.config, r.moe, group)  # each rank's share of the data x context ranks' batch
         self.model, self.pipeline = self._build_model()
         self.checkpoint_views = expert_checkpoint_views(self.meshes) if self.meshes else None
         named = list(self.model.named_parameters())
@@ -118,7 +121,7 @@ class Trainer:
         """This rank's part of the model (its pipeline stage under pp), laid out on the meta device, then only that
         part materialised on this device and filled: from model.init_from, or the seed's layout-independent init."""
         r = self.recipe
-        model, parts = build_for_training(r, self.backend, self.dims, self.meshes, self.device)
+        model, parts = build_for_training(r, self.backend, self.dims, self.meshes, self.device, loss=self.loss)
         init = dict(seed=r.train.seed, init_from=r.model.init_from)
         if self.spmd:  # the MLPerf mesh: batch over fsdp x expert, experts over expert, Megatron TP over tensor
             d = self.dims
@@ -202,9 +205,9 @@ class Trainer:
         if self.pipeline is not None:  # the pipeline's micro-batches are the step's micro-batches
             tokens, targets = self._inputs(torch.cat(batches))
             with self.autocast():
-                losses, stage_counts = self.pipeline.step(tokens, targets)
-            totals, routed = losses.sum(0), self._stage_counts(stage_counts)
-            counts, dropped, bins = routed[:, :-2], routed[:, -2], routed[:, -1]
+                losses, stage_routing = self.pipeline.step(tokens, targets)
+            totals = losses.sum(0)
+            counts, dropped, bins = self._stage_routing(stage_routing)
             if self.masters:
                 self._accumulate_master_grads(first=True)
         else:
@@ -212,13 +215,12 @@ class Trainer:
             for i, batch in enumerate(batches):
                 tokens, targets = self._inputs(batch)
                 with self.autocast():
-                    out = self.model(tokens, targets=targets, keep_logits=False)
+                    out = self.loss.of(self.model, tokens, targets, keep_logits=False)
                 microbatch_sync(self.model, self.recipe.parallel.zero, last=i == len(batches) - 1)
                 (out.loss / len(batches)).backward()
                 totals += torch.stack([out.loss.detach(), out.ce_loss.detach(), out.aux_loss.detach()]).float()
-                counts = counts + out.tokens_per_expert
-                dropped = dropped + out.moe_metrics["dropped_fraction"] * out.tokens_per_expert.sum(1)  # pairs
-                bins = out.moe_metrics["bin"]
+                layer_counts, layer_dropped, bins = routing_summary(out.routing)
+                counts, dropped = counts + layer_counts, dropped + layer_dropped
                 if self.masters:
                     self._accumulate_master_grads(first=i == 0)
         params = self.parameters()
@@ -258,8 +260,7 @@ class Trainer:
         if moe.dispatcher != "capacity_bins" and not moe.expert_bias:
             return {}, {}
         layers = self._stage_layers()
-        group = self.meshes.dp_cp.get_group() if self.meshes and self.meshes.dp_cp.size() > 1 else None
-        moe_step_end([layer.mlp for _, layer in layers], group, layers[0][0])
+        moe_step_end([layer.mlp for _, layer in layers], self._data_sum, layers[0][0])
         every = self.recipe.train.expert_load_interval
         interval = moe.capacity_bins.optimize_interval if moe.capacity_bins else 0
         edges, bias = {}, {}
@@ -300,7 +301,7 @@ class Trainer:
         return tokens, targets
 
     def _data_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """A loss over the data x context ranks: each rank's is its share (model.loss_group), their mean the whole."""
+        """A loss over the data x context ranks: each rank's is its share (TrainingLoss), their mean the whole."""
         return mean_over(value, self.meshes.dp_cp) if self.meshes else value
 
     def _data_sum(self, counts: torch.Tensor) -> torch.Tensor:
@@ -311,15 +312,19 @@ class Trainer:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.meshes.dp_cp.get_group())
         return counts
 
-    def _stage_counts(self, microbatch_counts: list[torch.Tensor]) -> torch.Tensor:
-        """Every layer's [tokens per expert, dropped pairs, bin] from the stage that holds it: counts summed over
-        the micro-batches, the bin of the last one."""
-        held = torch.stack(microbatch_counts)
-        held = torch.cat([held[:, :, :-1].sum(0), held[-1, :, -1:]], dim=1).to(torch.int64)
-        routed = torch.zeros(self.config.num_hidden_layers, held.shape[1], dtype=torch.int64, device=self.device)
-        routed[[int(i) for i in self.model.layers.keys()]] = held
-        dist.all_reduce(routed, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
-        return routed
+    def _stage_routing(self, per_microbatch: list[list]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every layer's (tokens per expert, dropped pairs, bin) from the pipeline stage that holds it: counts summed
+        over the micro-batches, the bin of the last one."""
+        summaries = [routing_summary(routing) for routing in per_microbatch]
+        held = [sum(s[0] for s in summaries), sum(s[1] for s in summaries), summaries[-1][2]]
+        layers = [int(i) for i in self.model.layers.keys()]
+        out = []
+        for tensor in held:  # zeros for the other stages' layers, then summed over the stages
+            whole = torch.zeros(self.config.num_hidden_layers, *tensor.shape[1:], dtype=torch.int64, device=self.device)
+            whole[layers] = tensor.to(torch.int64)
+            dist.all_reduce(whole, op=dist.ReduceOp.SUM, group=self.meshes["pp"].get_group())
+            out.append(whole)
+        return out[0], out[1], out[2]
 
     def _accumulate_master_grads(self, first: bool) -> None:
         """Move the bf16 micro-batch gradients into the fp32 master gradients (accumulation in fp32); the first
@@ -351,7 +356,7 @@ class Trainer:
                 if self.pipeline is not None:
                     ce_loss = self.pipeline.cross_entropy(tokens, targets)
                 else:
-                    ce_loss = self.model(tokens, targets=targets).ce_loss
+                    ce_loss = self.loss.of(self.model, tokens, targets).ce_loss
             total += self._data_mean(ce_loss.float()).item() * batch.shape[0]
         self.model.train()
         return total / n

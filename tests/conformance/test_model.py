@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conformance import ON_AVAILABLE, assert_close
-from conftest import small_config
+from conftest import model_loss, small_config
 from mixtral.backend import Backend, Ops
 from mixtral.model import Mixtral
 
@@ -35,8 +35,8 @@ def batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_loss_and_every_gradient(backend) -> None:
     reference, model = model_pair(backend)
     tokens, targets = batch(reference.config.vocab_size)
-    want = reference(tokens, targets)
-    got = model(tokens.to(backend.device()), targets.to(backend.device()))
+    want = model_loss(reference, tokens, targets)
+    got = model_loss(model, tokens.to(backend.device()), targets.to(backend.device()))
     want.loss.backward()
     got.loss.backward()
     for name in ("loss", "ce_loss", "aux_loss"):
@@ -52,8 +52,8 @@ def test_bf16_loss_near_fp32(backend) -> None:
     reference, model = model_pair(backend, torch.bfloat16)
     tokens, targets = batch(reference.config.vocab_size)
     with torch.no_grad():
-        want = reference(tokens, targets).loss
-        got = model(tokens.to(backend.device()), targets.to(backend.device())).loss
+        want = model_loss(reference, tokens, targets).loss
+        got = model_loss(model, tokens.to(backend.device()), targets.to(backend.device())).loss
     assert_close(got, want, BF16_LOSS_TOLERANCE, "bf16 loss")
 
 

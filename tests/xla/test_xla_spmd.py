@@ -16,7 +16,7 @@ import torch_xla  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 import torch_xla.runtime as xr  # noqa: E402
 
-from conftest import small_config  # noqa: E402
+from conftest import model_loss, small_config  # noqa: E402
 from mixtral.backend import get_backend  # noqa: E402
 from mixtral.config import MoEConfig  # noqa: E402
 from mixtral.kernels import reference  # noqa: E402
@@ -77,13 +77,13 @@ def test_sharded_loss_and_gradients_equal_eager_cpu(xla, mesh):
     model = copy.deepcopy(cpu)
     tokens = torch.randint(0, config.vocab_size, (4, 12))
     targets = torch.randint(0, config.vocab_size, (4, 12))
-    expected = cpu(tokens, targets=targets)
+    expected = model_loss(cpu, tokens, targets)
     expected.loss.backward()
 
     model = Mixtral(config, xla, moe=CAPACITY)
     model.load_state_dict(cpu.state_dict())
     xla.parallelize(model, mesh)
-    out = model(tokens.to(xla.device()), targets=targets.to(xla.device()))
+    out = model_loss(model, tokens.to(xla.device()), targets.to(xla.device()))
     out.loss.backward()
     xla.mark_step()
 
