@@ -12,13 +12,11 @@ run allocates. No rank ever holds a parameter it does not own.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mixtral.backend import Backend, Ops, get_backend
 from mixtral.checkpoint.loading import Source, load_parameters
@@ -29,28 +27,12 @@ from mixtral.parallel import ParallelDims, ParallelMeshes, Parallelized, ShardMa
 
 
 def build_on_meta(config: ModelConfig, backend: Backend | Ops | str | None = None, moe: MoEConfig | None = None,
-                  dtype: torch.dtype = torch.float32) -> Mixtral:
-    """The whole model on the meta device, its parameters and buffers in dtype."""
+                  dtype: torch.dtype = torch.float32, recompute: str = "none") -> Mixtral:
+    """The whole model on the meta device, its parameters and buffers in dtype (recompute: Mixtral's)."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     with torch.device("meta"):
-        model = Mixtral(config, backend, moe)
+        model = Mixtral(config, backend, moe, recompute)
     return model.to(dtype=dtype)
-
-
-def apply_activation_checkpointing(model: Mixtral, mode: str) -> None:
-    """Recompute blocks in backward instead of storing their activations.
-
-    full: every block. selective: every other block (0, 2, ...), torchtitan's layer-frequency scheme: about
-    half the activation memory for about half the recompute. moe: the MoE layer of every block only
-    (Megatron's --moe-layer-recompute), whose expert activations are the largest. The forward is wrapped in
-    place, so parameter names (and HF checkpoints) do not change.
-    """
-    if mode == "none":
-        return
-    for i, layer in enumerate(model.layers):
-        module = layer.mlp if mode == "moe" else layer
-        if mode in ("full", "moe") or i % 2 == 0:
-            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
 
 
 def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None, meshes: ParallelMeshes | None,
@@ -60,8 +42,7 @@ def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None
     stage computes loss); pp_schedule overrides the recipe's (a forward-only dry run)."""
     r = recipe
     dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
-    model = build_on_meta(r.model_config(), backend, r.moe, dtype)
-    apply_activation_checkpointing(model, r.activation_checkpointing)
+    model = build_on_meta(r.model_config(), backend, r.moe, dtype, r.activation_checkpointing)
     if r.compile and isinstance(backend, Backend):
         for layer in model.layers:  # before the layout, as torchtitan does; one graph serves every block
             backend.compile(layer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,18 @@ def test_repository_root_does_not_shadow_hugging_face_kernels():
 
 @pytest.mark.slow
 def test_wheel_installed_outside_the_checkout_finds_its_recipes_and_backends(tmp_path):
-    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    wheels, target, elsewhere, source = (tmp_path / name for name in ("wheels", "site", "elsewhere", "source"))
     elsewhere.mkdir()
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(ROOT)], tmp_path)
+    tracked = run(["git", "ls-files"], ROOT).stdout.split()  # a copy: setuptools builds inside the source tree
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        path = ROOT / name
+        if path.is_symlink():
+            (source / name).symlink_to(path.readlink())
+        else:
+            shutil.copy2(path, source / name)
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(source)],
+                tmp_path)
     assert built.returncode == 0, built.stderr
     wheel = next(wheels.glob("mixtral_run-*.whl"))
     installed = run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target),

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mixtral.backend import Backend, Ops
 from mixtral.config import ModelConfig, MoEConfig
+from mixtral.errors import MixtralError
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.init import init_parameters
 from mixtral.model.kv_cache import KVCache
@@ -55,32 +57,55 @@ class RMSNorm(nn.Module):
         return self.norm(x, self.weight, self.eps)
 
 
+RECOMPUTE = ("none", "selective", "moe", "full")  # activation checkpointing: Mixtral's `recompute`
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None, recompute: str = "none") -> None:
+        """recompute: "block" recomputes the whole block in backward, "moe" its MoE layer, "none" stores all."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.self_attn = Attention(config, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.mlp = MoE(config, ops, moe)
+        self.recompute = recompute
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None, causal: bool, last_only: bool = False):
         """last_only (the final block of a prefill that keeps the last logits): the KV cache gets every
         position, attention and the MoE run for the last one, whose output is all that is read."""
-        x = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), cos, sin, start, mask, causal,
-                                                             last_only)
-        moe_out, stats = self.mlp(self.post_attention_layernorm(x))
+        if self.recompute == "block" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, start, mask, causal, last_only, use_reentrant=False)
+        return self._forward(x, cos, sin, start, mask, causal, last_only)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                 mask: torch.Tensor | None, causal: bool, last_only: bool):
+        attended = self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, start=start, mask=mask, causal=causal,
+                                  last_only=last_only)  # by keyword: tensor parallelism lays out x alone
+        x = (x[:, -1:] if last_only else x) + attended
+        if self.recompute == "moe" and torch.is_grad_enabled():
+            moe_out, stats = checkpoint(self.mlp, self.post_attention_layernorm(x), use_reentrant=False)
+        else:
+            moe_out, stats = self.mlp(self.post_attention_layernorm(x))
         return x + moe_out, stats
 
 
 class Mixtral(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend | Ops | None = None,
-                 moe: MoEConfig | None = None) -> None:
+                 moe: MoEConfig | None = None, recompute: str = "none") -> None:
+        """recompute (activation checkpointing): full recomputes every block in backward instead of storing its
+        activations; selective every other block (0, 2, ...), torchtitan's layer-frequency scheme: about half the
+        memory for about half the recompute; moe the MoE layer of every block (Megatron's --moe-layer-recompute),
+        whose expert activations are the largest."""
         super().__init__()
         ops = backend if isinstance(backend, Ops) else (backend.ops if backend else Ops.reference())
         self.config, self.moe = config, moe or MoEConfig()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, ops, self.moe) for _ in range(config.num_hidden_layers))
+        if recompute not in RECOMPUTE:
+            raise MixtralError(f"activation_checkpointing {recompute!r} is unknown; choose one of: {', '.join(RECOMPUTE)}")
+        per_block = {"none": lambda i: "none", "full": lambda i: "block", "moe": lambda i: "moe",
+                     "selective": lambda i: "block" if i % 2 == 0 else "none"}[recompute]
+        self.layers = nn.ModuleList(Block(config, ops, self.moe, per_block(i)) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, ops.linear)
         self.linear = ops.linear

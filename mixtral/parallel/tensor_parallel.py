@@ -26,9 +26,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-ATTENTION_ARGS = 7  # Attention.forward(x, cos, sin, start, mask, causal, last_only): only x is laid out
-
-
 class ReplicatedMoE(ParallelStyle):
     """MoE with whole experts on every tp rank: the input is gathered to the full local sequence and the
     output (the first of the block's (output, stats)) handed back in the residual stream's layout."""
@@ -56,10 +53,8 @@ class ReplicatedMoE(ParallelStyle):
 def block_plan(sp: bool) -> dict[str, ParallelStyle | list[ParallelStyle]]:
     """The plan for one decoder block, keyed by submodule name."""
     seq = Shard(1) if sp else Replicate()
-    attn_input = (seq,) + (None,) * (ATTENTION_ARGS - 1)
-    plan: dict[str, ParallelStyle | list[ParallelStyle]] = {
-        "self_attn": PrepareModuleInput(input_layouts=attn_input,
-                                        desired_input_layouts=(Replicate(),) + (None,) * (ATTENTION_ARGS - 1)),
+    plan: dict[str, ParallelStyle | list[ParallelStyle]] = {  # the block passes attention x alone by position
+        "self_attn": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
