@@ -9,6 +9,7 @@ decomposes it to plain HLO, grouped KV heads included); the other ops are the pl
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping
 
@@ -17,7 +18,9 @@ from torch import nn
 
 from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
                              peak_by_name)
+from mixtral.errors import MixtralError
 from mixtral.kernels import native
+from mixtral.parallel import spmd
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -34,6 +37,53 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out
 
 
+def enable_spmd() -> None:
+    """Switch torch_xla to SPMD mode; must run before the first XLA tensor exists (else torch_xla crashes)."""
+    import torch_xla.runtime as xr
+
+    if not xr.is_spmd():
+        xr.use_spmd()
+
+
+def build_mesh(mesh_shape: Mapping[str, int]):
+    """An xs.Mesh over every device with the requested axis sizes (their product must be the device count)."""
+    import numpy as np
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.runtime as xr
+
+    names, sizes = spmd.mesh_axes(mesh_shape)
+    devices = xr.global_runtime_device_count()
+    if math.prod(sizes) != devices:
+        raise MixtralError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but torch_xla sees "
+                           f"{devices}; on the CPU set CPU_NUM_DEVICES={math.prod(sizes)} (XLA_FLAGS device counts "
+                           f"are ignored by torch_xla)")
+    return xs.Mesh(np.arange(devices), sizes, names)
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    """Mark every parameter of a model already on the XLA device by spmd.param_spec, and each batch of tokens by
+    spmd.batch_spec; with a tensor axis the experts' gate/up rows are stored interleaved first."""
+    import torch_xla.distributed.spmd as xs
+
+    expert_axis = "expert" in mesh.axis_names
+    tensor = mesh.shape()["tensor"]
+    if tensor > 1:
+        for layer in model.layers:
+            spmd.use_interleaved_experts(layer.mlp.experts, tensor)
+    for name, param in model.named_parameters():
+        spec = spmd.param_spec(name, expert_axis)
+        if spec is not None:
+            xs.mark_sharding(param, mesh, spec)
+
+    def shard_tokens(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = args[0] if args else kwargs["tokens"]
+        if tokens.dim() == 2:
+            xs.mark_sharding(tokens, mesh, spmd.batch_spec(expert_axis))
+
+    model.register_forward_pre_hook(shard_tokens, with_kwargs=True)
+    return model
+
+
 class XLABackend(Backend):
     def probe(self) -> Availability:
         return module_available("torch_xla", self.install_hint)
@@ -42,9 +92,7 @@ class XLABackend(Backend):
         return Ops.reference(attention=native.attention, grouped_mm=grouped_mm)
 
     def device(self, index: int = 0) -> torch.device:
-        from mixtral.parallel import spmd
-
-        spmd.enable()
+        enable_spmd()
         return torch.device("xla", index)
 
     def mark_step(self) -> None:
@@ -67,12 +115,10 @@ class XLABackend(Backend):
         xm.wait_device_ops()
 
     def parallelize(self, model: nn.Module, mesh_shape: Mapping[str, int]) -> nn.Module:
-        """Move a CPU (or XLA) model to the XLA device and shard it on a mesh, e.g. {"fsdp": 2, "tensor": 2}."""
-        from mixtral.parallel import spmd
-
+        """Move a CPU (or XLA) model to the XLA device and shard it on a mesh, e.g. {"fsdp": 2, "tensor": 2}; a
+        model for a tensor axis > 1 is built with layout=spmd.spmd_layout(mesh_shape)."""
         device = self.device()
-        mesh = spmd.build_mesh(mesh_shape)
-        return spmd.apply(model.to(device), mesh)
+        return shard(model.to(device), build_mesh(mesh_shape))
 
 
 @hookimpl

@@ -1,8 +1,9 @@
 """The one way every command builds a Mixtral: on the meta device, laid out, then only this rank's shards made real.
 
 1. build_on_meta: the whole model's structure, no memory.
-2. the layout, still on meta: mixtral.parallel.parallelize for training (TP/SP, EP/ETP, CP, the pipeline stage's
-   blocks, FSDP2), the generation layout (mixtral.serve.distributed), or nothing on one process.
+2. the layout: expert and context parallelism when the model is built (mixtral.parallel.model_layout), then on
+   meta mixtral.parallel.parallelize for training (TP/SP, the pipeline stage's blocks, FSDP2), the generation
+   layout (mixtral.serve.distributed), or nothing on one process.
 3. materialize: this rank's part allocated on its device (to_empty), buffers recomputed, then every parameter
    filled in place, one tensor (one expert) at a time: a layout-independent random init (mixtral.model.init) or a
    checkpoint read piece by piece (mixtral.checkpoint.loading).
@@ -23,35 +24,38 @@ from mixtral.checkpoint.loading import Source, load_parameters
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model import Mixtral
 from mixtral.model.init import init_parameters
-from mixtral.parallel import ParallelDims, ParallelMeshes, Parallelized, ShardMap, parallelize
+from mixtral.model.layout import ModelLayout
+from mixtral.parallel import ParallelDims, ParallelMeshes, Parallelized, ShardMap, model_layout, parallelize
 
 
 def build_on_meta(config: ModelConfig, backend: Backend | Ops | str | None = None, moe: MoEConfig | None = None,
-                  dtype: torch.dtype = torch.float32, recompute: str = "none") -> Mixtral:
-    """The whole model on the meta device, its parameters and buffers in dtype (recompute: Mixtral's)."""
+                  dtype: torch.dtype = torch.float32, recompute: str = "none", layout: ModelLayout | None = None
+                  ) -> Mixtral:
+    """The model on the meta device, its parameters and buffers in dtype (recompute and layout: Mixtral's)."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     with torch.device("meta"):
-        model = Mixtral(config, backend, moe, recompute)
+        model = Mixtral(config, backend, moe, recompute, layout)
     return model.to(dtype=dtype)
 
 
 def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None, meshes: ParallelMeshes | None,
-                       device: torch.device, pp_schedule: str | None = None, loss: Callable | None = None
-                       ) -> tuple[Mixtral, Parallelized]:
+                       device: torch.device, pp_schedule: str | None = None, loss: Callable | None = None,
+                       layout: ModelLayout | None = None) -> tuple[Mixtral, Parallelized]:
     """A training run's model on meta: the whole model and this rank's laid-out part (and pipeline, whose last
-    stage computes loss); pp_schedule overrides the recipe's (a forward-only dry run)."""
-    r = recipe
+    stage computes loss); pp_schedule overrides the recipe's (a forward-only dry run); layout is the model's when
+    there are no meshes (an SPMD backend's)."""
+    r, p = recipe, recipe.parallel
     dtype = torch.bfloat16 if r.precision == "bf16_master" else torch.float32
-    model = build_on_meta(r.model_config(), backend, r.moe, dtype, r.activation_checkpointing)
+    if meshes is not None:
+        layout = model_layout(r.model_config(), r.moe, meshes, ep_comm=r.moe.ep_comm, cp_algo=p.cp_algo)
+    model = build_on_meta(r.model_config(), backend, r.moe, dtype, r.activation_checkpointing, layout)
     if r.compile and isinstance(backend, Backend):
         for layer in model.layers:  # before the layout, as torchtitan does; one graph serves every block
             backend.compile(layer)
     if meshes is None:
         return model, Parallelized(model, None)
-    p = r.parallel
-    return model, parallelize(model, dims, meshes, zero=p.zero, ep_comm=r.moe.ep_comm, cp_algo=p.cp_algo,
-                              pp_schedule=pp_schedule or p.pp_schedule, microbatches=r.grad_accum, device=device,
-                              loss=loss)
+    return model, parallelize(model, dims, meshes, zero=p.zero, pp_schedule=pp_schedule or p.pp_schedule,
+                              microbatches=r.grad_accum, device=device, loss=loss)
 
 
 def materialize(model: Mixtral, part: nn.Module, device: torch.device | str, meshes: ParallelMeshes | None = None,

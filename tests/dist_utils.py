@@ -99,3 +99,22 @@ def run_layouts(fn: Callable[[list[str]], dict], layouts: dict[str, Any], timeou
         names = [name for name, layout in layouts.items() if layout.world == world]
         results.update(run_ranks(fn, world, names, timeout_s=timeout_s)[0])
     return results
+
+
+def laid_out_copy(reference, meshes, ops=None, **layout_options):
+    """reference's weights and buffers in a model built with the meshes' expert and context parallel layout
+    (mixtral.parallel.model_layout), each rank holding its own experts: tensor parallelism and FSDP still to apply."""
+    from mixtral.checkpoint.loading import ModuleSource, load_parameters
+    from mixtral.model import Mixtral
+    from mixtral.parallel import ShardMap, model_layout
+
+    layout = model_layout(reference.config, reference.moe, meshes, **layout_options)
+    model = Mixtral(reference.config, ops, reference.moe, layout=layout)
+    shards = ShardMap(reference.config, meshes)
+    load_parameters(model, ModuleSource(reference), shards, shards.shapes)
+    held = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, buffer in reference.named_buffers():
+            if name in held and held[name].shape == buffer.shape:
+                held[name].copy_(buffer)
+    return model.train(reference.training)

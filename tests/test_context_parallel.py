@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import single_thread, small_config
-from dist_utils import run_layouts
+from dist_utils import laid_out_copy, run_layouts
 from test_expert_parallel import gather_expert_grads
 from test_parallel_equivalence import assert_matches, train
 from torch import nn
@@ -23,10 +23,9 @@ from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.parallel import (
     ParallelDims,
-    apply_context_parallel,
     apply_data_parallel,
     apply_expert_data_parallel,
-    apply_expert_parallel,
+    context_layout,
     mean_over,
     shard_sequence,
 )
@@ -76,10 +75,8 @@ def _run_layouts(names: list[str]) -> dict:
     for name in names:
         layout = LAYOUTS[name]
         dims = ParallelDims(world_size=dist.get_world_size(), **layout.dims)
-        model = make_model(layout.window)
         meshes = dims.build_meshes("cpu")
-        apply_context_parallel(model, meshes["cp"], layout.algo)
-        apply_expert_parallel(model, meshes)
+        model = laid_out_copy(make_model(layout.window), meshes, Ops.reference(), cp_algo=layout.algo)
         if dims.ep > 1:
             apply_expert_data_parallel(model, meshes, layout.zero)
         apply_data_parallel(model, meshes.dp_cp, layout.zero)
@@ -96,7 +93,7 @@ def _run_layouts(names: list[str]) -> dict:
 
 def _rejections(cp_mesh) -> list[str]:
     messages = []
-    for reject in (lambda: apply_context_parallel(make_model(None), cp_mesh, "ulysses"),
+    for reject in (lambda: context_layout(cp_mesh, "ulysses"),
                    lambda: shard_sequence(torch.zeros(1, 7), cp_mesh)):
         try:
             reject()

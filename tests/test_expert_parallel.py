@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import single_thread, small_config
-from dist_utils import run_layouts
+from dist_utils import laid_out_copy, run_layouts
 from test_parallel_equivalence import assert_matches, train
 
 from mixtral.backend import Ops
@@ -26,11 +26,11 @@ from mixtral.parallel import (
     ParallelDims,
     apply_data_parallel,
     apply_expert_data_parallel,
-    apply_expert_parallel,
     apply_tensor_parallel,
     expert_parameters,
     full_expert_weight,
     mean_over,
+    model_layout,
 )
 
 EXPERTS = 4
@@ -102,10 +102,9 @@ def _run_layouts(names: list[str]) -> dict[str, tuple]:
     for name in names:
         layout = LAYOUTS[name]
         dims = ParallelDims(world_size=dist.get_world_size(), **layout.dims)
-        model = make_model(layout)
         meshes = dims.build_meshes("cpu")
+        model = laid_out_copy(make_model(layout), meshes, Ops.reference(), ep_comm=layout.comm)
         apply_tensor_parallel(model, meshes["tp"], dims.sp)
-        apply_expert_parallel(model, meshes, layout.comm)
         apply_expert_data_parallel(model, meshes, zero=2)
         if dims.dp > 1:
             apply_data_parallel(model, meshes.dp_cp, 2, tp_enabled=dims.tp > 1)
@@ -128,7 +127,8 @@ def _rejections() -> list[str]:
     messages = []
     for comm in ("ring", "allgather"):
         try:
-            apply_expert_parallel(make_model(packed), meshes, comm)
+            model = make_model(packed)
+            model_layout(model.config, model.moe, meshes, ep_comm=comm)
         except MixtralError as error:
             messages.append(str(error))
     return messages

@@ -10,9 +10,10 @@ import pytest
 import test_serve_distributed as serving
 import torch
 import torch.distributed as dist
-from dist_utils import run_ranks
+from dist_utils import laid_out_copy, run_ranks
 from test_parallel_equivalence import LR, SEQ, STEPS, _full, assert_close, make_batches, make_model, reference
 
+from mixtral.backend import Ops
 from mixtral.errors import MixtralError
 from mixtral.parallel import ParallelDims, PipelinedModel, PipelineStageModel, mean_over, parallelize
 from mixtral.parallel.context_parallel import shard_sequence
@@ -34,9 +35,13 @@ def _train_layouts(names: list[str]) -> dict[str, tuple]:
     for name in names:
         _, layout, schedule = LAYOUTS[name]
         dims = ParallelDims(world_size=dist.get_world_size(), **layout)
-        model = make_model()
-        dims.validate_model(model.config, SEQ)
+        reference_model = make_model()
+        dims.validate_model(reference_model.config, SEQ)
         meshes = dims.build_meshes("cpu")
+        if dims.cp > 1:  # a model built without the context layout would train silently wrong
+            with pytest.raises(MixtralError, match="build it with Mixtral\\(..., layout=model_layout"):
+                parallelize(reference_model, dims, meshes)
+        model = laid_out_copy(reference_model, meshes, Ops.reference())
         loss = TrainingLoss(model.config, model.moe, meshes.dp_cp.get_group())  # over the data x context ranks
         parts = parallelize(model, dims, meshes, pp_schedule=schedule, microbatches=MICROBATCHES, loss=loss)
         opt = torch.optim.SGD(parts.model.parameters(), lr=LR, momentum=0.9)

@@ -18,13 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import small_config
-from dist_utils import run_ranks
+from dist_utils import laid_out_copy, run_ranks
 
 from mixtral.backend import Ops
 from mixtral.checkpoint.hf import save_hf
 from mixtral.cli import main
 from mixtral.model import Mixtral
-from mixtral.parallel import ParallelDims, apply_expert_parallel, apply_tensor_parallel
+from mixtral.parallel import ParallelDims, apply_tensor_parallel
 from mixtral.serve.distributed import Leader, follow
 from mixtral.serve.engine import Generator
 from mixtral.serve.scheduler import score
@@ -62,11 +62,9 @@ def _ranks() -> dict[str, tuple | int]:
     results = {}
     for name, (layout, comm) in LAYOUTS.items():
         dims = ParallelDims(world_size=dist.get_world_size(), **layout)
-        model = make_model()
         meshes = dims.build_meshes("cpu")
+        model = laid_out_copy(make_model(), meshes, Ops.reference(), ep_comm=comm or "alltoall")
         apply_tensor_parallel(model, meshes["tp"], dims.sp)
-        if comm is not None:
-            apply_expert_parallel(model, meshes, comm)
         if dist.get_rank() != 0:
             results[name] = follow(model)
             continue

@@ -67,7 +67,7 @@ def test_interleaved_halves_shard_w1_and_w3_alike(parts):
         torch.testing.assert_close(shard[:, chunk:], w[:, f + d * chunk:f + (d + 1) * chunk], rtol=0, atol=0)
     torch.testing.assert_close(spmd.deinterleave_halves(inter, parts), w, rtol=0, atol=0)
     x = torch.randn(4, 2 * f)
-    torch.testing.assert_close(spmd.interleaved_swiglu(parts)(spmd.interleave_halves(x, parts, dim=1)),
+    torch.testing.assert_close(spmd.InterleavedSwiGLU(parts)(spmd.interleave_halves(x, parts, dim=1)),
                                reference.swiglu(x), rtol=0, atol=0)
 
 
@@ -78,11 +78,13 @@ def test_interleave_needs_f_divisible_by_tensor():
 
 def test_interleaved_experts_compute_the_same_and_keep_canonical_state_dicts():
     config = small_config()
-    model = Mixtral(config)
-    model.init_weights()
+    plain = Mixtral(config)
+    plain.init_weights()
+    model = Mixtral(config, layout=spmd.spmd_layout({"fsdp": 1, "tensor": 2}))
+    model.load_state_dict(plain.state_dict())
     tokens = torch.randint(0, config.vocab_size, (2, 7))
     canonical = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = model(tokens).logits
+    expected = plain(tokens).logits
     for layer in model.layers:
         spmd.use_interleaved_experts(layer.mlp.experts, 2)
     torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-6)
@@ -91,3 +93,9 @@ def test_interleaved_experts_compute_the_same_and_keep_canonical_state_dicts():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
     model.load_state_dict(canonical)  # round trip: canonical in, the same model out
     torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_interleaving_refuses_a_model_not_built_for_it():
+    model = Mixtral(small_config())
+    with pytest.raises(MixtralError, match="build the model with layout=spmd_layout"):
+        spmd.use_interleaved_experts(model.layers[0].mlp.experts, 2)

@@ -37,6 +37,22 @@ class Source(Protocol):
         """The box (one slice per dim) of parameter `name`, reading no more of the file than it needs."""
 
 
+class ModuleSource:
+    """A model in memory as a checkpoint source: a laid-out copy of it reads its own pieces from here."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.config = model.config
+        self.state = {name: p.detach() for name, p in model.named_parameters()}
+        self.shapes = {name: t.shape for name, t in self.state.items()}
+        self.dtype = self.state["embed_tokens.weight"].dtype
+
+    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+        return self.state[name] if expert is None else self.state[name][expert:expert + 1]
+
+    def read_box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        return self.state[name][box]
+
+
 def detect_format(path: str | Path) -> str:
     """hf (config.json + safetensors), native (manifest.json or a `latest` link) or megatron (metadata.json)."""
     from mixtral.checkpoint import megatron, native

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -10,12 +9,16 @@ from torch import nn
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig
 from mixtral.model.kv_cache import KVCache
+from mixtral.model.layout import ModelLayout
 from mixtral.model.linear import Linear
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, layout: ModelLayout | None = None) -> None:
+        """layout: under context parallelism how keys and values of this rank's chunk reach the whole sequence
+        (gathered, or a ring attention in place of ops.attention)."""
         super().__init__()
+        layout = layout or ModelLayout()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -23,11 +26,11 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, ops.linear)
         self.v_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, ops.linear)
         self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, ops.linear)
-        self.attend, self.rope = ops.attention, ops.rope
+        self.attend, self.rope = layout.attention or ops.attention, ops.rope
         self.kv_cache: KVCache | None = None
-        self.gather_kv: Callable | None = None  # context parallel: K or V of this chunk -> the whole sequence's
+        self.gather_kv = layout.gather_kv  # context parallel: K or V of this chunk -> the whole sequence's
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+    def forward(self, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None, causal: bool, last_only: bool = False) -> torch.Tensor:
         """last_only: keys and values for every position (the KV cache's), the output for the last query only."""
         batch, seq, _ = x.shape

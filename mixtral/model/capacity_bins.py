@@ -11,7 +11,6 @@ only N shapes ever reach the experts. Training counts how often each bin is used
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
 import math
 from typing import Any
 
@@ -20,8 +19,7 @@ from torch import nn
 
 from mixtral.config import CapacityBinsConfig
 from mixtral.errors import MixtralError
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor summed (or maxed) over some ranks: given by the trainer
+from mixtral.model.layout import Reduce
 
 
 def align_up(value: float, alignment: int) -> int:
@@ -89,11 +87,11 @@ class CapacityBins(nn.Module):
     setup raises `alignment` to at least the TP size before the first training step.
     """
 
-    def __init__(self, config: CapacityBinsConfig, num_experts: int, top_k: int) -> None:
+    def __init__(self, config: CapacityBinsConfig, num_experts: int, top_k: int, agree: Reduce | None = None) -> None:
         super().__init__()
         self.config, self.num_experts, self.top_k = config, num_experts, top_k
         self.alignment = config.alignment
-        self.agree: Reduce | None = None
+        self.agree = agree
         self.tokens = config.tokens
         self.register_buffer("edges", torch.zeros(config.num_bins, dtype=torch.int64))  # all 0: not set yet
         self.register_buffer("usage", torch.zeros(config.num_bins, dtype=torch.int64))

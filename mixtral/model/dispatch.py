@@ -39,6 +39,7 @@ from mixtral.backend import Ops
 from mixtral.kernels import reference
 from mixtral.config import CapacityBinsConfig
 from mixtral.model.capacity_bins import CapacityBins
+from mixtral.model.layout import Reduce
 
 
 @dataclass
@@ -154,10 +155,10 @@ class Capacity(nn.Module):
 class CapacityBinned(nn.Module):
     """Gaudi's capacity bins: padded to the bin edge above the largest expert load; nothing dropped."""
 
-    def __init__(self, num_experts: int, top_k: int, config: CapacityBinsConfig) -> None:
+    def __init__(self, num_experts: int, top_k: int, config: CapacityBinsConfig, agree: Reduce | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.bins = CapacityBins(config, num_experts, top_k)
+        self.bins = CapacityBins(config, num_experts, top_k, agree)
 
     def dispatch(self, x: torch.Tensor, routing: Routing, batch: int = 1):
         ids = routing.expert_ids

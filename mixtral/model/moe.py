@@ -12,7 +12,8 @@ from torch import nn
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.kernels import reference, row_products
-from mixtral.model.capacity_bins import Reduce, step_bins
+from mixtral.model.capacity_bins import step_bins
+from mixtral.model.layout import ModelLayout, Reduce
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
 
 EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")  # stacks [experts, ...] by parameter name
@@ -76,12 +77,15 @@ def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
 class GroupedExperts(nn.Module):
     """All experts' SwiGLU weights as fused 3-D tensors (transformers 5's in-memory layout)."""
 
-    def __init__(self, config: ModelConfig, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, layout: ModelLayout | None = None) -> None:
+        """layout: the experts (and the intermediate rows of each) this rank holds, and a SwiGLU for their rows."""
         super().__init__()
-        e, h, f = config.num_local_experts, config.hidden_size, config.intermediate_size
+        layout = layout or ModelLayout()
+        e, h = layout.experts or config.num_local_experts, config.hidden_size
+        f = layout.expert_ffn or config.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h))  # [w1; w3] per expert
         self.down_proj = nn.Parameter(torch.empty(e, h, f))          # w2 per expert
-        self.grouped_mm, self.swiglu = ops.grouped_mm, ops.swiglu
+        self.grouped_mm, self.swiglu = ops.grouped_mm, layout.swiglu or ops.swiglu
         self.grouped_mm_key = register_grouped_mm(ops.grouped_mm)
         self.top_k = config.num_experts_per_tok
 
@@ -116,27 +120,28 @@ class MoEStats:
     bin: int | None = None               # capacity bin used (capacity_bins only)
 
 
-def build_dispatcher(config: ModelConfig, moe: MoEConfig, ops: Ops) -> nn.Module:
+def build_dispatcher(config: ModelConfig, moe: MoEConfig, ops: Ops, agree_capacity: Reduce | None = None) -> nn.Module:
     e, k = config.num_local_experts, config.num_experts_per_tok
     if moe.dispatcher == "capacity":
         return Capacity(e, k, ops, moe.capacity_factor, moe.capacity_per, moe.drop_policy, moe.pad_to_capacity)
     if moe.dispatcher == "capacity_bins":
-        return CapacityBinned(e, k, moe.capacity_bins)
+        return CapacityBinned(e, k, moe.capacity_bins, agree_capacity)
     return Dropless(e, ops)
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None) -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None,
+                 layout: ModelLayout | None = None) -> None:
         super().__init__()
-        moe = moe or MoEConfig()
+        moe, layout = moe or MoEConfig(), layout or ModelLayout()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.jitter = config.router_jitter_noise if moe.jitter is None else moe.jitter
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.router = ops.router
-        self.experts = GroupedExperts(config, ops)
-        self.dispatcher = build_dispatcher(config, moe, ops)
-        self.exchange: Callable | None = None  # set by expert parallelism: (moe, x, routing, batch) -> (out, ctx)
+        self.experts = GroupedExperts(config, ops, layout)
+        self.dispatcher = build_dispatcher(config, moe, ops, layout.agree_capacity)
+        self.exchange = layout.exchange  # expert parallelism: (moe, x, routing, batch) -> (out, ctx)
         self.expert_bias_rate = moe.expert_bias_update_rate
         bias = torch.zeros(self.num_experts) if moe.expert_bias else None
         self.register_buffer("expert_bias", bias)  # saved with the model; None: plain top-k

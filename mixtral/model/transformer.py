@@ -18,6 +18,7 @@ from mixtral.errors import MixtralError
 from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.init import init_parameters
 from mixtral.model.kv_cache import KVCache
+from mixtral.model.layout import ModelLayout
 from mixtral.model.linear import Linear
 from mixtral.model.moe import MoE, MoEStats, moe_step_end
 from mixtral.model.rope import rope_tables
@@ -61,13 +62,14 @@ RECOMPUTE = ("none", "selective", "moe", "full")  # activation checkpointing: Mi
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None, recompute: str = "none") -> None:
+    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None, recompute: str = "none",
+                 layout: ModelLayout | None = None) -> None:
         """recompute: "block" recomputes the whole block in backward, "moe" its MoE layer, "none" stores all."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Attention(config, ops)
+        self.self_attn = Attention(config, ops, layout)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = MoE(config, ops, moe)
+        self.mlp = MoE(config, ops, moe, layout)
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
@@ -92,11 +94,12 @@ class Block(nn.Module):
 
 class Mixtral(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend | Ops | None = None,
-                 moe: MoEConfig | None = None, recompute: str = "none") -> None:
+                 moe: MoEConfig | None = None, recompute: str = "none", layout: ModelLayout | None = None) -> None:
         """recompute (activation checkpointing): full recomputes every block in backward instead of storing its
         activations; selective every other block (0, 2, ...), torchtitan's layer-frequency scheme: about half the
         memory for about half the recompute; moe the MoE layer of every block (Megatron's --moe-layer-recompute),
-        whose expert activations are the largest."""
+        whose expert activations are the largest. layout: what this rank holds and how it reaches the rest under
+        expert and context parallelism (mixtral.parallel.model_layout); None: everything, in one process."""
         super().__init__()
         ops = backend if isinstance(backend, Ops) else (backend.ops if backend else Ops.reference())
         self.config, self.moe = config, moe or MoEConfig()
@@ -105,14 +108,15 @@ class Mixtral(nn.Module):
             raise MixtralError(f"activation_checkpointing {recompute!r} is unknown; choose one of: {', '.join(RECOMPUTE)}")
         per_block = {"none": lambda i: "none", "full": lambda i: "block", "moe": lambda i: "moe",
                      "selective": lambda i: "block" if i % 2 == 0 else "none"}[recompute]
-        self.layers = nn.ModuleList(Block(config, ops, self.moe, per_block(i)) for i in range(config.num_hidden_layers))
+        self.layout = layout or ModelLayout()
+        self.layers = nn.ModuleList(Block(config, ops, self.moe, per_block(i), self.layout)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, ops.linear)
         self.linear = ops.linear
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.context_shard = (0, 1)  # context parallel: (this rank's chunk, chunks) of every sequence
 
     def init_weights(self, seed: int | None = None, std: float = 0.02) -> None:
         """Fresh training init of the whole model: normal(0, std) matrices, unit norms (transformers'
@@ -180,7 +184,7 @@ class Mixtral(nn.Module):
         """
         seq = tokens.shape[1]
         has_cache = self.layers[0].self_attn.kv_cache is not None
-        chunk, chunks = self.context_shard
+        chunk, chunks = self.layout.context
         if chunks > 1 and has_cache:
             raise ValueError("context parallelism runs training forwards only; generate without a KV cache "
                              "or with parallel.cp = 1")

@@ -7,15 +7,16 @@ builds the mask over the whole sequence). Two exact algorithms:
   softmax (log-sum-exp merge). The backward runs through autograd (each shift's backward is the reverse
   shift), which keeps every block's activations as allgather does: exact, but not yet the memory-saving
   ring with a recomputing backward; its plain-torch block math stands in for the backend's attention op.
-Everything else is per-token and runs on the local chunk. The losses must cover the data x context
-ranks' whole batch: set `model.loss_group` to the dp x cp group (ParallelMeshes.dp_cp) and average dense
-gradients over it.
+Everything else is per-token and runs on the local chunk. The model is built with the chunk and the attention
+(context_layout, into ModelLayout); the losses must cover the data x context ranks' whole batch
+(mixtral.train.loss.TrainingLoss over ParallelMeshes.dp_cp), and dense gradients are averaged over them.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -24,7 +25,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from mixtral.config import CP_ALGOS
 from mixtral.errors import MixtralError
-from mixtral.model import Mixtral
 
 MASKED = -1e30  # a masked score: exp underflows to exactly 0, and a row with nothing allowed stays finite
 
@@ -89,16 +89,14 @@ class RingAttention:
         return out.to(q.dtype)
 
 
-def apply_context_parallel(model: Mixtral, cp_mesh: DeviceMesh, algo: str = "allgather") -> None:
-    """Make model run on this rank's sequence chunk (shard_sequence), attending over the whole sequence."""
+def context_layout(cp_mesh: DeviceMesh, algo: str = "allgather") -> dict[str, Any]:
+    """The ModelLayout fields of context parallelism: this rank's chunk of every sequence, and how its attention
+    reaches the whole sequence's keys and values (gathered, or passed round a ring)."""
     if algo not in CP_ALGOS:
         raise MixtralError(f"parallel.cp_algo '{algo}' is unknown; choose one of: {', '.join(CP_ALGOS)}")
     if cp_mesh.size() == 1:
-        return
-    model.context_shard = (cp_mesh.get_local_rank(), cp_mesh.size())
-    gather_kv = functools.partial(gather_dim, mesh=cp_mesh, dim=2)  # K and V are [B, kv heads, S, D]
-    for layer in model.layers:
-        if algo == "ring":
-            layer.self_attn.attend = RingAttention(cp_mesh)
-        else:
-            layer.self_attn.gather_kv = gather_kv
+        return {}
+    context = (cp_mesh.get_local_rank(), cp_mesh.size())
+    if algo == "ring":
+        return dict(context=context, attention=RingAttention(cp_mesh))
+    return dict(context=context, gather_kv=functools.partial(gather_dim, mesh=cp_mesh, dim=2))  # K, V [B, h, S, D]

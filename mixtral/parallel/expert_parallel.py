@@ -36,10 +36,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # private, same in torch 2.9
 
-from mixtral.config import EP_COMMS, divisors
+from mixtral.config import EP_COMMS, ModelConfig, MoEConfig, divisors
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.model.dispatch import Capacity, CapacityBinned, Context, Dropless, Routing
+from mixtral.model.dispatch import Context, Dropless, Routing
 from mixtral.model.moe import GroupedExperts, MoE
 from mixtral.parallel.context_parallel import gather_dim
 from mixtral.parallel.data_parallel import spread_over
@@ -196,33 +196,28 @@ class ExpertExchange:
         return _sum_scatter(out, self.ep_mesh), ctx
 
 
-def apply_expert_parallel(model: Mixtral, meshes: ParallelMeshes, comm: str = "alltoall") -> None:
-    """Keep this rank's experts (and etp shard of each) and route every MoE layer through an exchange."""
+def expert_layout(config: ModelConfig, moe: MoEConfig, meshes: ParallelMeshes, comm: str = "alltoall"
+                  ) -> dict[str, Any]:
+    """The ModelLayout fields of expert (and expert tensor) parallelism: the experts and intermediate rows this rank
+    holds, the exchange that routes rows to their experts' ranks, and one capacity for every ep rank."""
     if comm not in EP_COMMS:
         raise MixtralError(f"moe.ep_comm '{comm}' is unknown; choose one of: {', '.join(EP_COMMS)}")
     if meshes.expert is None:
-        return
+        return {}
     ep_mesh, etp_mesh = meshes["ep"], meshes["etp"]
     ep, etp = ep_mesh.size(), etp_mesh.size()
-    total = model.config.num_local_experts
+    total = config.num_local_experts
     if total % ep:
         raise MixtralError(f"parallel.ep={ep}: the model's num_local_experts ({total}) is not divisible by ep; "
                            f"choose ep from {divisors(total)}")
+    if comm == "allgather" and moe.dispatcher == "capacity" and not moe.pad_to_capacity:
+        raise MixtralError("moe.ep_comm=allgather needs static expert rows: set moe.pad_to_capacity true, "
+                           "or use moe.ep_comm=alltoall with unpadded capacity")
     local = total // ep
     exchange = ExpertExchange(comm, ep_mesh, ep, ep_mesh.get_local_rank() * local, local,
                               etp_mesh if etp > 1 else None)
-    for layer in model.layers:
-        moe = layer.mlp
-        if comm == "allgather" and isinstance(moe.dispatcher, Capacity) and not moe.dispatcher.pad:
-            raise MixtralError("moe.ep_comm=allgather needs static expert rows: set moe.pad_to_capacity true, "
-                               "or use moe.ep_comm=alltoall with unpadded capacity")
-        if isinstance(moe.dispatcher, CapacityBinned):  # one capacity C on every ep rank
-            moe.dispatcher.bins.agree = functools.partial(all_reduce_max, group=ep_mesh.get_group())
-        with torch.no_grad():
-            for name, param in list(moe.experts.named_parameters()):
-                shard = local_expert_weight(param, name, ep_mesh.get_local_rank(), ep, etp_mesh.get_local_rank(), etp)
-                setattr(moe.experts, name, nn.Parameter(shard.clone()))
-        moe.exchange = exchange
+    agree = functools.partial(all_reduce_max, group=ep_mesh.get_group()) if moe.dispatcher == "capacity_bins" else None
+    return dict(experts=local, expert_ffn=config.intermediate_size // etp, exchange=exchange, agree_capacity=agree)
 
 
 def apply_expert_data_parallel(model: Mixtral, meshes: ParallelMeshes, zero: int) -> None:

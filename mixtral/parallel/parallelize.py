@@ -1,9 +1,10 @@
-"""The one place that lays a Mixtral out over the ranks: TP(+SP) -> EP/ETP -> CP -> PP -> DP/FSDP2.
+"""The one place that lays a Mixtral out over the ranks: EP/ETP and CP when it is built, then TP(+SP) -> PP -> DP/FSDP2.
 
-The order matters: tensor parallelism shards the blocks' weights in place (DTensor), expert and context
-parallelism hook the MoE and attention of the (already tensor-parallel) blocks, the pipeline cut takes the
-prepared blocks, and FSDP2 shards last, over whatever this rank still holds (its stage), as torchtitan does.
-The loss over the data x context ranks is the trainer's (mixtral.train.loss).
+Expert and context parallelism change what the model holds and computes (its experts, its chunk of every sequence),
+so the model is built with them (model_layout -> ModelLayout). Then the order matters: tensor parallelism shards
+the blocks' weights in place (DTensor), the pipeline cut takes the prepared blocks, and FSDP2 shards last, over
+whatever this rank still holds (its stage), as torchtitan does. The loss over the data x context ranks is the
+trainer's (mixtral.train.loss).
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from mixtral.config import ModelConfig, MoEConfig
+from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.parallel.context_parallel import apply_context_parallel
+from mixtral.model.layout import ModelLayout
+from mixtral.parallel.context_parallel import context_layout
 from mixtral.parallel.data_parallel import apply_data_parallel
 from mixtral.parallel.dims import ParallelDims, ParallelMeshes
-from mixtral.parallel.expert_parallel import apply_expert_data_parallel, apply_expert_parallel
+from mixtral.parallel.expert_parallel import apply_expert_data_parallel, expert_layout
 from mixtral.parallel.pipeline_parallel import Pipeline, PipelineSchedule, PipelineStageModel
 from mixtral.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -31,18 +35,33 @@ class Parallelized:
     pipeline: Pipeline | None      # set when parallel.pp > 1: run steps through it, not through model(...)
 
 
+def model_layout(config: ModelConfig, moe: MoEConfig | None, meshes: ParallelMeshes, *, ep_comm: str = "alltoall",
+                 cp_algo: str = "allgather") -> ModelLayout:
+    """What expert and context parallelism change inside the model, for Mixtral(..., layout=) to build it with:
+    this rank's experts and their exchange, its chunk of every sequence and how attention reaches the rest."""
+    return ModelLayout(**expert_layout(config, moe or MoEConfig(), meshes, ep_comm),
+                       **context_layout(meshes["cp"], cp_algo))
+
+
+def check_layout(model: Mixtral, meshes: ParallelMeshes) -> None:
+    """A model built for another expert or context layout would train silently wrong: refuse it."""
+    built = (model.layout.experts, model.layout.expert_ffn, model.layout.context[1])
+    wanted = model_layout(model.config, model.moe, meshes)
+    if built != (wanted.experts, wanted.expert_ffn, wanted.context[1]):
+        raise MixtralError(f"the model was built for (experts, expert rows, context chunks) {built} per rank but the "
+                           f"meshes hold {(wanted.experts, wanted.expert_ffn, wanted.context[1])}: build it with "
+                           f"Mixtral(..., layout=model_layout(config, moe, meshes))")
+
+
 def parallelize(model: Mixtral, dims: ParallelDims, meshes: ParallelMeshes, *, zero: int = 1,
-                ep_comm: str = "alltoall", cp_algo: str = "allgather", pp_schedule: PipelineSchedule = "1f1b",
-                microbatches: int = 1, device: torch.device | None = None, loss: Callable | None = None
-                ) -> Parallelized:
-    """Apply every parallel dimension of dims to model (in place); microbatches is the pipeline's per step, loss
-    what its last stage computes (mixtral.train.loss.TrainingLoss)."""
+                pp_schedule: PipelineSchedule = "1f1b", microbatches: int = 1, device: torch.device | None = None,
+                loss: Callable | None = None) -> Parallelized:
+    """Lay model (built with model_layout's ModelLayout) out over the ranks in place: tensor and sequence
+    parallelism, the pipeline stage, FSDP2; microbatches is the pipeline's per step, loss what its last stage
+    computes (mixtral.train.loss.TrainingLoss)."""
+    check_layout(model, meshes)
     if dims.tp > 1:
         apply_tensor_parallel(model, meshes["tp"], dims.sp)
-    if meshes.expert is not None:
-        apply_expert_parallel(model, meshes, comm=ep_comm)
-    if dims.cp > 1:
-        apply_context_parallel(model, meshes["cp"], algo=cp_algo)
     part: nn.Module = model
     if dims.pp > 1:
         part = PipelineStageModel(model, meshes["pp"].get_local_rank(), dims.pp, dims.tp if dims.sp else 1)

@@ -117,7 +117,8 @@ class Pipeline:
         stage's blocks' routing per micro-batch. On its first call the schedule runs the stages once more to learn
         the shapes; only the last `microbatches` losses and routings are the step's own.
         """
-        self.losses, self.model.routing = [], []
+        self.losses = []
+        self.model.routing.clear()
         self.schedule.step(*((tokens,) if self.is_first else ()), target=targets if self.is_last else None)
         steps = slice(-self.microbatches, None)
         losses = self.from_last_stage(lambda: torch.stack(self.losses[steps]), (self.microbatches, 3))

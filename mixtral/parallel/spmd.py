@@ -2,8 +2,7 @@
 
 Axes: "fsdp" (weights sharded, batch split: FSDP-style data parallelism), "tensor" (Megatron-style
 tensor parallelism) and, when requested, "expert" (whole experts per device group; the batch is split
-over it too). The rules are plain data, testable without torch_xla; only `apply` and `build_mesh`
-import it. The MLPerf rules with tensor > 1 (tensor = 1 leaves only the fsdp half of each spec, so every
+over it too). The rules are plain data, testable without torch_xla; the XLA backend (backends/xla.py) applies them. The MLPerf rules with tensor > 1 (tensor = 1 leaves only the fsdp half of each spec, so every
 large weight is still sharded, FSDP-style):
 
     q/k/v_proj, w1/w3 (gate_up_proj), lm_head   ("tensor", "fsdp")
@@ -19,6 +18,7 @@ module's state_dict and load_state_dict still use the canonical [w1; w3] (hooks 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.errors import MixtralError
+from mixtral.model.layout import ModelLayout
 
 AXES = ("fsdp", "expert", "tensor")
 Spec = tuple[Any, ...]  # one entry per tensor dim: a mesh axis name, a tuple of names, or None (replicated)
@@ -90,20 +91,33 @@ def deinterleave_halves(w: torch.Tensor, parts: int, dim: int = 1) -> torch.Tens
     return w.unflatten(dim, (parts, 2, size // (2 * parts))).transpose(dim, dim + 1).flatten(dim, dim + 2)
 
 
-def interleaved_swiglu(parts: int):
-    """swiglu for [..., 2F] laid out by interleave_halves; the output [..., F] is in canonical order."""
-    def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-        pairs = gate_up.unflatten(-1, (parts, 2, -1))
+@dataclass(frozen=True)
+class InterleavedSwiGLU:
+    """swiglu for [..., 2F] laid out by interleave_halves into `parts`; the output [..., F] is in canonical order."""
+
+    parts: int
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        pairs = gate_up.unflatten(-1, (self.parts, 2, -1))
         return (F.silu(pairs[..., 0, :]) * pairs[..., 1, :]).flatten(-2)
-    return swiglu
+
+
+def spmd_layout(mesh_shape: Mapping[str, int]) -> ModelLayout:
+    """What the SPMD layout changes inside the model, for Mixtral(..., layout=): with a tensor axis the experts'
+    gate and up rows are stored interleaved (use_interleaved_experts), so their SwiGLU reads that order."""
+    tensor = int(mesh_shape.get("tensor", 1))
+    return ModelLayout(swiglu=InterleavedSwiGLU(tensor)) if tensor > 1 else ModelLayout()
 
 
 def use_interleaved_experts(experts: nn.Module, parts: int) -> None:
-    """Store experts.gate_up_proj interleaved for `parts` tensor shards; state dicts stay canonical."""
+    """Store experts.gate_up_proj interleaved for `parts` tensor shards (the model must be built with spmd_layout,
+    whose SwiGLU reads them so); state dicts stay canonical."""
+    if experts.swiglu != InterleavedSwiGLU(parts):
+        raise MixtralError(f"the experts' SwiGLU does not read rows interleaved for a tensor axis of {parts}; build "
+                           f"the model with layout=spmd_layout(mesh_shape)")
     key = "gate_up_proj"
     with torch.no_grad():
         experts.gate_up_proj.copy_(interleave_halves(experts.gate_up_proj, parts))
-    experts.swiglu = interleaved_swiglu(parts)
 
     def save_canonical(module, state_dict, prefix, local_metadata):
         state_dict[prefix + key] = deinterleave_halves(state_dict[prefix + key], parts)
@@ -114,55 +128,3 @@ def use_interleaved_experts(experts: nn.Module, parts: int) -> None:
 
     experts._register_state_dict_hook(save_canonical)
     experts._register_load_state_dict_pre_hook(load_canonical)
-
-
-# ---- torch_xla (imported lazily: only the XLA backend calls what follows) ----
-
-def enable() -> None:
-    """Switch torch_xla to SPMD mode; must run before the first XLA tensor exists (else torch_xla crashes)."""
-    import torch_xla.runtime as xr
-
-    if not xr.is_spmd():
-        xr.use_spmd()
-
-
-def build_mesh(mesh_shape: Mapping[str, int]):
-    """An xs.Mesh over every device with the requested axis sizes (their product must be the device count)."""
-    import numpy as np
-    import torch_xla.distributed.spmd as xs
-    import torch_xla.runtime as xr
-
-    names, sizes = mesh_axes(mesh_shape)
-    devices = xr.global_runtime_device_count()
-    if math.prod(sizes) != devices:
-        raise MixtralError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but torch_xla sees "
-                           f"{devices}; on the CPU set CPU_NUM_DEVICES={math.prod(sizes)} (XLA_FLAGS device counts "
-                           f"are ignored by torch_xla)")
-    return xs.Mesh(np.arange(devices), sizes, names)
-
-
-def apply(model: nn.Module, mesh) -> nn.Module:
-    """Shard every parameter of a model already on the XLA device by param_spec, and split each batch."""
-    import torch_xla.distributed.spmd as xs
-
-    expert_axis = "expert" in mesh.axis_names
-    tensor = mesh.shape()["tensor"]
-    if tensor > 1:
-        for module in model.modules():
-            if hasattr(module, "gate_up_proj"):
-                use_interleaved_experts(module, tensor)
-    for name, param in model.named_parameters():
-        spec = param_spec(name, expert_axis)
-        if spec is not None:
-            xs.mark_sharding(param, mesh, spec)
-
-    def shard_inputs(_: nn.Module, args: tuple, kwargs: dict):
-        tokens = args[0] if args else kwargs["tokens"]
-        if tokens.dim() == 2:
-            xs.mark_sharding(tokens, mesh, batch_spec(expert_axis))
-        targets = args[1] if len(args) > 1 else kwargs.get("targets")
-        if targets is not None:
-            xs.mark_sharding(targets, mesh, batch_spec(expert_axis))
-
-    model.register_forward_pre_hook(shard_inputs, with_kwargs=True)
-    return model

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixtral.config import EP_COMMS
+from mixtral.config import EP_COMMS, ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.serve.engine import inference_mode
@@ -103,29 +103,33 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                        help="expert parallel exchange")
 
 
-def parallel_model(model: Mixtral, args: argparse.Namespace, device: torch.device) -> tuple[Any, nn.Module, Any]:
-    """model (on the meta device) laid out over this job's ranks for generation: tensor, expert and pipeline parallel
-    as asked; the ranks left over (world / (tp x pp)) are data ranks that hold replicas (and fold the experts).
-    Returns (what generation calls, the part this rank holds, the meshes): materialise the part, then call."""
-    from mixtral.parallel import ParallelDims, PipelinedModel, PipelineStageModel, apply_expert_parallel
-    from mixtral.parallel import apply_tensor_parallel
-    from mixtral.parallel.pipeline_parallel import Pipeline
+def generation_meshes(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    """(ParallelDims, ParallelMeshes) of this job's ranks for generation: tensor, expert and pipeline parallel as
+    asked; the ranks left over (world / (tp x pp)) are data ranks that hold replicas (and fold the experts)."""
+    from mixtral.parallel import ParallelDims
 
     world = dist.get_world_size()
     if world % (args.tp * args.pp):
         raise MixtralError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world} ranks; launch a multiple "
                            f"of {args.tp * args.pp} ranks or change --tp/--pp")
     dims = ParallelDims(world_size=world, dp=world // (args.tp * args.pp), tp=args.tp, pp=args.pp, ep=args.ep)
-    dims.validate_model(model.config)
-    meshes = dims.build_meshes(device.type)
+    dims.validate_model(config)
+    return dims, dims.build_meshes(device.type)
+
+
+def parallel_model(model: Mixtral, dims, meshes, device: torch.device) -> tuple[Any, nn.Module]:
+    """model (on the meta device, built with the meshes' model_layout) laid out for generation: tensor parallel,
+    and cut into pipeline stages. Returns (what generation calls, the part this rank holds): materialise the part,
+    then call."""
+    from mixtral.parallel import PipelinedModel, PipelineStageModel, apply_tensor_parallel
+    from mixtral.parallel.pipeline_parallel import Pipeline
+
     if dims.tp > 1:
         apply_tensor_parallel(model, meshes["tp"])
-    if meshes.expert is not None:
-        apply_expert_parallel(model, meshes, args.ep_comm)
     if dims.pp == 1:
-        return model, model, meshes
+        return model, model
     stage = PipelineStageModel(model, meshes["pp"].get_local_rank(), dims.pp)
-    return PipelinedModel(Pipeline(stage, meshes["pp"], 1, "gpipe", device), model), stage, meshes
+    return PipelinedModel(Pipeline(stage, meshes["pp"], 1, "gpipe", device), model), stage
 
 
 def lead_or_follow(model: Any, lead: Callable[[Any], int]) -> int:

@@ -56,7 +56,8 @@ def load(args: argparse.Namespace, device=None):
     from mixtral.build import build_on_meta, materialize
     from mixtral.checkpoint.loading import checkpoint_config, resolve_checkpoint
     from mixtral.data.tokenizer import Tokenizer
-    from mixtral.serve.distributed import parallel_model
+    from mixtral.parallel import model_layout
+    from mixtral.serve.distributed import generation_meshes, parallel_model
 
     path = resolve_checkpoint(args.model)  # a run's checkpoints/latest: the step it names now
     config = checkpoint_config(path)  # fails early on a missing directory or a non-Mixtral config
@@ -67,8 +68,12 @@ def load(args: argparse.Namespace, device=None):
                            f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {path}")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = device or backend.device()
-    model = build_on_meta(config, backend, dtype=dtype)
-    runner, part, meshes = parallel_model(model, args, device) if dist.is_initialized() else (model, model, None)
+    dims = meshes = layout = None
+    if dist.is_initialized():
+        dims, meshes = generation_meshes(config, args, device)
+        layout = model_layout(config, None, meshes, ep_comm=args.ep_comm)
+    model = build_on_meta(config, backend, dtype=dtype, layout=layout)
+    runner, part = parallel_model(model, dims, meshes, device) if meshes is not None else (model, model)
     materialize(model, part, device, meshes, init_from=path)
     model.eval()
     if args.compile:

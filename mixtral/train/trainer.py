@@ -36,6 +36,7 @@ from mixtral.parallel import (
     microbatch_sync,
     shard_sequence,
 )
+from mixtral.parallel.spmd import spmd_layout
 from mixtral.planner import Device, Workload, backend_device, check_memory, get_device, stage_memory
 from mixtral.recipes import Recipe
 from mixtral.train import checkpointing as ckpt
@@ -73,10 +74,12 @@ class Trainer:
         p = r.parallel
         self.backend = get_backend(r.backend).configure(r.backend_options)
         self.spmd = self.backend.capabilities.spmd and p.world_size > 1  # one process drives every device
-        self.spmd_mesh: dict[str, int] | None = None
         if self.spmd and (p.pp > 1 or p.cp > 1):
             raise MixtralError(f"the {self.backend.name} backend runs parallel.dp, tp and ep as one SPMD program; "
                                f"pipeline and context parallelism are not supported there: set parallel.pp=1 cp=1")
+        # the MLPerf mesh: batch over fsdp x expert, experts over expert, Megatron TP over tensor
+        self.spmd_mesh = {"fsdp": p.dp // p.ep, "tensor": p.tp, **({"expert": p.ep} if p.ep > 1 else {})} \
+            if self.spmd else None
         if not dist.is_initialized() and p.world_size > 1 and not self.spmd:
             raise MixtralError(f"this recipe's layout needs {p.world_size} ranks (parallel.dp x tp x pp x cp); launch "
                                f"it with `mixtral-run train --recipe ... --nproc-per-node {p.world_size}` or torchrun")
@@ -121,11 +124,11 @@ class Trainer:
         """This rank's part of the model (its pipeline stage under pp), laid out on the meta device, then only that
         part materialised on this device and filled: from model.init_from, or the seed's layout-independent init."""
         r = self.recipe
-        model, parts = build_for_training(r, self.backend, self.dims, self.meshes, self.device, loss=self.loss)
+        layout = spmd_layout(self.spmd_mesh) if self.spmd_mesh else None
+        model, parts = build_for_training(r, self.backend, self.dims, self.meshes, self.device, loss=self.loss,
+                                          layout=layout)
         init = dict(seed=r.train.seed, init_from=r.model.init_from)
-        if self.spmd:  # the MLPerf mesh: batch over fsdp x expert, experts over expert, Megatron TP over tensor
-            d = self.dims
-            self.spmd_mesh = {"fsdp": d.dp // d.ep, "tensor": d.tp, **({"expert": d.ep} if d.ep > 1 else {})}
+        if self.spmd_mesh:
             materialize(model, model, self.device, **init)  # lazy XLA tensors, sharded by parallelize below
             return self.backend.parallelize(model.train(), self.spmd_mesh), None
         materialize(model, parts.model, self.device, self.meshes, **init)

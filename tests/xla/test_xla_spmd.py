@@ -80,7 +80,7 @@ def test_sharded_loss_and_gradients_equal_eager_cpu(xla, mesh):
     expected = model_loss(cpu, tokens, targets)
     expected.loss.backward()
 
-    model = Mixtral(config, xla, moe=CAPACITY)
+    model = Mixtral(config, xla, moe=CAPACITY, layout=spmd.spmd_layout(mesh))
     model.load_state_dict(cpu.state_dict())
     xla.parallelize(model, mesh)
     out = model_loss(model, tokens.to(xla.device()), targets.to(xla.device()))
@@ -108,7 +108,7 @@ def test_greedy_generation_on_sharded_xla_equals_cpu(xla):
     config = small_config()
     cpu = Mixtral(config, get_backend("cpu"), moe=CAPACITY)
     cpu.init_weights()
-    model = Mixtral(config, xla, moe=CAPACITY)
+    model = Mixtral(config, xla, moe=CAPACITY, layout=spmd.spmd_layout(MESHES["fsdp2xtensor2"]))
     model.load_state_dict(cpu.state_dict())
     xla.parallelize(model, MESHES["fsdp2xtensor2"])
     prompts = [[5, 17, 3, 44, 9], [8, 2]]  # different lengths: the left-padded path
