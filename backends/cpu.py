@@ -1,10 +1,13 @@
 """The CPU backend: SDPA attention (causal prefill in query blocks), torch._grouped_mm experts, gloo collectives.
 
-bf16 / fp16 GEMMs run in fp32 on CPUs whose PyTorch has no fast kernel for them (kernels.fp32_compute).
+bf16 / fp16 GEMMs run in fp32 on CPUs whose PyTorch has no fast kernel for them (kernels.fp32_compute). Compiled
+generation multiplies one token's experts as fused row products (kernels.row_products) and more rows on weights
+packed once for oneDNN (kernels.packed_experts); the cross-entropy works in blocks that stay in the L2 cache.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any, Callable
@@ -12,14 +15,29 @@ from typing import Any, Callable
 import torch
 
 from mixtral.backend import Backend, Capabilities, Device, Ops, hookimpl
-from mixtral.kernels import causal_blocks, fp32_compute, native, packed_experts
+from mixtral.kernels import blocked_cross_entropy, causal_blocks, fp32_compute, native, packed_experts, row_products
+from mixtral.model.moe import GroupedExperts
+
+ONE_TOKEN_ROWS = 2  # Mixtral sends each token to 2 experts: a sequence's decode step has 2 expert rows
+L2_BLOCK_ELEMENTS = 1 << 19  # cross-entropy's fp32 block: 2 MB, half for each of 2 threads' L2 (16 MB: slower)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """fp32_compute.grouped_mm, and in a compiled inference graph: one token's rows, each on another expert, fused
+    whole (row_products.grouped_mm); more rows as one opaque node multiplying packed weights (packed_experts)."""
+    if row_products.compiled_inference():
+        if x.shape[0] <= ONE_TOKEN_ROWS:
+            return row_products.grouped_mm(x, w, offs)
+        return packed_experts.packed_grouped_mm(x, w, offs)
+    return fp32_compute.grouped_mm(x, w, offs)
 
 
 class CPUBackend(Backend):
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=causal_blocks.attention, linear=fp32_compute.linear,
-                             grouped_mm=fp32_compute.grouped_mm, rms_norm=native.rms_norm,
-                             swiglu=native.swiglu)
+        return Ops.reference(attention=causal_blocks.attention, linear=fp32_compute.linear, grouped_mm=grouped_mm,
+                             rms_norm=native.rms_norm, swiglu=native.swiglu,
+                             cross_entropy=functools.partial(blocked_cross_entropy.cross_entropy,
+                                                             block_elements=L2_BLOCK_ELEMENTS))
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less
@@ -67,15 +85,11 @@ def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
 
 
 def use_packed_experts(module: torch.nn.Module) -> None:
-    """Compiled generation multiplies the experts on weights packed once (kernels.packed_experts), where oneDNN
-    takes their dtype; the packed copies go with the module."""
-    from mixtral.model.moe import GroupedExperts, forget_grouped_mm, register_grouped_mm
-
-    key = register_grouped_mm(packed_experts.PackedGroupedMM())
-    weakref.finalize(module, forget_grouped_mm, key)
-    for experts in module.modules():
-        if isinstance(experts, GroupedExperts) and packed_experts.available(experts.gate_up_proj.dtype):
-            experts.grouped_mm_key = key
+    """Compiled generation multiplies the experts on weights packed once (kernels.packed_experts): the module's
+    expert weights are declared frozen, and released with the module."""
+    weights = [w for experts in module.modules() if isinstance(experts, GroupedExperts)
+               for w in (experts.gate_up_proj, experts.down_proj)]
+    weakref.finalize(module, packed_experts.PACKED.release, packed_experts.PACKED.freeze(weights))
 
 
 @hookimpl

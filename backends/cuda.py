@@ -11,7 +11,7 @@ import importlib.util
 import torch
 
 from mixtral.backend import Availability, Backend, Capabilities, Device, Ops, hookimpl, peak_by_name
-from mixtral.kernels import native
+from mixtral.kernels import blocked_cross_entropy, native
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Dense (no sparsity) datasheet peaks in TFLOP/s: bf16 tensor cores, and fp32 (TF32 tensor cores when
@@ -49,13 +49,14 @@ class CUDABackend(Backend):
 
     def build_ops(self) -> Ops:
         if not HAS_TRITON:
-            return Ops.reference(attention=native.attention, grouped_mm=native.grouped_mm, rms_norm=native.rms_norm)
+            return Ops.reference(attention=native.attention, grouped_mm=native.grouped_mm, rms_norm=native.rms_norm,
+                                 cross_entropy=blocked_cross_entropy.cross_entropy)
         from mixtral.kernels import triton_moe
 
         eager = torch.compiler.disable  # as _triton_grouped_mm
         return Ops.reference(attention=native.attention, grouped_mm=grouped_mm, rms_norm=native.rms_norm,
                              permute=eager(triton_moe.permute), unpermute=eager(triton_moe.unpermute),
-                             router=eager(triton_moe.router))
+                             router=eager(triton_moe.router), cross_entropy=blocked_cross_entropy.cross_entropy)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()

@@ -22,6 +22,7 @@ from torch import nn
 from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
                              peak_by_name)
 from mixtral.errors import MixtralError
+from mixtral.kernels import blocked_cross_entropy
 
 
 
@@ -65,7 +66,8 @@ def make_ops(fused_sdpa: Any, fused_rms_norm: Any, rope_helper: Any, recompute: 
     """The HPU op table from the three Habana autograd Functions (real ones, or simulations in tests)."""
     return Ops.reference(attention=functools.partial(attention, fused_sdpa.apply, recompute=recompute),
                          rms_norm=functools.partial(rms_norm, fused_rms_norm.apply),
-                         rope=functools.partial(rope, rope_helper.apply))
+                         rope=functools.partial(rope, rope_helper.apply),
+                         cross_entropy=blocked_cross_entropy.cross_entropy)
 
 
 def lazy_mode() -> bool:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
                              peak_by_name)
-from mixtral.kernels import native, reference
+from mixtral.kernels import blocked_cross_entropy, native, reference
 
 CAUSAL_SPARSE_MODE = 2  # leftUpCausal: the kernel builds the causal mask from a compressed 2048 x 2048 triangle
 LAYOUTS = ("BNSD", "BSND")
@@ -146,7 +146,7 @@ def make_ops(torch_npu: ModuleType | object) -> Ops:
                unpermute=functools.partial(unpermute, torch_npu.npu_moe_token_unpermute),
                rms_norm=functools.partial(rms_norm, torch_npu.npu_rms_norm),
                rope=functools.partial(rope, torch_npu.npu_rotary_position_embedding),
-               swiglu=functools.partial(swiglu, torch_npu.npu_swiglu))
+               swiglu=functools.partial(swiglu, torch_npu.npu_swiglu), cross_entropy=blocked_cross_entropy.cross_entropy)
 
 
 class NPUBackend(Backend):

@@ -19,7 +19,7 @@ from torch import nn
 from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
                              peak_by_name)
 from mixtral.errors import MixtralError
-from mixtral.kernels import native
+from mixtral.kernels import blocked_cross_entropy, native
 from mixtral.parallel import spmd
 
 
@@ -89,7 +89,8 @@ class XLABackend(Backend):
         return module_available("torch_xla", self.install_hint)
 
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=native.attention, grouped_mm=grouped_mm)
+        return Ops.reference(attention=native.attention, grouped_mm=grouped_mm,
+                             cross_entropy=blocked_cross_entropy.cross_entropy)
 
     def device(self, index: int = 0) -> torch.device:
         enable_spmd()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # a target not counted by cross_entropy
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               causal: bool = False, scale: float | None = None) -> torch.Tensor:
@@ -97,3 +99,14 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, where gate is the first half of the last dimension and up the second."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                  in_place: bool = False) -> torch.Tensor:
+    """Cross-entropy of logits [N, V] (computed in fp32 or wider) against targets [N]; rows whose target is
+    IGNORE_INDEX are not counted; reduction "mean" (over counted rows) or "sum". in_place allows an implementation to
+    write the gradient over the logits, whose values are then gone after the call; this one keeps them."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide, targets, ignore_index=IGNORE_INDEX, reduction=reduction)

@@ -76,6 +76,7 @@ class Ops:
     rms_norm: Callable[..., torch.Tensor]
     rope: Callable[..., torch.Tensor]
     swiglu: Callable[..., torch.Tensor]
+    cross_entropy: Callable[..., torch.Tensor]
 
     @classmethod
     def reference(cls, **overrides: Callable[..., Any]) -> "Ops":

@@ -130,7 +130,7 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
     dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, world_size=info.world_size)
     meshes = dims.build_meshes("cpu")
     accumulate = recipe.grad_accum
-    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe, meshes.dp_cp.get_group())
+    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe, meshes.dp_cp.get_group(), get_backend("cpu").ops.cross_entropy)
     whole, laid = build_for_training(recipe, get_backend("cpu"), dims, meshes, torch.device("cpu"), loss=loss_fn)
     materialize(whole, laid.model, "cpu", meshes, seed=recipe.train.seed)
     model, pipeline = laid.model, laid.pipeline
@@ -165,7 +165,7 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
 def reference_losses(recipe: Recipe) -> list[float]:
     """One process, no torch.distributed: micro-batch m of a step is every data rank's micro-batch m, concatenated."""
     model = build_model(recipe)
-    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe)
+    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe, cross_entropy=get_backend("cpu").ops.cross_entropy)
     tokens, targets = batches(recipe)
     accumulate, per_rank = recipe.grad_accum, MICRO_BATCH * recipe.grad_accum
 

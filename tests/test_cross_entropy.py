@@ -1,4 +1,4 @@
-"""The blockwise cross-entropy against F.cross_entropy on fp32 copies of the logits (what the model used before)."""
+"""kernels/blocked_cross_entropy against F.cross_entropy on fp32 copies of the logits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral.model import cross_entropy as ce
+from mixtral.kernels import blocked_cross_entropy as ce
+from mixtral.kernels.reference import IGNORE_INDEX
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +22,10 @@ def test_loss_and_gradient_match_torch(dtype, reduction, scale):
     torch.manual_seed(0)
     logits = (torch.randn(300, 1000) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 1000, (300,))
-    targets[::5] = ce.IGNORE_INDEX
+    targets[::5] = IGNORE_INDEX
     ours = ce.cross_entropy(logits, targets, reduction=reduction)
     (grad,) = torch.autograd.grad(ours * scale, logits)
-    ref = F.cross_entropy(logits.float(), targets, ignore_index=ce.IGNORE_INDEX, reduction=reduction)
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
     (ref_grad,) = torch.autograd.grad(ref * scale, logits)
     assert ours.dtype == torch.float32 and grad.dtype == dtype
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)  # fp32 math on both sides
@@ -46,7 +47,7 @@ def test_logits_are_left_intact():
 
 def test_all_rows_ignored_is_nan_like_torch():
     logits = torch.randn(4, 10)
-    targets = torch.full((4,), ce.IGNORE_INDEX)
+    targets = torch.full((4,), IGNORE_INDEX)
     assert ce.cross_entropy(logits, targets).isnan() and F.cross_entropy(logits, targets).isnan()
     assert ce.cross_entropy(logits, targets, reduction="sum") == 0
 
@@ -81,7 +82,7 @@ def test_in_place_gives_the_same_loss_and_gradients(dtype):
     hidden = torch.randn(40, 16).to(dtype).requires_grad_()
     weight = torch.randn(300, 16).to(dtype).requires_grad_()
     targets = torch.randint(0, 300, (40,))
-    targets[::7] = ce.IGNORE_INDEX
+    targets[::7] = IGNORE_INDEX
     results = []
     for in_place in (False, True):
         loss = ce.cross_entropy(hidden @ weight.t(), targets, in_place=in_place)

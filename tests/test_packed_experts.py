@@ -11,9 +11,15 @@ from conftest import small_config
 from mixtral.backend import get_backend
 from mixtral.kernels import packed_experts, reference
 from mixtral.model import Mixtral
-from mixtral.model.moe import _GROUPED_MM
 
 pytestmark = pytest.mark.skipif(not packed_experts.available(torch.float32), reason="PyTorch built without oneDNN")
+
+
+def frozen(w: torch.Tensor) -> packed_experts.PackedGroupedMM:
+    """A PackedGroupedMM that packs w (declared frozen)."""
+    grouped_mm = packed_experts.PackedGroupedMM()
+    grouped_mm.freeze([w])
+    return grouped_mm
 
 
 def grouped_inputs(counts: list[int], k: int, n: int, dtype: torch.dtype):
@@ -27,14 +33,16 @@ def grouped_inputs(counts: list[int], k: int, n: int, dtype: torch.dtype):
                          ids=["uneven", "one-expert", "one-row-each", "no-rows"])
 def test_fp32_matches_the_reference(counts):
     x, w, offs = grouped_inputs(counts, 48, 40, torch.float32)
-    torch.testing.assert_close(packed_experts.PackedGroupedMM()(x, w, offs), reference.grouped_mm(x, w, offs),
+    grouped_mm = frozen(w)
+    torch.testing.assert_close(grouped_mm(x, w, offs), reference.grouped_mm(x, w, offs),
                                rtol=1e-5, atol=1e-5)  # fp32, another summation order
+    assert len(grouped_mm.packed) == 1
 
 
 def test_bf16_matches_the_reference():
     """bf16 where oneDNN takes it (packed), else the reference itself: both accumulate in fp32 and round once."""
     x, w, offs = grouped_inputs([4, 0, 7, 2], 64, 96, torch.bfloat16)
-    out = packed_experts.PackedGroupedMM()(x, w, offs)
+    out = frozen(w)(x, w, offs)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference.grouped_mm(x, w, offs).float(), rtol=2**-7, atol=1e-2)
 
@@ -43,21 +51,39 @@ def test_each_weight_is_packed_once():
     """Packed at first use, then reused (a frozen decode graph passes the same weight as another tensor object)."""
     x, w, offs = grouped_inputs([2, 3], 16, 8, torch.float32)
     _, other, _ = grouped_inputs([1, 1], 16, 8, torch.float32)
-    grouped_mm = packed_experts.PackedGroupedMM()
+    grouped_mm = frozen(w)
     grouped_mm(x, w, offs)
     first = grouped_mm.pack(w)
     assert grouped_mm.pack(w.detach()) is first  # another tensor object, the same weight
     torch.testing.assert_close(grouped_mm(x, other, offs), reference.grouped_mm(x, other, offs), rtol=1e-5, atol=1e-5)
-    assert len(grouped_mm.packed) == 2 and grouped_mm.pack(w) is first
+    assert len(grouped_mm.packed) == 1 and grouped_mm.pack(w) is first  # `other` is not frozen: not packed
+
+
+def test_only_frozen_weights_are_packed_until_released():
+    """A weight not declared frozen may change: it is multiplied as it is. Released, its packing goes with it."""
+    x, w, offs = grouped_inputs([2, 3], 16, 8, torch.float32)
+    grouped_mm = packed_experts.PackedGroupedMM()
+    grouped_mm(x, w, offs)
+    assert not grouped_mm.packed
+    keys = grouped_mm.freeze([w])
+    grouped_mm.freeze([w])  # a second model holding the same weights
+    grouped_mm(x, w, offs)
+    grouped_mm.release(keys)
+    assert len(grouped_mm.packed) == 1  # still frozen by the second
+    grouped_mm.release(keys)
+    assert not grouped_mm.packed and not grouped_mm.frozen
+    with torch.no_grad():
+        w.mul_(2)  # after release a change is seen
+    torch.testing.assert_close(grouped_mm(x, w, offs), reference.grouped_mm(x, w, offs), rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_generation_uses_them_and_lets_them_go_with_the_model():
-    """Every layer's experts take the packed grouped GEMM; the registry drops it when the model is freed."""
+    """Every layer's expert weights are frozen for the packed grouped GEMM, and released when the model is freed."""
     model = Mixtral(small_config(), get_backend("cpu"))
     get_backend("cpu").compile(model, dynamic=True, inference=True)
-    key = model.layers[0].mlp.experts.grouped_mm_key
-    assert isinstance(_GROUPED_MM[key], packed_experts.PackedGroupedMM)
-    assert all(layer.mlp.experts.grouped_mm_key == key for layer in model.layers)
+    pointers = [w.data_ptr() for layer in model.layers for w in (layer.mlp.experts.gate_up_proj,
+                                                                  layer.mlp.experts.down_proj)]
+    assert all(packed_experts.PACKED.frozen[p] == 1 for p in pointers)
     del model
     gc.collect()
-    assert key not in _GROUPED_MM
+    assert not any(p in packed_experts.PACKED.frozen for p in pointers)

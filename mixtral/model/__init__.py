@@ -1,6 +1,6 @@
 """The device-agnostic Mixtral model: no vendor name, no device, no process group in here."""
 
-from mixtral.model.cross_entropy import IGNORE_INDEX
+from mixtral.kernels.reference import IGNORE_INDEX
 from mixtral.model.transformer import Mixtral, ModelOutput
 
 __all__ = ["IGNORE_INDEX", "Mixtral", "ModelOutput"]

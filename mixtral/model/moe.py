@@ -11,7 +11,7 @@ from torch import nn
 
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
-from mixtral.kernels import reference, row_products
+from mixtral.kernels import reference
 from mixtral.model.capacity_bins import step_bins
 from mixtral.model.layout import ModelLayout, Reduce
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
@@ -26,38 +26,6 @@ __all__ = ["EXPERT_SUFFIXES", "MoE", "MoEStats", "Routing", "route", "router_tot
 def run_eagerly(fn: Callable, *args):
     """fn(*args) outside torch.compile: expert parallelism's exchange has data-dependent split sizes."""
     return fn(*args)
-
-
-_GROUPED_MM: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def register_grouped_mm(fn: Callable[..., torch.Tensor]) -> str:
-    """Name a backend's grouped_mm for `opaque_grouped_mm`: its qualified name, numbered when another function has
-    it (names stay the same from run to run, so compiled graphs can come from inductor's on-disk cache)."""
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-    key, number = name, 1
-    while _GROUPED_MM.get(key, fn) is not fn:
-        number += 1
-        key = f"{name}#{number}"
-    _GROUPED_MM[key] = fn
-    return key
-
-
-def forget_grouped_mm(key: str) -> None:
-    """Drop a registered grouped_mm whose model is gone: the registry would keep it, and all it holds, alive."""
-    _GROUPED_MM.pop(key, None)
-
-
-@torch.library.custom_op("mixtral::grouped_mm", mutates_args=())
-def opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
-    """A registered grouped_mm as one node of a torch.compile graph (inference: no autograd through it), so an
-    implementation that loops over the segments on the host breaks no graph."""
-    return _GROUPED_MM[impl](x, w, offs)
-
-
-@opaque_grouped_mm.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[-1])
 
 
 def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
@@ -86,8 +54,6 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h))  # [w1; w3] per expert
         self.down_proj = nn.Parameter(torch.empty(e, h, f))          # w2 per expert
         self.grouped_mm, self.swiglu = ops.grouped_mm, layout.swiglu or ops.swiglu
-        self.grouped_mm_key = register_grouped_mm(ops.grouped_mm)
-        self.top_k = config.num_experts_per_tok
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         """rows [N, H] grouped by expert with counts [E] (grouped GEMM), or static rows [E, C, H]
@@ -96,17 +62,8 @@ class GroupedExperts(nn.Module):
             return torch.bmm(self.swiglu(torch.bmm(rows, self.gate_up_proj.transpose(1, 2))),
                              self.down_proj.transpose(1, 2))
         offs = counts.cumsum(0).to(torch.int32)
-        hidden = self.swiglu(self.segments_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
-        return self.segments_mm(hidden, self.down_proj.transpose(1, 2), offs)
-
-    def segments_mm(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """The backend's grouped_mm; a compiled inference graph calls it as one opaque node, or for one token's
-        rows (each on another expert) fuses it whole (row_products.grouped_mm)."""
-        if row_products.compiled_inference():
-            if x.shape[0] <= self.top_k:
-                return row_products.grouped_mm(x, w, offs)
-            return opaque_grouped_mm(x, w, offs, self.grouped_mm_key)
-        return self.grouped_mm(x, w, offs)
+        hidden = self.swiglu(self.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
+        return self.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs)
 
 
 @dataclass

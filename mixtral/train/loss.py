@@ -10,6 +10,7 @@ load-balancing and z losses are exact under data, context and pipeline paralleli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mixtral.config import ModelConfig, MoEConfig
+from mixtral.kernels import reference
 from mixtral.model import IGNORE_INDEX
-from mixtral.model.cross_entropy import cross_entropy
 from mixtral.model.moe import MoEStats, router_totals
 
 
@@ -58,9 +59,11 @@ def router_losses(totals: torch.Tensor, group: dist.ProcessGroup | None = None) 
 class TrainingLoss:
     """The loss of a Mixtral's outputs against targets, over `group` (None: this process's batch alone)."""
 
-    def __init__(self, config: ModelConfig, moe: MoEConfig | None = None,
-                 group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, config: ModelConfig, moe: MoEConfig | None = None, group: dist.ProcessGroup | None = None,
+                 cross_entropy: Callable[..., torch.Tensor] = reference.cross_entropy) -> None:
+        """cross_entropy: the backend's op (Ops.cross_entropy)."""
         moe = moe or MoEConfig()
+        self.cross_entropy = cross_entropy
         self.aux_coeff = config.router_aux_loss_coef if moe.aux_loss_coeff is None else moe.aux_loss_coeff
         self.z_coeff = moe.z_loss_coeff
         self.num_experts, self.top_k = config.num_local_experts, config.num_experts_per_tok
@@ -75,11 +78,12 @@ class TrainingLoss:
         """(loss, ce, aux, z or None); in_place writes the cross-entropy's gradient over logits (2-D, not a view)."""
         logits, flat = logits.flatten(0, -2), targets.reshape(-1)  # 2-D logits stay themselves
         if self.group is None:
-            ce = cross_entropy(logits, flat, in_place=in_place)
+            ce = self.cross_entropy(logits, flat, in_place=in_place)
         else:
             counted = (flat != IGNORE_INDEX).sum().float()
             dist.all_reduce(counted, op=dist.ReduceOp.SUM, group=self.group)
-            ce = cross_entropy(logits, flat, reduction="sum", in_place=in_place) * dist.get_world_size(self.group) / counted
+            ce = self.cross_entropy(logits, flat, reduction="sum", in_place=in_place)
+            ce = ce * dist.get_world_size(self.group) / counted
         aux, z = router_losses(totals, self.group)
         loss = ce + self.aux_coeff * aux
         if not self.z_coeff:

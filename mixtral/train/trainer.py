@@ -100,7 +100,7 @@ class Trainer:
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
         group = self.meshes.dp_cp.get_group() if self.meshes is not None else None
-        self.loss = TrainingLoss(self.config, r.moe, group)  # each rank's share of the data x context ranks' batch
+        self.loss = TrainingLoss(self.config, r.moe, group, self.backend.ops.cross_entropy)  # each rank's share of the data x context ranks' batch
         self.model, self.pipeline = self._build_model()
         self.checkpoint_views = expert_checkpoint_views(self.meshes) if self.meshes else None
         named = list(self.model.named_parameters())

@@ -191,3 +191,39 @@ def test_native_swiglu_backward_is_autograds_bit_for_bit(dtype, layout) -> None:
         tolerance = {} if layout == "strided" else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(out, ref_out, **tolerance)
         torch.testing.assert_close(ours.grad, ref.grad, **tolerance)
+
+
+@ON_AVAILABLE
+@DTYPES
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["kept", "in_place"])
+def test_cross_entropy(backend, dtype, reduction, in_place) -> None:
+    """The loss (fp32 or wider) and the logits' gradient; ignored targets are not counted."""
+    logits, targets = torch.randn(37, 300).to(dtype), torch.randint(0, 300, (37,))
+    targets[::6] = reference.IGNORE_INDEX
+    dev = logits.to(backend.device(), copy=True).requires_grad_()
+    ref = logits.to(torch.float64, copy=True).requires_grad_()
+    out = backend.ops.cross_entropy(dev * 1, targets.to(backend.device()), reduction=reduction, in_place=in_place)
+    want = reference.cross_entropy(ref, targets, reduction=reduction)
+    assert out.dtype == torch.float32
+    assert_close(out.reshape(1), want.reshape(1), TOLERANCE[torch.float32], "cross_entropy")
+    out.backward()
+    want.backward()
+    assert_close(dev.grad, ref.grad, GRAD_TOLERANCE[dtype], "cross_entropy: gradient of the logits")
+
+
+@ON_AVAILABLE
+@DTYPES
+@pytest.mark.parametrize("counts", [[0, 1, 0, 1], [1, 0, 0, 0], [2, 0, 3, 1]], ids=["one_token", "one_row", "batch"])
+def test_grouped_mm_in_a_compiled_inference_graph(backend, dtype, counts) -> None:
+    """What generation's compiled graphs run (a backend may fuse one token's rows, or multiply packed weights)."""
+    if backend.capabilities.compile_backend is None:
+        pytest.skip(f"the {backend.name} backend does not compile with torch.compile")
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x, w = torch.randn(sum(counts), 32).to(dtype), torch.randn(len(counts), 24, 32).to(dtype).transpose(1, 2)
+    device = backend.device()
+    compiled = torch.compile(backend.ops.grouped_mm, backend=backend.capabilities.compile_backend, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x.to(device), w.to(device), offs.to(device))
+    assert out.dtype == dtype
+    assert_close(out, reference.grouped_mm(x.double(), w.double(), offs), TOLERANCE[dtype], f"grouped_mm{counts}")

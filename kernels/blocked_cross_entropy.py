@@ -7,19 +7,20 @@ each block of rows is upcast into a buffer that stays in the CPU's L2 cache, red
 gradient is wanted, turned into softmax minus one-hot right away (as Liger's and Megatron's fused cross-entropies
 do): the exponentials are computed once, and backward only scales the saved gradient by the incoming one. Same fp32
 math as F.cross_entropy, so the loss agrees to fp32 rounding; a bf16 gradient is rounded once, and once more where
-the incoming gradient is not a power of two.
+the incoming gradient is not a power of two. The block size is the backend's (the CPU's fits its L2 cache).
 """
 
 from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
-BLOCK_ELEMENTS = 1 << 19  # fp32 block of 2 MB, half for each of 2 threads: in L2 through its passes (16 MB: slower)
+from mixtral.kernels.reference import IGNORE_INDEX
+
+BLOCK_ELEMENTS = 1 << 24  # fp32 elements a block when the backend gives no size: 64 MB, few blocks on an accelerator
 
 
-def _row_blocks(logits: torch.Tensor) -> list[slice]:
-    rows = max(1, BLOCK_ELEMENTS // logits.shape[-1])
+def _row_blocks(logits: torch.Tensor, block_elements: int) -> list[slice]:
+    rows = max(1, block_elements // logits.shape[-1])
     return [slice(start, start + rows) for start in range(0, logits.shape[0], rows)]
 
 
@@ -30,13 +31,13 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                keep_grad: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                keep_grad: bool, in_place: bool, block_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
         counted = targets != IGNORE_INDEX
         safe_targets = torch.where(counted, targets, 0)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
         lse = logits.new_empty(logits.shape[0], dtype=torch.float32)
         grad = (logits if in_place else torch.empty_like(logits)) if keep_grad else None
-        for rows in _row_blocks(logits):
+        for rows in _row_blocks(logits, block_elements):
             block = logits[rows].to(torch.float32, copy=True)
             top = block.amax(dim=-1, keepdim=True)
             sums = block.sub_(top).exp_().sum(dim=-1, keepdim=True)
@@ -52,18 +53,19 @@ class _CrossEntropy(torch.autograd.Function):
         return (torch.where(counted, lse - target_logits, 0.0) * row_scale).sum(), logits
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor, None, None, None, None]:
+    def backward(ctx, grad_output: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return grad.mul_(grad_output), None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                  in_place: bool = False) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", in_place: bool = False,
+                  block_elements: int | None = None) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=...) for logits [N, V] in any
     float dtype, without fp32 copies of the whole logits; reduction "mean" (over counted rows) or "sum".
 
     in_place writes the gradient over the logits (training that reads only the loss: no second logits-sized tensor,
-    on the CPU no fresh memory to fault in); the logits' values are gone after the call."""
+    on the CPU no fresh memory to fault in); the logits' values are gone after the call. block_elements: fp32
+    elements per block (default BLOCK_ELEMENTS)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if in_place and logits._base is not None:
@@ -72,4 +74,5 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     counted = (targets != IGNORE_INDEX).float()
     row_scale = counted / counted.sum() if reduction == "mean" else counted
     keep_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _CrossEntropy.apply(logits, targets, row_scale, keep_grad, in_place and keep_grad)[0]
+    return _CrossEntropy.apply(logits, targets, row_scale, keep_grad, in_place and keep_grad,
+                               block_elements or BLOCK_ELEMENTS)[0]
