@@ -34,10 +34,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 class CPUBackend(Backend):
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=causal_blocks.attention, linear=fp32_compute.linear, grouped_mm=grouped_mm,
-                             rms_norm=native.rms_norm, swiglu=native.swiglu,
-                             cross_entropy=functools.partial(blocked_cross_entropy.cross_entropy,
-                                                             block_elements=L2_BLOCK_ELEMENTS))
+        return Ops.reference(
+            attention=causal_blocks.attention,
+            linear=fp32_compute.linear,
+            grouped_mm=grouped_mm,
+            rms_norm=native.rms_norm,
+            swiglu=native.swiglu,
+            cross_entropy=functools.partial(blocked_cross_entropy.cross_entropy, block_elements=L2_BLOCK_ELEMENTS),
+        )
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """Generation: inductor's C++ wrapper calls each graph's kernels from C++ rather than Python, a third less
@@ -65,8 +69,10 @@ def unguarded_kv_cache(guards: list) -> list[bool]:
     """Keeps every dynamo guard but the identity checks a frozen graph puts on the KV cache: the graph writes the
     cache, so it stays a graph input (not a constant), and a cache reallocated for another batch and back would
     otherwise recompile the step and soon reach dynamo's recompile limit. Its shape guards stay."""
-    return [not (guard.guard_type == "ID_MATCH" and "kv_cache" in guard.name)  # Attention.kv_cache's buffers
-            for guard in guards]
+    return [
+        not (guard.guard_type == "ID_MATCH" and "kv_cache" in guard.name)  # Attention.kv_cache's buffers
+        for guard in guards
+    ]
 
 
 def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
@@ -87,18 +93,30 @@ def frozen_when_decoding_a_batch(compiled: Callable) -> Callable:
 def use_packed_experts(module: torch.nn.Module) -> None:
     """Compiled generation multiplies the experts on weights packed once (kernels.packed_experts): the module's
     expert weights are declared frozen, and released with the module."""
-    weights = [w for experts in module.modules() if isinstance(experts, GroupedExperts)
-               for w in (experts.gate_up_proj, experts.down_proj)]
+    weights = [
+        w
+        for experts in module.modules()
+        if isinstance(experts, GroupedExperts)
+        for w in (experts.gate_up_proj, experts.down_proj)
+    ]
     weakref.finalize(module, packed_experts.PACKED.release, packed_experts.PACKED.freeze(weights))
 
 
 @hookimpl
 def mixtral_register_backends(register) -> None:
-    register(CPUBackend(name="cpu", device_type="cpu", dist_backend="gloo",
-                        capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless", auto_priority=0,
-                                                  fused_optimizer=True),  # torch's fused AdamW runs on the CPU since 2.4
-                        planner_devices=(Device("cpu", "host CPU (gloo)", "cpu", round(host_memory_gib(), 1), 1, 0.3, 5, 1,
-                                                64, 64),)))
+    register(
+        CPUBackend(
+            name="cpu",
+            device_type="cpu",
+            dist_backend="gloo",
+            capabilities=Capabilities(
+                dynamic_shapes=True, preferred_dispatcher="dropless", auto_priority=0, fused_optimizer=True
+            ),  # torch's fused AdamW runs on the CPU since 2.4
+            planner_devices=(
+                Device("cpu", "host CPU (gloo)", "cpu", round(host_memory_gib(), 1), 1, 0.3, 5, 1, 64, 64),
+            ),
+        )
+    )
 
 
 def host_memory_gib() -> float:

@@ -19,16 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
-                             peak_by_name)
+from mixtral.backend import Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available, peak_by_name
 from mixtral.errors import MixtralError
 from mixtral.kernels import blocked_cross_entropy
 
 
-
-def attention(fused_sdpa: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None, *,
-              softmax_mode: str = "None", recompute: bool | None = True) -> torch.Tensor:
+def attention(
+    fused_sdpa: Callable[..., torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    *,
+    softmax_mode: str = "None",
+    recompute: bool | None = True,
+) -> torch.Tensor:
     """FusedSDPA.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, softmax_mode, recompute_mode).
 
     Same layout [B, H, S, D] and bool-mask polarity (True = attend) as torch SDPA; GQA is handled inside the
@@ -46,14 +53,16 @@ def attention(fused_sdpa: Callable[..., torch.Tensor], q: torch.Tensor, k: torch
     return fused_sdpa(q, k, v, mask, 0.0, causal, scale, softmax_mode, recompute)
 
 
-def rms_norm(fused_rms_norm: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-             eps: float) -> torch.Tensor:
+def rms_norm(
+    fused_rms_norm: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
     """FusedRMSNorm.apply(data_in, gamma, eps): normalises and scales by gamma in one kernel (fp32 inside)."""
     return fused_rms_norm(x, weight.to(x.dtype), eps)
 
 
-def rope(rope_helper: Callable[..., torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
-         sin: torch.Tensor) -> torch.Tensor:
+def rope(
+    rope_helper: Callable[..., torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     """RotaryPosEmbeddingHelperV1.apply(p, cos, sin, offset): BLOCKWISE mode is rotate-half.
 
     cos / sin [S, D] become [1, 1, S, D] to match x [B, H, S, D], and x's dtype: the helper promotes
@@ -64,10 +73,12 @@ def rope(rope_helper: Callable[..., torch.Tensor], x: torch.Tensor, cos: torch.T
 
 def make_ops(fused_sdpa: Any, fused_rms_norm: Any, rope_helper: Any, recompute: bool | None = True) -> Ops:
     """The HPU op table from the three Habana autograd Functions (real ones, or simulations in tests)."""
-    return Ops.reference(attention=functools.partial(attention, fused_sdpa.apply, recompute=recompute),
-                         rms_norm=functools.partial(rms_norm, fused_rms_norm.apply),
-                         rope=functools.partial(rope, rope_helper.apply),
-                         cross_entropy=blocked_cross_entropy.cross_entropy)
+    return Ops.reference(
+        attention=functools.partial(attention, fused_sdpa.apply, recompute=recompute),
+        rms_norm=functools.partial(rms_norm, fused_rms_norm.apply),
+        rope=functools.partial(rope, rope_helper.apply),
+        cross_entropy=blocked_cross_entropy.cross_entropy,
+    )
 
 
 def lazy_mode() -> bool:
@@ -106,8 +117,10 @@ class HPUBackend(Backend):
     def compile(self, module: nn.Module, dynamic: bool | None = None, inference: bool = False) -> None:
         """The eager-mode alternative to lazy mode: torch.compile with Habana's graph backend."""
         if lazy_mode():
-            raise MixtralError("torch.compile needs Gaudi's eager mode: set PT_HPU_LAZY_MODE=0 (lazy mode builds its "
-                               "own graphs; keep compile: false / no --compile with it)")
+            raise MixtralError(
+                "torch.compile needs Gaudi's eager mode: set PT_HPU_LAZY_MODE=0 (lazy mode builds its "
+                "own graphs; keep compile: false / no --compile with it)"
+            )
         super().compile(module, dynamic, inference)
 
     def synchronize(self) -> None:
@@ -126,11 +139,20 @@ class HPUBackend(Backend):
 
 @hookimpl
 def mixtral_register_backends(register) -> None:
-    register(HPUBackend(name="hpu", device_type="hpu", dist_backend="hccl",
-                        capabilities=Capabilities(dynamic_shapes=False, preferred_dispatcher="capacity_bins",
-                                                  compile_backend="hpu_backend",  # registered by habana_frameworks
-                                                  fused_ops=("FusedSDPA", "FusedRMSNorm", "RotaryPosEmbeddingHelperV1"),
-                                                  auto_priority=30),
-                        # 21 of 24 x 100 GbE RoCE ports inside the node, 3 out of it
-                        planner_devices=(Device("gaudi2", "Intel Gaudi 2 96 GB", "hpu", 96, 432, 0.40, 230, 33, 8, 8),),
-                        install_hint="install Intel Gaudi's PyTorch stack (habana-torch-plugin) from the Intel Gaudi software release"))
+    register(
+        HPUBackend(
+            name="hpu",
+            device_type="hpu",
+            dist_backend="hccl",
+            capabilities=Capabilities(
+                dynamic_shapes=False,
+                preferred_dispatcher="capacity_bins",
+                compile_backend="hpu_backend",  # registered by habana_frameworks
+                fused_ops=("FusedSDPA", "FusedRMSNorm", "RotaryPosEmbeddingHelperV1"),
+                auto_priority=30,
+            ),
+            # 21 of 24 x 100 GbE RoCE ports inside the node, 3 out of it
+            planner_devices=(Device("gaudi2", "Intel Gaudi 2 96 GB", "hpu", 96, 432, 0.40, 230, 33, 8, 8),),
+            install_hint="install Intel Gaudi's PyTorch stack (habana-torch-plugin) from its software release",
+        )
+    )

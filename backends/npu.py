@@ -17,15 +17,21 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
-                             peak_by_name)
+from mixtral.backend import Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available, peak_by_name
 from mixtral.kernels import blocked_cross_entropy, native, reference
 
 CAUSAL_SPARSE_MODE = 2  # leftUpCausal: the kernel builds the causal mask from a compressed 2048 x 2048 triangle
 LAYOUTS = ("BNSD", "BSND")
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # npu_fusion_attention's query / key / value dtypes
-FUSED_OPS = ("npu_fusion_attention", "npu_grouped_matmul", "npu_moe_token_permute", "npu_moe_token_unpermute",
-             "npu_rms_norm", "npu_rotary_position_embedding", "npu_swiglu")
+FUSED_OPS = (
+    "npu_fusion_attention",
+    "npu_grouped_matmul",
+    "npu_moe_token_permute",
+    "npu_moe_token_unpermute",
+    "npu_rms_norm",
+    "npu_rotary_position_embedding",
+    "npu_swiglu",
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -34,9 +40,17 @@ def compressed_causal_mask(device: torch.device) -> torch.Tensor:
     return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
 
 
-def attention(fusion_attention: Callable[..., tuple], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None, *,
-              layout: str = "BNSD") -> torch.Tensor:
+def attention(
+    fusion_attention: Callable[..., tuple],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    *,
+    layout: str = "BNSD",
+) -> torch.Tensor:
     """npu_fusion_attention(query, key, value, head_num, input_layout, ...)[0].
 
     Conversions: head_num is the query's head count (GQA is native: key heads divide it); the kernel's
@@ -62,7 +76,7 @@ def attention(fusion_attention: Callable[..., tuple], q: torch.Tensor, k: torch.
         extra = {"atten_mask": compressed_causal_mask(q.device), "sparse_mode": CAUSAL_SPARSE_MODE}
     if layout == "BSND":
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    out = fusion_attention(q, k, v, heads, layout, scale=d ** -0.5 if scale is None else scale, **extra)[0]
+    out = fusion_attention(q, k, v, heads, layout, scale=d**-0.5 if scale is None else scale, **extra)[0]
     return out.transpose(1, 2) if layout == "BSND" else out
 
 
@@ -76,8 +90,14 @@ def group_list(offs: torch.Tensor, group_list_type: int) -> torch.Tensor:
     raise ValueError(f"group_list_type must be 0 (cumsum) or 1 (counts), not {group_list_type}")
 
 
-def grouped_mm(grouped_matmul: Callable[..., list], x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *,
-               group_list_type: int = 0) -> torch.Tensor:
+def grouped_mm(
+    grouped_matmul: Callable[..., list],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offs: torch.Tensor,
+    *,
+    group_list_type: int = 0,
+) -> torch.Tensor:
     """npu_grouped_matmul([x], [w], group_list=..., split_item=3, group_type=0)[0].
 
     One x and one y tensor (split_item 3) split on the M axis (group_type 0) by group_list; w is one 3-D
@@ -89,8 +109,9 @@ def grouped_mm(grouped_matmul: Callable[..., list], x: torch.Tensor, w: torch.Te
     kind = group_list_type if w.shape[0] > 1 else 0
     if rows == 0:
         return x.new_zeros(x.shape[0], w.shape[-1])
-    y = grouped_matmul([x[:rows]], [w], group_list=group_list(offs, kind), split_item=3, group_type=0,
-                       group_list_type=kind)[0]
+    y = grouped_matmul(
+        [x[:rows]], [w], group_list=group_list(offs, kind), split_item=3, group_type=0, group_list_type=kind
+    )[0]
     return F.pad(y, (0, 0, 0, x.shape[0] - rows))
 
 
@@ -99,8 +120,9 @@ def inverse_permutation(perm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(positions).scatter_(0, perm.long(), positions)
 
 
-def permute(token_permute: Callable[..., tuple], x: torch.Tensor, expert_ids: torch.Tensor,
-            num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute(
+    token_permute: Callable[..., tuple], x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """npu_moe_token_permute(tokens, indices) -> (permuted_tokens, sorted_indices).
 
     The vendor's sorted_indices[pair] is the output row of each flattened (token, k) pair: the inverse of
@@ -111,8 +133,9 @@ def permute(token_permute: Callable[..., tuple], x: torch.Tensor, expert_ids: to
     return rows, inverse_permutation(sorted_indices, torch.int64), counts
 
 
-def unpermute(token_unpermute: Callable[..., torch.Tensor], rows: torch.Tensor, order: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
+def unpermute(
+    token_unpermute: Callable[..., torch.Tensor], rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """npu_moe_token_unpermute(permuted_tokens, sorted_indices, probs).
 
     sorted_indices is int32 in the vendor's pair -> row form; probs must share the tokens' dtype, so both go
@@ -127,9 +150,11 @@ def rms_norm(npu_rms_norm: Callable[..., tuple], x: torch.Tensor, weight: torch.
     return npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
 
 
-def rope(rotary_position_embedding: Callable[..., torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
-         sin: torch.Tensor) -> torch.Tensor:
-    """npu_rotary_position_embedding(x, cos, sin, mode=0): mode 0 is rotate-half; cos / sin 4-D (11SD for BNSD x), x's dtype."""
+def rope(
+    rotary_position_embedding: Callable[..., torch.Tensor], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """npu_rotary_position_embedding(x, cos, sin, mode=0): mode 0 is rotate-half; cos / sin 4-D (11SD for BNSD
+    x), x's dtype."""
     return rotary_position_embedding(x, cos[None, None].to(x.dtype), sin[None, None].to(x.dtype), mode=0)
 
 
@@ -140,13 +165,18 @@ def swiglu(npu_swiglu: Callable[..., torch.Tensor], gate_up: torch.Tensor) -> to
 
 def make_ops(torch_npu: ModuleType | object) -> Ops:
     """The NPU op table from torch_npu (the real module, or a simulation with the same functions in tests)."""
-    return Ops(attention=functools.partial(attention, torch_npu.npu_fusion_attention), linear=F.linear, router=reference.router,
-               grouped_mm=functools.partial(grouped_mm, torch_npu.npu_grouped_matmul),
-               permute=functools.partial(permute, torch_npu.npu_moe_token_permute),
-               unpermute=functools.partial(unpermute, torch_npu.npu_moe_token_unpermute),
-               rms_norm=functools.partial(rms_norm, torch_npu.npu_rms_norm),
-               rope=functools.partial(rope, torch_npu.npu_rotary_position_embedding),
-               swiglu=functools.partial(swiglu, torch_npu.npu_swiglu), cross_entropy=blocked_cross_entropy.cross_entropy)
+    return Ops(
+        attention=functools.partial(attention, torch_npu.npu_fusion_attention),
+        linear=F.linear,
+        router=reference.router,
+        grouped_mm=functools.partial(grouped_mm, torch_npu.npu_grouped_matmul),
+        permute=functools.partial(permute, torch_npu.npu_moe_token_permute),
+        unpermute=functools.partial(unpermute, torch_npu.npu_moe_token_unpermute),
+        rms_norm=functools.partial(rms_norm, torch_npu.npu_rms_norm),
+        rope=functools.partial(rope, torch_npu.npu_rotary_position_embedding),
+        swiglu=functools.partial(swiglu, torch_npu.npu_swiglu),
+        cross_entropy=blocked_cross_entropy.cross_entropy,
+    )
 
 
 class NPUBackend(Backend):
@@ -175,9 +205,16 @@ class NPUBackend(Backend):
 
 @hookimpl
 def mixtral_register_backends(register) -> None:
-    register(NPUBackend(name="npu", device_type="npu", dist_backend="hccl",
-                        capabilities=Capabilities(dynamic_shapes=True, preferred_dispatcher="dropless", fused_ops=FUSED_OPS,
-                                                  auto_priority=20),
-                        # HCCS inside the node, 200 Gb/s RoCE per NPU
-                        planner_devices=(Device("910b", "Huawei Ascend 910B 64 GB", "npu", 64, 313, 0.32, 175, 22, 8, 8),),
-                        install_hint="pip install 'mixtral-run[npu]' (torch_npu matching your torch and CANN)"))
+    register(
+        NPUBackend(
+            name="npu",
+            device_type="npu",
+            dist_backend="hccl",
+            capabilities=Capabilities(
+                dynamic_shapes=True, preferred_dispatcher="dropless", fused_ops=FUSED_OPS, auto_priority=20
+            ),
+            # HCCS inside the node, 200 Gb/s RoCE per NPU
+            planner_devices=(Device("910b", "Huawei Ascend 910B 64 GB", "npu", 64, 313, 0.32, 175, 22, 8, 8),),
+            install_hint="pip install 'mixtral-run[npu]' (torch_npu matching your torch and CANN)",
+        )
+    )

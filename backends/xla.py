@@ -16,8 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from mixtral.backend import (Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available,
-                             peak_by_name)
+from mixtral.backend import Availability, Backend, Capabilities, Device, Ops, hookimpl, module_available, peak_by_name
 from mixtral.errors import MixtralError
 from mixtral.kernels import blocked_cross_entropy, native
 from mixtral.parallel import spmd
@@ -54,9 +53,11 @@ def build_mesh(mesh_shape: Mapping[str, int]):
     names, sizes = spmd.mesh_axes(mesh_shape)
     devices = xr.global_runtime_device_count()
     if math.prod(sizes) != devices:
-        raise MixtralError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but torch_xla sees "
-                           f"{devices}; on the CPU set CPU_NUM_DEVICES={math.prod(sizes)} (XLA_FLAGS device counts "
-                           f"are ignored by torch_xla)")
+        raise MixtralError(
+            f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices but torch_xla sees "
+            f"{devices}; on the CPU set CPU_NUM_DEVICES={math.prod(sizes)} (XLA_FLAGS device counts "
+            f"are ignored by torch_xla)"
+        )
     return xs.Mesh(np.arange(devices), sizes, names)
 
 
@@ -89,8 +90,9 @@ class XLABackend(Backend):
         return module_available("torch_xla", self.install_hint)
 
     def build_ops(self) -> Ops:
-        return Ops.reference(attention=native.attention, grouped_mm=grouped_mm,
-                             cross_entropy=blocked_cross_entropy.cross_entropy)
+        return Ops.reference(
+            attention=native.attention, grouped_mm=grouped_mm, cross_entropy=blocked_cross_entropy.cross_entropy
+        )
 
     def device(self, index: int = 0) -> torch.device:
         enable_spmd()
@@ -105,8 +107,10 @@ class XLABackend(Backend):
         """Google's bf16 peak per chip from the TPU VM's accelerator type (TPU_ACCELERATOR_TYPE, e.g. v5p-128)."""
         if dtype != torch.bfloat16:
             return None
-        return peak_by_name(os.environ.get("TPU_ACCELERATOR_TYPE", ""),
-                            {"v6e": 918e12, "v5p": 459e12, "v5litepod": 197e12, "v5e": 197e12, "v4": 275e12})
+        return peak_by_name(
+            os.environ.get("TPU_ACCELERATOR_TYPE", ""),
+            {"v6e": 918e12, "v5p": 459e12, "v5litepod": 197e12, "v5e": 197e12, "v4": 275e12},
+        )
 
     def synchronize(self) -> None:
         import torch_xla
@@ -124,9 +128,21 @@ class XLABackend(Backend):
 
 @hookimpl
 def mixtral_register_backends(register) -> None:
-    register(XLABackend(name="xla", device_type="xla", dist_backend="xla",
-                        capabilities=Capabilities(dynamic_shapes=False, spmd=True, preferred_dispatcher="capacity",
-                                                  compile_backend=None, auto_priority=40, inference_tensors=False),
-                        # a 3D-torus ICI over the pod, DCN between pods
-                        planner_devices=(Device("v5p", "Google TPU v5p 95 GB", "xla", 95, 459, 0.55, 180, 25, 8960, 4),),
-                        install_hint="pip install 'mixtral-run[xla]' (torch_xla 2.9 with torch 2.9)"))
+    register(
+        XLABackend(
+            name="xla",
+            device_type="xla",
+            dist_backend="xla",
+            capabilities=Capabilities(
+                dynamic_shapes=False,
+                spmd=True,
+                preferred_dispatcher="capacity",
+                compile_backend=None,
+                auto_priority=40,
+                inference_tensors=False,
+            ),
+            # a 3D-torus ICI over the pod, DCN between pods
+            planner_devices=(Device("v5p", "Google TPU v5p 95 GB", "xla", 95, 459, 0.55, 180, 25, 8960, 4),),
+            install_hint="pip install 'mixtral-run[xla]' (torch_xla 2.9 with torch 2.9)",
+        )
+    )

@@ -39,8 +39,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if load_recipe(p.stem).model.preset in ("8x7b", "8x22b"))
-    lines = ["| recipe | layout | stage | weights GiB built / plan | gradients | optimizer states |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| recipe | layout | stage | weights GiB built / plan | gradients | optimizer states |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name in names:
         for line in recipe_rows(name):
             lines.append(line)

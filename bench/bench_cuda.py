@@ -39,9 +39,11 @@ def expert_counts(rows: int, experts: int, balanced: bool) -> torch.Tensor:
 
 def bench_grouped_mm(lines: list[str], rows: int) -> None:
     """Expert GEMMs of Mixtral-8x7B (gate_up: 4096 -> 2x14336, down: 14336 -> 4096) over `rows` routed tokens."""
-    lines += [f"\n### Grouped GEMM vs dense GEMM at equal FLOPs (bf16, {rows} routed rows, 8 experts)\n",
-              "| GEMM | routing | dense TFLOPS | torch._grouped_mm TFLOPS | ratio | Triton grouped TFLOPS | ratio |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"\n### Grouped GEMM vs dense GEMM at equal FLOPs (bf16, {rows} routed rows, 8 experts)\n",
+        "| GEMM | routing | dense TFLOPS | torch._grouped_mm TFLOPS | ratio | Triton grouped TFLOPS | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, k, m in (("gate_up", 4096, 2 * 14336), ("down", 14336, 4096)):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(8, m, k, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # as the experts pass it
@@ -56,8 +58,10 @@ def bench_grouped_mm(lines: list[str], rows: int) -> None:
             assert err < 1e-2, f"Triton grouped GEMM disagrees with torch._grouped_mm: {err}"
             grouped = flops / median_ms(lambda: torch._grouped_mm(x, w, offs=offs)) / 1e9
             tri = flops / median_ms(lambda: triton_grouped_mm.grouped_mm(x, w, offs)) / 1e9
-            lines.append(f"| {name} {rows}x{k}x{m} | {'balanced' if balanced else 'skewed'} | {dense:.0f} | "
-                         f"{grouped:.0f} | {grouped / dense:.2f} | {tri:.0f} | {tri / dense:.2f} |")
+            lines.append(
+                f"| {name} {rows}x{k}x{m} | {'balanced' if balanced else 'skewed'} | {dense:.0f} | "
+                f"{grouped:.0f} | {grouped / dense:.2f} | {tri:.0f} | {tri / dense:.2f} |"
+            )
 
 
 def bench_permute(lines: list[str], tokens: int, hidden: int = 4096, k: int = 2) -> None:
@@ -73,14 +77,19 @@ def bench_permute(lines: list[str], tokens: int, hidden: int = 4096, k: int = 2)
         torch.autograd.backward(out, grad)
 
     times = {name: median_ms(lambda: step(ops)) for name, ops in (("reference", reference), ("triton", triton_moe))}
-    lines += [f"\n### Permute + weighted unpermute, forward + backward ({tokens} tokens x {hidden}, top-{k}, bf16)\n",
-              "| implementation | ms |", "| --- | --- |"]
+    lines += [
+        f"\n### Permute + weighted unpermute, forward + backward ({tokens} tokens x {hidden}, top-{k}, bf16)\n",
+        "| implementation | ms |",
+        "| --- | --- |",
+    ]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in times.items()]
     lines.append(f"\nTriton speed-up: {times['reference'] / times['triton']:.2f}x")
 
 
 def build_model(layers: int, vocab: int) -> tuple[Mixtral, ModelConfig]:
-    config = ModelConfig.preset("8x7b").replace(num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096)
+    config = ModelConfig.preset("8x7b").replace(
+        num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096
+    )
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
@@ -128,8 +137,9 @@ def print_profile(layers: int, vocab: int, seq: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
 
-def bench_mfu(lines: list[str], max_layers: int, seq: int, vocab: int, peak: float, steps: int,
-              profile: bool = False) -> None:
+def bench_mfu(
+    lines: list[str], max_layers: int, seq: int, vocab: int, peak: float, steps: int, profile: bool = False
+) -> None:
     """Mixtral-8x7B-shaped layers, as many as fit (tried from max_layers down), batch 1 x seq, bf16."""
     for layers in range(max_layers, 0, -1):
         result = measure_step(layers, vocab, seq, steps)
@@ -143,14 +153,16 @@ def bench_mfu(lines: list[str], max_layers: int, seq: int, vocab: int, peak: flo
     flops = config.flops_per_token(seq) * seq
     tflops = flops / ms / 1e9
     peak_gb = torch.cuda.max_memory_allocated() / 2**30
-    lines += ["\n### Training step (forward + backward, no optimizer), Mixtral-8x7B layers, bf16\n",
-              f"- shape: hidden 4096, ffn 14336, 8 experts top-2, 32 heads / 8 kv heads, seq {seq}, batch 1, "
-              f"{layers} layers (the most that fit, trying from {max_layers} down), vocab {vocab}, "
-              "dropless dispatcher, no activation checkpointing",
-              f"- step time (median of {steps}): {ms:.1f} ms; model FLOPs per step {flops / 1e12:.1f} TFLOP "
-              f"(ModelConfig.flops_per_token: 6 x active params + causal attention)",
-              f"- achieved {tflops:.0f} TFLOPS; **MFU {100 * tflops / peak:.1f}%** of {peak:.0f} TFLOPS dense bf16 peak; "
-              f"peak memory {peak_gb:.1f} GiB"]
+    lines += [
+        "\n### Training step (forward + backward, no optimizer), Mixtral-8x7B layers, bf16\n",
+        f"- shape: hidden 4096, ffn 14336, 8 experts top-2, 32 heads / 8 kv heads, seq {seq}, batch 1, "
+        f"{layers} layers (the most that fit, trying from {max_layers} down), vocab {vocab}, "
+        "dropless dispatcher, no activation checkpointing",
+        f"- step time (median of {steps}): {ms:.1f} ms; model FLOPs per step {flops / 1e12:.1f} TFLOP "
+        f"(ModelConfig.flops_per_token: 6 x active params + causal attention)",
+        f"- achieved {tflops:.0f} TFLOPS; **MFU {100 * tflops / peak:.1f}%** of {peak:.0f} TFLOPS dense bf16 peak; "
+        f"peak memory {peak_gb:.1f} GiB",
+    ]
 
 
 def main() -> int:
@@ -170,9 +182,12 @@ def main() -> int:
     if peak is None:
         parser.error(f"no known bf16 peak for '{name}'; pass --peak-tflops")
     torch.manual_seed(0)
-    lines = [f"## CUDA: {name}", "",
-             f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}; "
-             f"command: `python bench/bench_cuda.py {' '.join(sys.argv[1:])}`"]
+    lines = [
+        f"## CUDA: {name}",
+        "",
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}; "
+        f"command: `python bench/bench_cuda.py {' '.join(sys.argv[1:])}`",
+    ]
     sections = args.sections.split(",")
     if "gemm" in sections:
         bench_grouped_mm(lines, args.rows)

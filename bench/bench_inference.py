@@ -26,9 +26,17 @@ from mixtral.config import ModelConfig
 from mixtral.model import Mixtral
 from mixtral.serve.engine import Generator
 
-CONFIG_A = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                       max_position_embeddings=4096)
+CONFIG_A = ModelConfig(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -66,14 +74,25 @@ def prefill(ours: Mixtral, hf: transformers.MixtralForCausalLM, repeats: int) ->
 
 
 @torch.inference_mode()
-def decode(ours: Mixtral, hf: transformers.MixtralForCausalLM, batch: int, repeats: int,
-           prompt_len: int = 32, new: int = 128) -> tuple[float, float]:
+def decode(
+    ours: Mixtral, hf: transformers.MixtralForCausalLM, batch: int, repeats: int, prompt_len: int = 32, new: int = 128
+) -> tuple[float, float]:
     prompts = torch.randint(3, CONFIG_A.vocab_size, (batch, prompt_len))
     generator = Generator(ours)  # no tokenizer: no EOS, every row makes all `new` tokens
-    t_ours, t_hf = best_times([
-        lambda: generator.generate(prompts.tolist(), new),
-        lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                            min_new_tokens=new, max_new_tokens=new, pad_token_id=0)], repeats)
+    t_ours, t_hf = best_times(
+        [
+            lambda: generator.generate(prompts.tolist(), new),
+            lambda: hf.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=False,
+                min_new_tokens=new,
+                max_new_tokens=new,
+                pad_token_id=0,
+            ),
+        ],
+        repeats,
+    )
     ours.clear_caches()
     return batch * new / t_ours, batch * new / t_hf
 
@@ -87,8 +106,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="ours compiled as `generate --compile` does")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"best of {args.repeats}" + (", ours compiled" if args.compile else ""))
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
+        f"best of {args.repeats}" + (", ours compiled" if args.compile else "")
+    )
     print("| case | dtype | ours tok/s | transformers tok/s | ours / transformers |")
     print("| --- | --- | --- | --- | --- |")
     for name in args.dtypes.split(","):

@@ -43,8 +43,15 @@ def seconds(step, repeat: int) -> float:
 
 
 def moe_step(moe: MoEConfig, dtype: torch.dtype):
-    config = ModelConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=EXPERTS,
-                         num_experts_per_tok=TOP_K, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8)
+    config = ModelConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     layer = MoE(config, get_backend("cpu").ops, moe).to(dtype).train()
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
@@ -53,6 +60,7 @@ def moe_step(moe: MoEConfig, dtype: torch.dtype):
     def step() -> None:
         y, _ = layer(x)
         y.sum().backward()
+
     return step
 
 
@@ -65,6 +73,7 @@ def dense_step(dtype: torch.dtype):
     def step() -> None:
         gate, up = torch.mm(x, w13).chunk(2, dim=-1)
         torch.mm(F.silu(gate) * up, w2).sum().backward()
+
     return step
 
 

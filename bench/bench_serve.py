@@ -29,9 +29,17 @@ from mixtral.serve.protocol import ChatEncoder
 from mixtral.serve.scheduler import Scheduler
 from mixtral.serve.server import ServerSettings, build_server, create_app, start_in_thread
 
-CONFIG = ModelConfig(vocab_size=32000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                     max_position_embeddings=512)
+CONFIG = ModelConfig(
+    vocab_size=32000,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+)
 
 
 def serve(model_dir: Path, max_batch: int, device: str) -> tuple[str, Scheduler]:
@@ -90,17 +98,23 @@ def main() -> None:
                     rows_per_round = (scheduler.rows - before[1]) / max(1, scheduler.batches - before[0])
         scheduler.stop()
     sequential, together = (best[m][1] / best[m][0] for m in (False, True))
-    print(f"model: hidden {CONFIG.hidden_size}, {CONFIG.num_hidden_layers} layers, {CONFIG.num_local_experts} experts "
-          f"top-{CONFIG.num_experts_per_tok}, vocab {CONFIG.vocab_size}, fp32, device {args.device}, "
-          f"{args.threads} torch threads; {args.clients} requests x {args.max_tokens} new tokens, greedy, "
-          f"--max-batch {args.max_batch}; best of {args.repeats}\n")
+    print(
+        f"model: hidden {CONFIG.hidden_size}, {CONFIG.num_hidden_layers} layers, {CONFIG.num_local_experts} experts "
+        f"top-{CONFIG.num_experts_per_tok}, vocab {CONFIG.vocab_size}, fp32, device {args.device}, "
+        f"{args.threads} torch threads; {args.clients} requests x {args.max_tokens} new tokens, greedy, "
+        f"--max-batch {args.max_batch}; best of {args.repeats}\n"
+    )
     print("| mode | seconds | completion tokens | tokens/s |\n| --- | --- | --- | --- |")
-    for name, mode in (("16 sequential clients" if args.clients == 16 else "sequential", False),
-                       ("16 concurrent clients" if args.clients == 16 else "concurrent", True)):
+    for name, mode in (
+        ("16 sequential clients" if args.clients == 16 else "sequential", False),
+        ("16 concurrent clients" if args.clients == 16 else "concurrent", True),
+    ):
         seconds, tokens = best[mode]
         print(f"| {name} | {seconds:.2f} | {tokens} | {tokens / seconds:.1f} |")
-    print(f"\nconcurrent / sequential tokens/s: **{together / sequential:.2f}x** "
-          f"(last concurrent run: {rows_per_round:.1f} requests per scheduler round)")
+    print(
+        f"\nconcurrent / sequential tokens/s: **{together / sequential:.2f}x** "
+        f"(last concurrent run: {rows_per_round:.1f} requests per scheduler round)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,9 +20,17 @@ from mixtral.config import ModelConfig
 from mixtral.recipes import recipe_from_dict
 from mixtral.train.trainer import Trainer
 
-CONFIG_A = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
-            "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
-            "max_position_embeddings": 1024}
+CONFIG_A = {
+    "vocab_size": 32000,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 1024,
+}
 BATCH, SEQ = 4, 512
 
 
@@ -52,10 +60,17 @@ def seconds(steps: list, repeat: int) -> list[float]:
 
 
 def ours(precision: str, batch: torch.Tensor, compile: bool = False):
-    recipe = recipe_from_dict({"model": CONFIG_A, "seq_len": SEQ, "precision": precision, "backend": "cpu",
-                               "compile": compile,
-                               "batch": {"micro_batch": BATCH, "global_batch": BATCH},
-                               "train": {"output_dir": tempfile.mkdtemp(), "tensorboard": False}})
+    recipe = recipe_from_dict(
+        {
+            "model": CONFIG_A,
+            "seq_len": SEQ,
+            "precision": precision,
+            "backend": "cpu",
+            "compile": compile,
+            "batch": {"micro_batch": BATCH, "global_batch": BATCH},
+            "train": {"output_dir": tempfile.mkdtemp(), "tensorboard": False},
+        }
+    )
     trainer = Trainer(recipe, data=(RandomTokens(BATCH), RandomTokens(BATCH)))
     return lambda: trainer.train_step([batch])
 

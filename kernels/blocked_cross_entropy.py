@@ -30,8 +30,15 @@ class _CrossEntropy(torch.autograd.Function):
     new tensor, or, in_place, in the logits themselves (returned as the second output, marked dirty)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tensor,
-                keep_grad: bool, in_place: bool, block_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        row_scale: torch.Tensor,
+        keep_grad: bool,
+        in_place: bool,
+        block_elements: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         counted = targets != IGNORE_INDEX
         safe_targets = torch.where(counted, targets, 0)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
@@ -58,8 +65,13 @@ class _CrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_output), None, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", in_place: bool = False,
-                  block_elements: int | None = None) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "mean",
+    in_place: bool = False,
+    block_elements: int | None = None,
+) -> torch.Tensor:
     """F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=...) for logits [N, V] in any
     float dtype, without fp32 copies of the whole logits; reduction "mean" (over counted rows) or "sum".
 
@@ -69,10 +81,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if in_place and logits._base is not None:
-        raise ValueError("cross_entropy(in_place=True) needs logits that are not a view of another tensor (autograd "
-                         "cannot rewrite a view in place here): compute them 2-D, [tokens, vocab]")
+        raise ValueError(
+            "cross_entropy(in_place=True) needs logits that are not a view of another tensor (autograd "
+            "cannot rewrite a view in place here): compute them 2-D, [tokens, vocab]"
+        )
     counted = (targets != IGNORE_INDEX).float()
     row_scale = counted / counted.sum() if reduction == "mean" else counted
     keep_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _CrossEntropy.apply(logits, targets, row_scale, keep_grad, in_place and keep_grad,
-                               block_elements or BLOCK_ELEMENTS)[0]
+    return _CrossEntropy.apply(
+        logits, targets, row_scale, keep_grad, in_place and keep_grad, block_elements or BLOCK_ELEMENTS
+    )[0]

@@ -16,16 +16,37 @@ QUERY_BLOCKS = 4
 KEY_BLOCK = 512  # the CPU flash kernel's key block: past it, it skips blocks itself
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
     """fp32_compute.attention (reference.attention's contract); causal attention of 128-512 positions without
     autograd runs block by block."""
     seq = q.shape[2]
-    if not (causal and mask is None and k.shape[2] == seq and 32 * QUERY_BLOCKS <= seq <= KEY_BLOCK
-            and not torch.is_grad_enabled()):
+    if not (
+        causal
+        and mask is None
+        and k.shape[2] == seq
+        and 32 * QUERY_BLOCKS <= seq <= KEY_BLOCK
+        and not torch.is_grad_enabled()
+    ):
         return fp32_compute.attention(q, k, v, mask=mask, causal=causal, scale=scale)
     bounds = [seq * i // QUERY_BLOCKS for i in range(QUERY_BLOCKS + 1)]
     positions = torch.arange(seq, device=q.device)
-    return torch.cat([fp32_compute.attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=scale,
-                                             mask=positions[:end] <= positions[start:end, None])
-                      for start, end in zip(bounds, bounds[1:])], dim=2)
+    return torch.cat(
+        [
+            fp32_compute.attention(
+                q[:, :, start:end],
+                k[:, :, :end],
+                v[:, :, :end],
+                scale=scale,
+                mask=positions[:end] <= positions[start:end, None],
+            )
+            for start, end in zip(bounds, bounds[1:])
+        ],
+        dim=2,
+    )

@@ -22,9 +22,14 @@ MIN_ROWS = 16
 
 
 # The dtypes whose CPU GEMM is PyTorch's slow fallback here (no oneDNN support on this CPU).
-SLOW_DTYPES = frozenset(dtype for dtype, fast in ((torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-                                                  (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported()))
-                        if not fast)
+SLOW_DTYPES = frozenset(
+    dtype
+    for dtype, fast in (
+        (torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+    )
+    if not fast
+)
 
 
 def needed(dtype: torch.dtype) -> bool:
@@ -44,7 +49,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rows = max(64, BLOCK_ELEMENTS // n)
     out = a[:, :rows] @ b[:rows].float()
     for start in range(rows, k, rows):
-        out.addmm_(a[:, start:start + rows], b[start:start + rows].float())
+        out.addmm_(a[:, start : start + rows], b[start : start + rows].float())
     return out
 
 
@@ -70,8 +75,14 @@ class Linear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
     """native.attention, on fp32 copies where `needed` (PyTorch's CPU flash attention multiplies bf16 with the same
     slow GEMM). Decode steps too: converting the cache once is 2-5x faster than the bf16 kernel reading it (1 and 8
     queries over 64-2048 keys, measured)."""

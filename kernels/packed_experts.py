@@ -54,8 +54,9 @@ class PackedGroupedMM:
     def pack(self, w: torch.Tensor) -> list[torch.Tensor]:
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype)
         if key not in self.packed:
-            self.packed[key] = [torch.ops.mkldnn._reorder_linear_weight(w[e].t().contiguous())
-                                for e in range(w.shape[0])]
+            self.packed[key] = [
+                torch.ops.mkldnn._reorder_linear_weight(w[e].t().contiguous()) for e in range(w.shape[0])
+            ]
         return self.packed[key]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

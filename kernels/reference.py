@@ -12,8 +12,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # a target not counted by cross_entropy
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-              causal: bool = False, scale: float | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Softmax attention with grouped KV heads.
 
     q [B, Hq, S, D]; k, v [B, Hkv, T, D] with Hq a multiple of Hkv; mask: bool, True where a query
@@ -55,8 +61,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return out
 
 
-def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute(
+    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort token-expert pairs by expert (stable, so token order is kept within an expert).
 
     x [T, H], expert_ids [T, k] -> (rows [T*k, H] grouped by expert, order [T*k] indices into the
@@ -101,8 +108,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                  in_place: bool = False) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", in_place: bool = False
+) -> torch.Tensor:
     """Cross-entropy of logits [N, V] (computed in fp32 or wider) against targets [N]; rows whose target is
     IGNORE_INDEX are not counted; reduction "mean" (over counted rows) or "sum". in_place allows an implementation to
     write the gradient over the logits, whose values are then gone after the call; this one keeps them."""

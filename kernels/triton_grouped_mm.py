@@ -17,9 +17,27 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, G, K, M, sxn, sxk, swg, swk, swm, son, som,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-                       UPCAST: tl.constexpr):
+def _grouped_mm_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    offs_ptr,
+    G,
+    K,
+    M,
+    sxn,
+    sxk,
+    swg,
+    swk,
+    swm,
+    son,
+    som,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """out[rows of group g] = x[rows of group g] @ w[g], one BM x BN tile per program."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -56,9 +74,26 @@ def _grouped_mm_kernel(x_ptr, w_ptr, out_ptr, offs_ptr, G, K, M, sxn, sxk, swg, 
 
 
 @triton.jit
-def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, M, sxn, sxk, syn, sym, swg, swk, swm,
-                             BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PRECISION: tl.constexpr,
-                             UPCAST: tl.constexpr):
+def _grouped_mm_wgrad_kernel(
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    offs_ptr,
+    K,
+    M,
+    sxn,
+    sxk,
+    syn,
+    sym,
+    swg,
+    swk,
+    swm,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    BR: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """dw[g] = x[rows of g]^T @ dy[rows of g]; zeros for an empty group."""
     g = tl.program_id(2)
     rk = tl.program_id(0) * BK + tl.arange(0, BK)
@@ -69,10 +104,16 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offs_ptr, K, M, sxn, sxk, sy
     for r0 in range(lo, hi, BR):
         rr = r0 + tl.arange(0, BR)
         rows_ok = rr < hi
-        xt = tl.load(x_ptr + rr.to(tl.int64)[None, :] * sxn + rk[:, None] * sxk,
-                     mask=rows_ok[None, :] & (rk[:, None] < K), other=0.0)
-        dy = tl.load(dy_ptr + rr.to(tl.int64)[:, None] * syn + rn[None, :] * sym,
-                     mask=rows_ok[:, None] & (rn[None, :] < M), other=0.0)
+        xt = tl.load(
+            x_ptr + rr.to(tl.int64)[None, :] * sxn + rk[:, None] * sxk,
+            mask=rows_ok[None, :] & (rk[:, None] < K),
+            other=0.0,
+        )
+        dy = tl.load(
+            dy_ptr + rr.to(tl.int64)[:, None] * syn + rn[None, :] * sym,
+            mask=rows_ok[:, None] & (rn[None, :] < M),
+            other=0.0,
+        )
         if UPCAST:
             xt, dy = xt.to(tl.float32), dy.to(tl.float32)
         acc = tl.dot(xt, dy, acc, input_precision=PRECISION)
@@ -96,9 +137,25 @@ def _forward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tens
     bm, bn, bk = _tile(n, 128), _tile(m, 128), _tile(k, 64)
     grid = (triton.cdiv(n, bm) + groups, triton.cdiv(m, bn))
     if n and m:
-        _grouped_mm_kernel[grid](x, w, out, offs, groups, k, m, *x.stride(), *w.stride(), *out.stride(),
-                                 BM=bm, BN=bn, BK=bk, PRECISION=_precision(x.dtype), UPCAST=INTERPRETED,
-                                 num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+        _grouped_mm_kernel[grid](
+            x,
+            w,
+            out,
+            offs,
+            groups,
+            k,
+            m,
+            *x.stride(),
+            *w.stride(),
+            *out.stride(),
+            BM=bm,
+            BN=bn,
+            BK=bk,
+            PRECISION=_precision(x.dtype),
+            UPCAST=INTERPRETED,
+            num_warps=8 if bm * bn >= 128 * 128 else 4,
+            num_stages=3,
+        )
     return out
 
 
@@ -108,10 +165,24 @@ def _weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, w: torch
     bk, bn = _tile(k, 128), _tile(m, 128)
     grid = (triton.cdiv(k, bk), triton.cdiv(m, bn), groups)
     if groups and k and m:
-        _grouped_mm_wgrad_kernel[grid](x, dy, dw, offs, k, m, *x.stride(), *dy.stride(), *dw.stride(),
-                                       BK=bk, BN=bn, BR=_tile(x.shape[0], 64), PRECISION=_precision(x.dtype),
-                                       UPCAST=INTERPRETED,
-                                       num_warps=8 if bk * bn >= 128 * 128 else 4, num_stages=3)
+        _grouped_mm_wgrad_kernel[grid](
+            x,
+            dy,
+            dw,
+            offs,
+            k,
+            m,
+            *x.stride(),
+            *dy.stride(),
+            *dw.stride(),
+            BK=bk,
+            BN=bn,
+            BR=_tile(x.shape[0], 64),
+            PRECISION=_precision(x.dtype),
+            UPCAST=INTERPRETED,
+            num_warps=8 if bk * bn >= 128 * 128 else 4,
+            num_stages=3,
+        )
     return dw
 
 

@@ -31,9 +31,11 @@ def _scatter_rows_kernel(x_ptr, inv_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _gather_sum_kernel(rows_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, WEIGHTED: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """out[t] = sum_j w[t, j] * rows[inv[t*K + j]] in fp32 (w = 1 unless WEIGHTED): unpermute forward, permute backward."""
+def _gather_sum_kernel(
+    rows_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr
+):
+    """out[t] = sum_j w[t, j] * rows[inv[t*K + j]] in fp32 (w = 1 unless WEIGHTED): unpermute forward,
+    permute backward."""
     t = tl.program_id(0).to(tl.int64)
     for h0 in range(0, H, BLOCK):
         cols = h0 + tl.arange(0, BLOCK)
@@ -49,8 +51,9 @@ def _gather_sum_kernel(rows_ptr, inv_ptr, w_ptr, out_ptr, H, K: tl.constexpr, WE
 
 
 @triton.jit
-def _unpermute_backward_kernel(grad_ptr, rows_ptr, inv_ptr, w_ptr, grad_rows_ptr, grad_w_ptr, H,
-                               K: tl.constexpr, BLOCK: tl.constexpr):
+def _unpermute_backward_kernel(
+    grad_ptr, rows_ptr, inv_ptr, w_ptr, grad_rows_ptr, grad_w_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr
+):
     """grad_rows[inv[t*K+j]] = w[t, j] * grad[t] and grad_w[t, j] = <grad[t], rows[inv[t*K+j]]> (fp32)."""
     t = tl.program_id(0).to(tl.int64)
     for j in tl.static_range(K):
@@ -68,15 +71,25 @@ def _unpermute_backward_kernel(grad_ptr, rows_ptr, inv_ptr, w_ptr, grad_rows_ptr
 
 
 @triton.jit
-def _router_kernel(logits_ptr, w_ptr, ids_ptr, T, E, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _router_kernel(
+    logits_ptr,
+    w_ptr,
+    ids_ptr,
+    T,
+    E,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Softmax over E experts in fp32, top-K by repeated argmax, kept weights renormalised to sum to 1."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
     row_ok = rows < T
-    x = tl.load(logits_ptr + rows[:, None] * E + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < E),
-                other=float("-inf")).to(tl.float32)
+    x = tl.load(
+        logits_ptr + rows[:, None] * E + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < E), other=float("-inf")
+    ).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite, never stored
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
@@ -100,12 +113,21 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
 
 
-def _gather_sum(rows: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor | None, tokens: int, k: int,
-                dtype: torch.dtype) -> torch.Tensor:
+def _gather_sum(
+    rows: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor | None, tokens: int, k: int, dtype: torch.dtype
+) -> torch.Tensor:
     out = rows.new_empty(tokens, rows.shape[1], dtype=dtype)
     if tokens:
-        _gather_sum_kernel[(tokens,)](rows, inv, weights if weights is not None else inv, out, rows.shape[1], K=k,
-                                      WEIGHTED=weights is not None, BLOCK=_block(rows.shape[1]))
+        _gather_sum_kernel[(tokens,)](
+            rows,
+            inv,
+            weights if weights is not None else inv,
+            out,
+            rows.shape[1],
+            K=k,
+            WEIGHTED=weights is not None,
+            BLOCK=_block(rows.shape[1]),
+        )
     return out
 
 
@@ -150,8 +172,9 @@ class _Unpermute(torch.autograd.Function):
         grad_rows = torch.empty_like(rows)
         grad_w = torch.empty_like(weights)
         if tokens:
-            _unpermute_backward_kernel[(tokens,)](grad, rows, inv, weights, grad_rows, grad_w, rows.shape[1], K=k,
-                                                  BLOCK=_block(rows.shape[1]))
+            _unpermute_backward_kernel[(tokens,)](
+                grad, rows, inv, weights, grad_rows, grad_w, rows.shape[1], K=k, BLOCK=_block(rows.shape[1])
+            )
         return grad_rows, None, grad_w
 
 
@@ -165,8 +188,16 @@ class _Router(torch.autograd.Function):
         block_t = 32
         if tokens:
             _router_kernel[(triton.cdiv(tokens, block_t),)](
-                logits, weights, ids, tokens, experts, K=top_k, BLOCK_T=block_t,
-                BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k))
+                logits,
+                weights,
+                ids,
+                tokens,
+                experts,
+                K=top_k,
+                BLOCK_T=block_t,
+                BLOCK_E=triton.next_power_of_2(experts),
+                BLOCK_K=triton.next_power_of_2(top_k),
+            )
         ctx.save_for_backward(weights, ids)
         ctx.experts, ctx.dtype = experts, logits.dtype
         ctx.mark_non_differentiable(ids)
@@ -181,8 +212,9 @@ class _Router(torch.autograd.Function):
         return grad.scatter_(1, ids, local).to(ctx.dtype), None
 
 
-def permute(x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute(
+    x: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reference.permute: rows grouped by expert (stable), order, counts [E] int64."""
     return _Permute.apply(x, expert_ids, num_experts)
 

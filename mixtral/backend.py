@@ -40,11 +40,11 @@ class Capabilities:
     dynamic_shapes: bool = True
     spmd: bool = False
     preferred_dispatcher: str = "dropless"
-    fused_ops: tuple[str, ...] = ()             # the vendor kernels the op table uses (`mixtral-run backends`)
+    fused_ops: tuple[str, ...] = ()  # the vendor kernels the op table uses (`mixtral-run backends`)
     compile_backend: str | None = "inductor"  # torch.compile's backend here; None: the device does not use it
-    auto_priority: int = 10                     # `--backend auto` takes the available backend that ranks highest
-    fused_optimizer: bool = False               # torch's fused AdamW kernel runs on this device
-    inference_tensors: bool = True              # torch.inference_mode works (torch_xla 2.9 rejects its tensors)
+    auto_priority: int = 10  # `--backend auto` takes the available backend that ranks highest
+    fused_optimizer: bool = False  # torch's fused AdamW kernel runs on this device
+    inference_tensors: bool = True  # torch.inference_mode works (torch_xla 2.9 rejects its tensors)
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,14 @@ class Device:
 
     name: str
     label: str
-    backend: str          # the mixtral backend that drives it
-    memory_gib: float     # HBM per device
-    peak_tflops: float    # dense bf16
-    mfu: float            # share of peak a tuned MoE run reaches (the anchors: Megatron 47%, MaxText 55%, MindSpeed 32%)
-    intra_gbs: float      # GB/s per device for collectives inside a link domain (NVLink, RoCE scale-up, HCCS, ICI)
-    inter_gbs: float      # GB/s per device across link domains (InfiniBand / Ethernet NICs, DCN)
-    link_domain: int      # devices sharing the fast links
-    per_host: int         # devices per node (host)
+    backend: str  # the mixtral backend that drives it
+    memory_gib: float  # HBM per device
+    peak_tflops: float  # dense bf16
+    mfu: float  # share of peak a tuned MoE run reaches (the anchors: Megatron 47%, MaxText 55%, MindSpeed 32%)
+    intra_gbs: float  # GB/s per device for collectives inside a link domain (NVLink, RoCE scale-up, HCCS, ICI)
+    inter_gbs: float  # GB/s per device across link domains (InfiniBand / Ethernet NICs, DCN)
+    link_domain: int  # devices sharing the fast links
+    per_host: int  # devices per node (host)
 
 
 @dataclass(frozen=True)
@@ -143,18 +143,24 @@ class Backend:
         dynamic=True when its input shapes vary from call to call, inference=True for generation (the weights stay
         as they are from then on: a backend may compile them into its graphs)."""
         if self.capabilities.compile_backend is None:
-            raise MixtralError(f"torch.compile is not supported by the {self.name} backend (it builds its own graphs); "
-                               f"set compile: false in the recipe, or drop --compile")
-        module.compile(backend=self.capabilities.compile_backend, dynamic=dynamic,
-                       options=self.compile_options(inference) or None)
+            raise MixtralError(
+                f"torch.compile is not supported by the {self.name} backend (it builds its own graphs); "
+                f"set compile: false in the recipe, or drop --compile"
+            )
+        module.compile(
+            backend=self.capabilities.compile_backend, dynamic=dynamic, options=self.compile_options(inference) or None
+        )
 
     def compile_options(self, inference: bool) -> dict[str, Any]:
         """The compiler's options (inductor config keys) for training or inference graphs; none by default."""
         return {}
 
     def parallelize(self, model: torch.nn.Module, mesh_shape: dict[str, int]) -> torch.nn.Module:
-        """SPMD backends (capabilities.spmd) shard model over every device on a named mesh; others use torch.distributed."""
-        raise MixtralError(f"the {self.name} backend declares SPMD but does not implement parallelize(model, mesh_shape)")
+        """SPMD backends (capabilities.spmd) shard model over every device on a named mesh; others use
+        torch.distributed."""
+        raise MixtralError(
+            f"the {self.name} backend declares SPMD but does not implement parallelize(model, mesh_shape)"
+        )
 
     def memory_stats(self) -> dict[str, int]:
         return {}
@@ -232,9 +238,12 @@ def get_backend(name: str = "auto") -> Backend:
 
 def add_backend_argument(parser) -> None:
     """The --backend flag every command takes."""
-    parser.add_argument("--backend", default="auto",
-                        help="backend name, or 'auto': the available backend of highest priority (`mixtral-run "
-                             "backends` lists them in that order)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="backend name, or 'auto': the available backend of highest priority (`mixtral-run "
+        "backends` lists them in that order)",
+    )
 
 
 def all_backends() -> Iterable[Backend]:

@@ -25,12 +25,17 @@ from mixtral.config import ModelConfig, MoEConfig
 from mixtral.model import Mixtral
 from mixtral.model.init import init_parameters
 from mixtral.model.layout import ModelLayout
-from mixtral.parallel import ParallelDims, ParallelMeshes, Parallelized, ShardMap, model_layout, parallelize
+from mixtral.parallel import ParallelDims, Parallelized, ParallelMeshes, ShardMap, model_layout, parallelize
 
 
-def build_on_meta(config: ModelConfig, backend: Backend | Ops | str | None = None, moe: MoEConfig | None = None,
-                  dtype: torch.dtype = torch.float32, recompute: str = "none", layout: ModelLayout | None = None
-                  ) -> Mixtral:
+def build_on_meta(
+    config: ModelConfig,
+    backend: Backend | Ops | str | None = None,
+    moe: MoEConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
+    layout: ModelLayout | None = None,
+) -> Mixtral:
     """The model on the meta device, its parameters and buffers in dtype (recompute and layout: Mixtral's)."""
     backend = get_backend(backend) if isinstance(backend, str) else backend
     with torch.device("meta"):
@@ -38,9 +43,16 @@ def build_on_meta(config: ModelConfig, backend: Backend | Ops | str | None = Non
     return model.to(dtype=dtype)
 
 
-def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None, meshes: ParallelMeshes | None,
-                       device: torch.device, pp_schedule: str | None = None, loss: Callable | None = None,
-                       layout: ModelLayout | None = None) -> tuple[Mixtral, Parallelized]:
+def build_for_training(
+    recipe,
+    backend: Backend | Ops,
+    dims: ParallelDims | None,
+    meshes: ParallelMeshes | None,
+    device: torch.device,
+    pp_schedule: str | None = None,
+    loss: Callable | None = None,
+    layout: ModelLayout | None = None,
+) -> tuple[Mixtral, Parallelized]:
     """A training run's model on meta: the whole model and this rank's laid-out part (and pipeline, whose last
     stage computes loss); pp_schedule overrides the recipe's (a forward-only dry run); layout is the model's when
     there are no meshes (an SPMD backend's)."""
@@ -54,12 +66,28 @@ def build_for_training(recipe, backend: Backend | Ops, dims: ParallelDims | None
             backend.compile(layer)
     if meshes is None:
         return model, Parallelized(model, None)
-    return model, parallelize(model, dims, meshes, zero=p.zero, pp_schedule=pp_schedule or p.pp_schedule,
-                              microbatches=r.grad_accum, device=device, loss=loss)
+    return model, parallelize(
+        model,
+        dims,
+        meshes,
+        zero=p.zero,
+        pp_schedule=pp_schedule or p.pp_schedule,
+        microbatches=r.grad_accum,
+        device=device,
+        loss=loss,
+    )
 
 
-def materialize(model: Mixtral, part: nn.Module, device: torch.device | str, meshes: ParallelMeshes | None = None,
-                *, seed: int | None = None, init_from: str | Path | Source | None = None, std: float = 0.02) -> None:
+def materialize(
+    model: Mixtral,
+    part: nn.Module,
+    device: torch.device | str,
+    meshes: ParallelMeshes | None = None,
+    *,
+    seed: int | None = None,
+    init_from: str | Path | Source | None = None,
+    std: float = 0.02,
+) -> None:
     """Allocate part (this rank's share of model, laid out on meta) on device and fill it: from init_from (any
     checkpoint) or a random init of seed that every layout of the seed shares."""
     part.to_empty(device=device)

@@ -14,14 +14,35 @@ from mixtral.errors import MixtralError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("mixtral.backends_command", "list registered backends and whether they are usable here"),
-    "generate": ("mixtral.serve.generate_command", "complete a prompt, a prompts file or a chat with an HF Mixtral directory"),
-    "serve": ("mixtral.serve.serve_command", "serve an HF Mixtral directory over HTTP: OpenAI /v1 and Megatron PUT /api"),
-    "client": ("mixtral.serve.client", "interactive prompt against a running server (like Megatron's text_generation_cli)"),
-    "preprocess": ("mixtral.data.preprocess", "tokenize text/jsonl/parquet/alpaca files into a Megatron indexed dataset"),
-    "train": ("mixtral.train.command", "train a recipe: mixtral-run train --recipe cpu-tiny [key=value ...] [--resume] [--nproc-per-node N]"),
+    "generate": (
+        "mixtral.serve.generate_command",
+        "complete a prompt, a prompts file or a chat with an HF Mixtral directory",
+    ),
+    "serve": (
+        "mixtral.serve.serve_command",
+        "serve an HF Mixtral directory over HTTP: OpenAI /v1 and Megatron PUT /api",
+    ),
+    "client": (
+        "mixtral.serve.client",
+        "interactive prompt against a running server (like Megatron's text_generation_cli)",
+    ),
+    "preprocess": (
+        "mixtral.data.preprocess",
+        "tokenize text/jsonl/parquet/alpaca files into a Megatron indexed dataset",
+    ),
+    "train": (
+        "mixtral.train.command",
+        "train a recipe: mixtral-run train --recipe cpu-tiny [key=value ...] [--resume] [--nproc-per-node N]",
+    ),
     "plot": ("mixtral.train.plot", "plot a run's loss (train and eval) and expert load to PNGs"),
-    "recipe": ("mixtral.recipe_command", "list, show, validate recipes (layout, dispatcher, memory per device) and plan layouts"),
-    "convert": ("mixtral.checkpoint.convert", "convert a checkpoint between hf, native (DCP) and megatron torch_dist; --verify checks it"),
+    "recipe": (
+        "mixtral.recipe_command",
+        "list, show, validate recipes (layout, dispatcher, memory per device) and plan layouts",
+    ),
+    "convert": (
+        "mixtral.checkpoint.convert",
+        "convert a checkpoint between hf, native (DCP) and megatron torch_dist; --verify checks it",
+    ),
 }
 
 

@@ -39,9 +39,18 @@ class ModelConfig:
 
     def validate(self, source: str = "the model config") -> None:
         """Reject configurations no Mixtral can have, naming the field."""
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
-                    "num_experts_per_tok", "max_position_embeddings"]
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -49,11 +58,13 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise MixtralError(
                 f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         if self.num_experts_per_tok > self.num_local_experts:
             raise MixtralError(
                 f"{source}: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
-                f"num_local_experts ({self.num_local_experts})")
+                f"num_local_experts ({self.num_local_experts})"
+            )
         if self.head_dim % 2:
             raise MixtralError(f"{source}: head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -78,15 +89,24 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), attention included."""
-        matmul = 2 * (self.active_parameters - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1))
+        matmul = 2 * (
+            self.active_parameters - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
+        )
         attention = 2 * 2 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len / 2
         return 3 * (matmul + attention)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers writes for MixtralForCausalLM."""
         out = dataclasses.asdict(self)
-        out.update(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_act="silu",
-                   attention_dropout=0.0, initializer_range=0.02, use_cache=True, output_router_logits=False)
+        out.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            hidden_act="silu",
+            attention_dropout=0.0,
+            initializer_range=0.02,
+            use_cache=True,
+            output_router_logits=False,
+        )
         return out
 
     @classmethod
@@ -95,7 +115,8 @@ class ModelConfig:
         model_type = data.get("model_type", "mixtral")
         if model_type != "mixtral":
             raise MixtralError(
-                f"{source}: model_type is '{model_type}', not 'mixtral'; mixtral-run only runs Mixtral checkpoints")
+                f"{source}: model_type is '{model_type}', not 'mixtral'; mixtral-run only runs Mixtral checkpoints"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         rope = data.get("rope_parameters") or data.get("rope_scaling")
@@ -143,11 +164,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "num_local_experts", "num_experts_per_tok")
+REQUIRED_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_local_experts",
+    "num_experts_per_tok",
+)
 
 EP_COMMS = ("alltoall", "allgather")  # expert parallel exchange: uneven all-to-all, or all-gather + reduce-scatter
-CP_ALGOS = ("allgather", "ring")      # context parallel attention: gather K/V, or pass them round a ring
+CP_ALGOS = ("allgather", "ring")  # context parallel attention: gather K/V, or pass them round a ring
 
 
 def divisors(n: int) -> list[int]:
@@ -162,9 +190,9 @@ class CapacityBinsConfig:
     num_bins: int = 10
     exp_base: float = 1.5
     alignment: int = 64
-    optimize_interval: int = 300   # steps between optimize_bins calls; 0 turns re-optimisation off
-    group_size: int = 4            # consecutive layers that share one set of bins
-    tokens: int | None = None      # tokens per micro-batch the bins span; None: the first training batch's
+    optimize_interval: int = 300  # steps between optimize_bins calls; 0 turns re-optimisation off
+    group_size: int = 4  # consecutive layers that share one set of bins
+    tokens: int | None = None  # tokens per micro-batch the bins span; None: the first training batch's
 
     def __post_init__(self) -> None:
         for name in ("num_bins", "alignment", "group_size"):
@@ -172,8 +200,10 @@ class CapacityBinsConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MixtralError(f"moe.capacity_bins.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.optimize_interval, int) or self.optimize_interval < 0:
-            raise MixtralError(f"moe.capacity_bins.optimize_interval must be an integer >= 0 (0: never), "
-                               f"got {self.optimize_interval!r}")
+            raise MixtralError(
+                f"moe.capacity_bins.optimize_interval must be an integer >= 0 (0: never), "
+                f"got {self.optimize_interval!r}"
+            )
         if not isinstance(self.exp_base, (int, float)) or self.exp_base < 1.0:
             raise MixtralError(f"moe.capacity_bins.exp_base must be a number >= 1.0, got {self.exp_base!r}")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
@@ -189,8 +219,9 @@ class CapacityBinsConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise MixtralError(f"moe.capacity_bins: unknown option(s) {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(known))}")
+            raise MixtralError(
+                f"moe.capacity_bins: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**value)
 
 
@@ -198,41 +229,56 @@ class CapacityBinsConfig:
 class MoEConfig:
     """How tokens reach experts, and the router's losses: the recipe's `moe` section, field for field."""
 
-    dispatcher: str = "dropless"           # dropless | capacity | capacity_bins
-    capacity_factor: float | None = None   # capacity only: C = ceil(factor * tokens * top_k / experts)
-    capacity_per: str = "batch"            # batch (micro-batch) | sequence (MLPerf: int(seq * top_k / E * cf))
-    drop_policy: str = "position"          # position (first come, GShard) | probs (lowest weight dropped first)
-    pad_to_capacity: bool = True           # static [E, C, H] expert inputs; False: drop and pack
+    dispatcher: str = "dropless"  # dropless | capacity | capacity_bins
+    capacity_factor: float | None = None  # capacity only: C = ceil(factor * tokens * top_k / experts)
+    capacity_per: str = "batch"  # batch (micro-batch) | sequence (MLPerf: int(seq * top_k / E * cf))
+    drop_policy: str = "position"  # position (first come, GShard) | probs (lowest weight dropped first)
+    pad_to_capacity: bool = True  # static [E, C, H] expert inputs; False: drop and pack
     capacity_bins: CapacityBinsConfig | None = None  # capacity_bins only (None: its defaults)
-    aux_loss_coeff: float | None = None    # None: the model config's router_aux_loss_coef
+    aux_loss_coeff: float | None = None  # None: the model config's router_aux_loss_coef
     z_loss_coeff: float = 0.0
-    expert_bias: bool = False              # aux-loss-free balancing (DeepSeek-V3): bias for selection only
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): bias for selection only
     expert_bias_update_rate: float = 1e-3  # bias += rate * sign(mean load - load) after each step
-    jitter: float | None = None            # router input jitter in training; None: router_jitter_noise
-    ep_comm: str = "alltoall"              # expert parallel exchange: alltoall (uneven splits) | allgather
+    jitter: float | None = None  # router input jitter in training; None: router_jitter_noise
+    ep_comm: str = "alltoall"  # expert parallel exchange: alltoall (uneven splits) | allgather
 
     def __post_init__(self) -> None:
         from mixtral.backend import DISPATCHERS
 
         if self.dispatcher not in DISPATCHERS:
-            raise MixtralError(f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}")
-        for name, allowed in (("capacity_per", ("batch", "sequence")), ("drop_policy", ("position", "probs")),
-                              ("ep_comm", EP_COMMS)):
+            raise MixtralError(
+                f"moe.dispatcher '{self.dispatcher}' is unknown; choose one of: {', '.join(DISPATCHERS)}"
+            )
+        for name, allowed in (
+            ("capacity_per", ("batch", "sequence")),
+            ("drop_policy", ("position", "probs")),
+            ("ep_comm", EP_COMMS),
+        ):
             if getattr(self, name) not in allowed:
-                raise MixtralError(f"moe.{name} '{getattr(self, name)}' is unknown; choose one of: {', '.join(allowed)}")
+                raise MixtralError(
+                    f"moe.{name} '{getattr(self, name)}' is unknown; choose one of: {', '.join(allowed)}"
+                )
         if self.dispatcher == "capacity" and (self.capacity_factor is None or self.capacity_factor <= 0):
-            raise MixtralError(f"moe.capacity_factor must be a positive number with dispatcher 'capacity' "
-                               f"(got {self.capacity_factor!r}); MLPerf uses 1.25, and >= experts / top_k never drops")
+            raise MixtralError(
+                f"moe.capacity_factor must be a positive number with dispatcher 'capacity' "
+                f"(got {self.capacity_factor!r}); MLPerf uses 1.25, and >= experts / top_k never drops"
+            )
         if self.dispatcher != "capacity" and self.capacity_factor is not None:
-            hint = ("capacity bins never drop and need no factor" if self.dispatcher == "capacity_bins"
-                    else "use dispatcher: capacity")
-            raise MixtralError(f"moe.capacity_factor is set but moe.dispatcher is '{self.dispatcher}'; "
-                               f"remove capacity_factor ({hint})")
+            hint = (
+                "capacity bins never drop and need no factor"
+                if self.dispatcher == "capacity_bins"
+                else "use dispatcher: capacity"
+            )
+            raise MixtralError(
+                f"moe.capacity_factor is set but moe.dispatcher is '{self.dispatcher}'; remove capacity_factor ({hint})"
+            )
         if self.dispatcher == "capacity_bins":
             object.__setattr__(self, "capacity_bins", CapacityBinsConfig.from_value(self.capacity_bins))
         elif self.capacity_bins is not None:
-            raise MixtralError(f"moe.capacity_bins is set but moe.dispatcher is '{self.dispatcher}'; "
-                               f"set dispatcher: capacity_bins or remove capacity_bins")
+            raise MixtralError(
+                f"moe.capacity_bins is set but moe.dispatcher is '{self.dispatcher}'; "
+                f"set dispatcher: capacity_bins or remove capacity_bins"
+            )
         for name in ("z_loss_coeff", "expert_bias_update_rate", "jitter", "aux_loss_coeff"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or value < 0):
@@ -241,13 +287,43 @@ class MoEConfig:
 
 # Public numbers of mistralai/Mixtral-8x7B-v0.1 and Mixtral-8x22B-v0.1 config.json.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=384, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                 max_position_embeddings=2048, rope_theta=1e6, tie_word_embeddings=True),
-    "8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                 max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5),
-    "8x22b": dict(vocab_size=32000, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
-                  num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                  max_position_embeddings=65536, rope_theta=1e6, rms_norm_eps=1e-5),
+    "tiny": dict(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=2048,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+    ),
+    "8x7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+    ),
+    "8x22b": dict(
+        vocab_size=32000,
+        hidden_size=6144,
+        intermediate_size=16384,
+        num_hidden_layers=56,
+        num_attention_heads=48,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=65536,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+    ),
 }

@@ -38,7 +38,8 @@ from mixtral.planner import (
 )
 from mixtral.train.memory import BuiltParameter, built_parameters
 
-TOLERANCE = 0.01                 # bytes: FSDP2 pads an uneven dim-0 split, the first rank holding the most
+TOLERANCE = 0.01  # bytes: FSDP2 pads an uneven dim-0 split, the first rank holding the most
+
 
 def build_rank(recipe, rank: int) -> dict[str, BuiltParameter]:
     """This rank's parameters as training builds them (mixtral.build.build_for_training), on the meta device under a
@@ -68,29 +69,41 @@ def build_ranks(recipe, ranks: list[int]) -> list[dict[str, BuiltParameter]]:
 def built_rows(w: Workload, built: dict[str, BuiltParameter]) -> dict[str, float]:
     """The planner's parameter rows (weights, gradients, optimizer states) of one rank's built parameters: the
     local FSDP2 shard where the ZeRO level shards the row, the model-parallel tensor where it does not."""
-    return {row: per_param * sum(b.local_numel if level is not None and w.zero >= level else math.prod(b.shape)
-                                 for b in built.values())
-            for row, level, per_param in parameter_rows(w)}
+    return {
+        row: per_param
+        * sum(b.local_numel if level is not None and w.zero >= level else math.prod(b.shape) for b in built.values())
+        for row, level, per_param in parameter_rows(w)
+    }
 
 
 def compare(config, w: Workload, stage: int, built: dict[str, BuiltParameter], device) -> tuple[list[str], list[str]]:
     """(table lines, mismatches) of one rank's built parameters against the planner's shapes and memory rows."""
     expected = shard_shapes(config, w, stage)
-    problems = [f"{name}: built, but the plan has no such parameter on stage {stage}" for name in built
-                if name not in expected]
-    problems += [f"{name}: missing on stage {stage} (the plan expects {shape})" for name, shape in expected.items()
-                 if name not in built]
-    problems += [f"{name}: shape {built[name].shape}, the plan expects {shape}" for name, shape in expected.items()
-                 if name in built and built[name].shape != shape]
-    lines = [f"  stage {stage}: {len(built)} parameters, "
-             f"{sum(math.prod(b.shape) for b in built.values()) / 1e9:.3f} B before ZeRO "
-             f"(plan {sum(math.prod(s) for s in expected.values()) / 1e9:.3f} B)"]
+    problems = [
+        f"{name}: built, but the plan has no such parameter on stage {stage}" for name in built if name not in expected
+    ]
+    problems += [
+        f"{name}: missing on stage {stage} (the plan expects {shape})"
+        for name, shape in expected.items()
+        if name not in built
+    ]
+    problems += [
+        f"{name}: shape {built[name].shape}, the plan expects {shape}"
+        for name, shape in expected.items()
+        if name in built and built[name].shape != shape
+    ]
+    lines = [
+        f"  stage {stage}: {len(built)} parameters, "
+        f"{sum(math.prod(b.shape) for b in built.values()) / 1e9:.3f} B before ZeRO "
+        f"(plan {sum(math.prod(s) for s in expected.values()) / 1e9:.3f} B)"
+    ]
     planned = dict(stage_memory(config, w, device, stage).rows)
     for row, have in built_rows(w, built).items():
         want = planned[row]
         ok = abs(have - want) <= TOLERANCE * want
-        lines.append(f"    {row:<18} built {have / GiB:9.3f} GiB   plan {want / GiB:9.3f} GiB   "
-                     f"{'ok' if ok else 'MISMATCH'}")
+        lines.append(
+            f"    {row:<18} built {have / GiB:9.3f} GiB   plan {want / GiB:9.3f} GiB   {'ok' if ok else 'MISMATCH'}"
+        )
         if not ok:
             problems.append(f"stage {stage} {row}: built {have / GiB:.3f} GiB vs plan {want / GiB:.3f} GiB")
     return lines, problems
@@ -102,8 +115,10 @@ def dry_run(recipe, device_type: str | None = None, out: Callable[[str], Any] = 
     device = recipe_device(recipe, device_type)
     stage_size = w.world_size // w.pp
     ranks = [stage * stage_size for stage in range(w.pp)]
-    out(f"dry run: {w.layout} on a fake process group of {w.world_size} ranks, meta device; building ranks "
-        f"{ranks} (the first of each pipeline stage)")
+    out(
+        f"dry run: {w.layout} on a fake process group of {w.world_size} ranks, meta device; building ranks "
+        f"{ranks} (the first of each pipeline stage)"
+    )
     built = build_ranks(recipe, ranks)
     problems = []
     for stage, params in enumerate(built):
@@ -113,8 +128,10 @@ def dry_run(recipe, device_type: str | None = None, out: Callable[[str], Any] = 
         problems += found
     if problems:
         shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise MixtralError(f"dry run of recipe {recipe.name}: the built shards differ from the plan in "
-                           f"{len(problems)} places: {shown}. Either mixtral.parallel lays this layout out "
-                           f"differently from mixtral.planner's rules, or the planner's rule is wrong; fix the one "
-                           f"that is off before launching")
+        raise MixtralError(
+            f"dry run of recipe {recipe.name}: the built shards differ from the plan in "
+            f"{len(problems)} places: {shown}. Either mixtral.parallel lays this layout out "
+            f"differently from mixtral.planner's rules, or the planner's rule is wrong; fix the one "
+            f"that is off before launching"
+        )
     out("  ok  every stage's parameter shapes and bytes match the plan")

@@ -60,9 +60,9 @@ from mixtral.backend import Device
 from mixtral.config import CP_ALGOS, EP_COMMS, ModelConfig, divisors
 from mixtral.errors import MixtralError
 
-GiB = 2 ** 30
-RESERVE = 0.08            # share of device memory kept for the runtime, communication buffers, fragmentation
-BINS_PAD = 1.5            # capacity bins: expected expert-input padding (the bin above the balanced load)
+GiB = 2**30
+RESERVE = 0.08  # share of device memory kept for the runtime, communication buffers, fragmentation
+BINS_PAD = 1.5  # capacity bins: expected expert-input padding (the bin above the balanced load)
 CHECKPOINTING = ("none", "selective", "moe", "full")
 MODES = ("train", "inference")
 
@@ -139,29 +139,47 @@ class Workload:
     def from_recipe(cls, recipe) -> Workload:
         """The layout, batch, precision, checkpointing, dispatcher and mode of a mixtral.recipes.Recipe."""
         p, moe = recipe.parallel, recipe.moe
-        return cls(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, zero=p.zero,
-                   micro_batch=recipe.batch.micro_batch, global_batch=recipe.batch.global_batch,
-                   seq_len=recipe.seq_len, precision=recipe.precision, checkpointing=recipe.activation_checkpointing,
-                   dispatcher=moe.dispatcher, capacity_factor=moe.capacity_factor, ep_comm=moe.ep_comm,
-                   cp_algo=p.cp_algo, mode=recipe.mode)
+        return cls(
+            dp=p.dp,
+            tp=p.tp,
+            pp=p.pp,
+            cp=p.cp,
+            ep=p.ep,
+            etp=p.etp,
+            sp=p.sp,
+            zero=p.zero,
+            micro_batch=recipe.batch.micro_batch,
+            global_batch=recipe.batch.global_batch,
+            seq_len=recipe.seq_len,
+            precision=recipe.precision,
+            checkpointing=recipe.activation_checkpointing,
+            dispatcher=moe.dispatcher,
+            capacity_factor=moe.capacity_factor,
+            ep_comm=moe.ep_comm,
+            cp_algo=p.cp_algo,
+            mode=recipe.mode,
+        )
 
 
 def recipe_device(recipe, override: str | None = None) -> Device:
     """The device a recipe is checked against: --device-type, else hardware.device, else its backend's."""
     name = override or recipe.hardware.device or backend_device(recipe.backend)
     if name is None:
-        raise MixtralError(f"recipe '{recipe.name}' has backend '{recipe.backend}', which names no device; set "
-                           f"hardware.device ({', '.join(devices())}) or pass --device-type")
+        raise MixtralError(
+            f"recipe '{recipe.name}' has backend '{recipe.backend}', which names no device; set "
+            f"hardware.device ({', '.join(devices())}) or pass --device-type"
+        )
     return get_device(name)
 
 
 # ----------------------------------------------------------------------------------------------- memory
 
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     device: Device
-    stage: int                       # the busiest pipeline stage
-    rows: tuple[tuple[str, float], ...]   # (what, bytes) for that stage, reserve included
+    stage: int  # the busiest pipeline stage
+    rows: tuple[tuple[str, float], ...]  # (what, bytes) for that stage, reserve included
 
     @property
     def total(self) -> float:
@@ -199,16 +217,22 @@ def shard_shapes(config: ModelConfig, w: Workload, stage: int) -> dict[str, tupl
     if stage == 0:
         shapes["embed_tokens.weight"] = (c.vocab_size // tp, h)
     for i in range(stage * per_stage, (stage + 1) * per_stage):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in (
-            ("input_layernorm.weight", (h,)),
-            ("self_attn.q_proj.weight", (c.num_attention_heads * hd // tp, h)),
-            ("self_attn.k_proj.weight", (c.num_key_value_heads * hd // tp, h)),
-            ("self_attn.v_proj.weight", (c.num_key_value_heads * hd // tp, h)),
-            ("self_attn.o_proj.weight", (h, c.num_attention_heads * hd // tp)),
-            ("post_attention_layernorm.weight", (h,)),
-            ("mlp.gate.weight", (c.num_local_experts, h)),
-            ("mlp.experts.gate_up_proj", (experts, 2 * f, h)),
-            ("mlp.experts.down_proj", (experts, h, f)))})
+        shapes.update(
+            {
+                f"layers.{i}.{name}": shape
+                for name, shape in (
+                    ("input_layernorm.weight", (h,)),
+                    ("self_attn.q_proj.weight", (c.num_attention_heads * hd // tp, h)),
+                    ("self_attn.k_proj.weight", (c.num_key_value_heads * hd // tp, h)),
+                    ("self_attn.v_proj.weight", (c.num_key_value_heads * hd // tp, h)),
+                    ("self_attn.o_proj.weight", (h, c.num_attention_heads * hd // tp)),
+                    ("post_attention_layernorm.weight", (h,)),
+                    ("mlp.gate.weight", (c.num_local_experts, h)),
+                    ("mlp.experts.gate_up_proj", (experts, 2 * f, h)),
+                    ("mlp.experts.down_proj", (experts, h, f)),
+                )
+            }
+        )
     if stage == w.pp - 1:
         shapes["norm.weight"] = (h,)
         if not c.tie_word_embeddings or w.pp > 1:
@@ -247,10 +271,14 @@ def layer_activations(config: ModelConfig, w: Workload) -> dict[str, float]:
     rows = config.num_experts_per_tok * t_moe * w.pad
     heads = 2 * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim
     # allgather context parallelism keeps the other cp ranks' K and V for the backward pass; ring passes them on
-    gathered = (w.cp - 1) * T * 2 * config.num_key_value_heads * config.head_dim / w.tp if w.cp_algo == "allgather" else 0
-    return {"attention": a * (2 * h * t + T * heads / w.tp + gathered),
-            "moe": a * (2 * h * t + rows * (2 * h + 3 * f / w.etp)) + 8 * t_moe * config.num_local_experts,
-            "input": a * h * t}
+    gathered = (
+        (w.cp - 1) * T * 2 * config.num_key_value_heads * config.head_dim / w.tp if w.cp_algo == "allgather" else 0
+    )
+    return {
+        "attention": a * (2 * h * t + T * heads / w.tp + gathered),
+        "moe": a * (2 * h * t + rows * (2 * h + 3 * f / w.etp)) + 8 * t_moe * config.num_local_experts,
+        "input": a * h * t,
+    }
 
 
 def _stage_activations(config: ModelConfig, w: Workload, stage: int) -> float:
@@ -259,10 +287,12 @@ def _stage_activations(config: ModelConfig, w: Workload, stage: int) -> float:
     whole = act["attention"] + act["moe"]
     if w.mode == "inference":
         return whole  # one layer's prefill working set; nothing is kept for a backward pass
-    per_layer = {"none": layers * whole,
-                 "full": layers * act["input"] + whole,
-                 "selective": (layers // 2) * whole + (layers - layers // 2) * act["input"] + whole,
-                 "moe": layers * (act["attention"] + act["input"]) + act["moe"]}[w.checkpointing]
+    per_layer = {
+        "none": layers * whole,
+        "full": layers * act["input"] + whole,
+        "selective": (layers // 2) * whole + (layers - layers // 2) * act["input"] + whole,
+        "moe": layers * (act["attention"] + act["input"]) + act["moe"],
+    }[w.checkpointing]
     in_flight = min(w.pp - stage, w.micro_batches)
     return in_flight * per_layer
 
@@ -270,8 +300,9 @@ def _stage_activations(config: ModelConfig, w: Workload, stage: int) -> float:
 def estimate_memory(config: ModelConfig, w: Workload, device: Device) -> MemoryEstimate:
     """Bytes per device for the busiest pipeline stage (see the module docstring for every formula)."""
     if w.checkpointing not in CHECKPOINTING:
-        raise MixtralError(f"activation_checkpointing '{w.checkpointing}' is unknown; choose one of: "
-                           f"{', '.join(CHECKPOINTING)}")
+        raise MixtralError(
+            f"activation_checkpointing '{w.checkpointing}' is unknown; choose one of: {', '.join(CHECKPOINTING)}"
+        )
     if w.mode not in MODES:
         raise MixtralError(f"mode '{w.mode}' is unknown; choose one of: {', '.join(MODES)}")
     return max((stage_memory(config, w, device, stage) for stage in range(w.pp)), key=lambda e: e.total)
@@ -316,6 +347,7 @@ def _stage_rows(config: ModelConfig, w: Workload, device: Device, stage: int) ->
 
 # --------------------------------------------------------------------------------------------- step time
 
+
 @dataclass(frozen=True)
 class StepTime:
     """Seconds per optimizer step by part, and what they imply."""
@@ -323,8 +355,8 @@ class StepTime:
     parts: dict[str, float]
     tokens: int
     devices: int
-    model_flops: float       # per step, without recomputation
-    peak: float              # FLOP/s per device
+    model_flops: float  # per step, without recomputation
+    peak: float  # FLOP/s per device
 
     @property
     def total(self) -> float:
@@ -341,8 +373,9 @@ class StepTime:
     def table(self) -> str:
         lines = ["estimated step time (cost model, nothing overlapped):"]
         lines += [f"  {k:<30} {v:9.3f} s" for k, v in self.parts.items()]
-        lines.append(f"  {'total':<30} {self.total:9.3f} s  ({self.tokens_per_device:,.0f} tokens/s/device, "
-                     f"MFU {self.mfu:.1%})")
+        lines.append(
+            f"  {'total':<30} {self.total:9.3f} s  ({self.tokens_per_device:,.0f} tokens/s/device, MFU {self.mfu:.1%})"
+        )
         return "\n".join(lines)
 
 
@@ -366,8 +399,7 @@ def step_time(config: ModelConfig, w: Workload, device: Device) -> StepTime:
     t = T / w.tp if w.sp else T
     per_layer_mb = layers * m
     tp_ops = 4 * (1 + (w.etp > 1))
-    parts["tp"] = (per_layer_mb * tp_ops * (w.tp - 1) / w.tp * T * h * a / _bandwidth(device, w.tp)
-                   if w.tp > 1 else 0.0)
+    parts["tp"] = per_layer_mb * tp_ops * (w.tp - 1) / w.tp * T * h * a / _bandwidth(device, w.tp) if w.tp > 1 else 0.0
     kv = 2 * config.num_key_value_heads * config.head_dim
     passes = 3 if w.cp_algo == "ring" else 2
     parts["cp"] = per_layer_mb * passes * (w.cp - 1) * T * kv * a / _bandwidth(device, w.cp * w.tp)
@@ -398,22 +430,28 @@ def _dp_time(config: ModelConfig, w: Workload, device: Device) -> float:
 
 # ------------------------------------------------------------------------------------------------- checks
 
+
 def check_layout(config: ModelConfig, w: Workload, devices: int | None = None) -> None:
     """World size and every divisibility rule (ParallelDims), the batch and the sequence length."""
     from mixtral.parallel.dims import ParallelDims
 
-    dims = ParallelDims(dp=w.dp, tp=w.tp, pp=w.pp, cp=w.cp, ep=w.ep, etp=w.etp, sp=w.sp,
-                        world_size=devices or w.world_size)
+    dims = ParallelDims(
+        dp=w.dp, tp=w.tp, pp=w.pp, cp=w.cp, ep=w.ep, etp=w.etp, sp=w.sp, world_size=devices or w.world_size
+    )
     dims.validate_model(config, w.seq_len)
     if w.seq_len > config.max_position_embeddings:
-        raise MixtralError(f"seq_len {w.seq_len} exceeds the model's max_position_embeddings "
-                           f"({config.max_position_embeddings}); lower seq_len or raise "
-                           f"model.max_position_embeddings")
+        raise MixtralError(
+            f"seq_len {w.seq_len} exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings}); lower seq_len or raise "
+            f"model.max_position_embeddings"
+        )
     if w.ep_comm not in EP_COMMS:
         raise MixtralError(f"moe.ep_comm '{w.ep_comm}' is unknown; choose one of: {', '.join(EP_COMMS)}")
     if w.zero == 0 and w.tp > 1:
-        raise MixtralError("parallel.zero=0 (DDP) does not compose with tensor parallelism; set parallel.zero to "
-                           "1, 2 or 3 (FSDP2) when parallel.tp > 1")
+        raise MixtralError(
+            "parallel.zero=0 (DDP) does not compose with tensor parallelism; set parallel.zero to "
+            "1, 2 or 3 (FSDP2) when parallel.tp > 1"
+        )
     if w.cp_algo not in CP_ALGOS:
         raise MixtralError(f"parallel.cp_algo '{w.cp_algo}' is unknown; choose one of: {', '.join(CP_ALGOS)}")
 
@@ -422,8 +460,10 @@ def check_hardware(w: Workload, device: Device, devices: int | None, nodes: int 
     """hardware.nodes against the devices and the device's devices per host."""
     count = devices or w.world_size
     if nodes and nodes != -(-count // device.per_host):
-        raise MixtralError(f"hardware.nodes={nodes}: {count} devices on {device.name} ({device.per_host} per "
-                           f"node) need {-(-count // device.per_host)} nodes; set hardware.nodes to that")
+        raise MixtralError(
+            f"hardware.nodes={nodes}: {count} devices on {device.name} ({device.per_host} per "
+            f"node) need {-(-count // device.per_host)} nodes; set hardware.nodes to that"
+        )
 
 
 def check_dispatcher(dispatcher: str, backend_name: str) -> None:
@@ -432,15 +472,19 @@ def check_dispatcher(dispatcher: str, backend_name: str) -> None:
 
     backends = registry().backends
     if backend_name not in backends:
-        raise MixtralError(f"recipe key 'backend': unknown backend '{backend_name}'; registered backends: "
-                           f"{', '.join(sorted(backends))}")
+        raise MixtralError(
+            f"recipe key 'backend': unknown backend '{backend_name}'; registered backends: "
+            f"{', '.join(sorted(backends))}"
+        )
     caps = backends[backend_name].capabilities
     if dispatcher == "dropless" and (caps.spmd or not caps.dynamic_shapes):
         why = "an SPMD backend compiles one static program" if caps.spmd else "it runs static-shape graphs"
-        raise MixtralError(f"recipe key 'moe.dispatcher': 'dropless' gives data-dependent shapes, which backend "
-                           f"'{backend_name}' cannot run ({why}); set moe.dispatcher=capacity with "
-                           f"moe.capacity_factor=1.25, or moe.dispatcher=capacity_bins "
-                           f"(its preferred one is {caps.preferred_dispatcher})")
+        raise MixtralError(
+            f"recipe key 'moe.dispatcher': 'dropless' gives data-dependent shapes, which backend "
+            f"'{backend_name}' cannot run ({why}); set moe.dispatcher=capacity with "
+            f"moe.capacity_factor=1.25, or moe.dispatcher=capacity_bins "
+            f"(its preferred one is {caps.preferred_dispatcher})"
+        )
 
 
 def _fix_candidates(config: ModelConfig, w: Workload) -> list[tuple[str, Workload]]:
@@ -479,20 +523,31 @@ def check_memory(config: ModelConfig, w: Workload, device: Device, what: str = "
     if estimate.fits:
         return estimate
     largest = max(estimate.rows, key=lambda row: row[1])
-    fixes = [f"{text} ({other.total / GiB:.1f} GiB)" for text, candidate in _fix_candidates(config, w)
-             if (other := estimate_memory(config, candidate, device)).fits]
+    fixes = [
+        f"{text} ({other.total / GiB:.1f} GiB)"
+        for text, candidate in _fix_candidates(config, w)
+        if (other := estimate_memory(config, candidate, device)).fits
+    ]
     if fixes:
         advice = "change one of: " + "; ".join(fixes[:4])
     else:
-        grown = [f"parallel.{dim}={getattr(w, dim) * factor} on {w.world_size * factor} devices"
-                 for dim in ("pp", "tp") for factor in (2, 4, 8)
-                 if _fits(config, w.replace(**{dim: getattr(w, dim) * factor}), device)]
-        advice = ("no change on the same devices fits; " + (f"use more devices: {grown[0]}" if grown else
-                  "use more devices") + " (`mixtral-run recipe plan --devices N --device-type ...` lists "
-                  "layouts that fit)")
-    raise MixtralError(f"{what} does not fit on {device.label}: {estimate.total / GiB:.1f} GiB per device "
-                       f"(pipeline stage {estimate.stage}) > {device.memory_gib:g} GiB; the largest part is "
-                       f"{largest[0]} ({largest[1] / GiB:.1f} GiB); {advice}")
+        grown = [
+            f"parallel.{dim}={getattr(w, dim) * factor} on {w.world_size * factor} devices"
+            for dim in ("pp", "tp")
+            for factor in (2, 4, 8)
+            if _fits(config, w.replace(**{dim: getattr(w, dim) * factor}), device)
+        ]
+        advice = (
+            "no change on the same devices fits; "
+            + (f"use more devices: {grown[0]}" if grown else "use more devices")
+            + " (`mixtral-run recipe plan --devices N --device-type ...` lists "
+            "layouts that fit)"
+        )
+    raise MixtralError(
+        f"{what} does not fit on {device.label}: {estimate.total / GiB:.1f} GiB per device "
+        f"(pipeline stage {estimate.stage}) > {device.memory_gib:g} GiB; the largest part is "
+        f"{largest[0]} ({largest[1] / GiB:.1f} GiB); {advice}"
+    )
 
 
 def _fits(config: ModelConfig, w: Workload, device: Device) -> bool:
@@ -505,6 +560,7 @@ def _fits(config: ModelConfig, w: Workload, device: Device) -> bool:
 
 # ------------------------------------------------------------------------------------------------ search
 
+
 @dataclass(frozen=True)
 class Plan:
     workload: Workload
@@ -512,8 +568,15 @@ class Plan:
     time: StepTime
 
 
-def plan_layouts(config: ModelConfig, device: Device, devices: int, seq_len: int, global_batch: int,
-                 micro_batch: int = 1, max_tp: int = 8) -> list[Plan]:
+def plan_layouts(
+    config: ModelConfig,
+    device: Device,
+    devices: int,
+    seq_len: int,
+    global_batch: int,
+    micro_batch: int = 1,
+    max_tp: int = 8,
+) -> list[Plan]:
     """Every layout of `devices` that passes the checks and fits, with its cheapest fitting checkpointing and
     ZeRO level, sorted by estimated step time. SPMD backends (XLA) get FSDP (zero 3) x tensor x expert only."""
     from mixtral.backend import registry
@@ -522,8 +585,11 @@ def plan_layouts(config: ModelConfig, device: Device, devices: int, seq_len: int
     dispatcher = caps.preferred_dispatcher
     factor = 1.25 if dispatcher == "capacity" else None
     spmd = caps.spmd
-    tps = [t for t in divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
-           if t <= min(max_tp, device.link_domain)]
+    tps = [
+        t
+        for t in divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
+        if t <= min(max_tp, device.link_domain)
+    ]
     pps = [1] if spmd else divisors(config.num_hidden_layers)
     cps = [1] if spmd else [c for c in (1, 2, 4, 8) if seq_len % c == 0]
     zeros = (3,) if spmd else (1, 3)
@@ -535,9 +601,20 @@ def plan_layouts(config: ModelConfig, device: Device, devices: int, seq_len: int
         if global_batch % (micro_batch * dp):
             continue
         for etp in sorted({1, tp}):
-            base = Workload(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, sp=tp > 1, micro_batch=micro_batch,
-                            global_batch=global_batch, seq_len=seq_len, dispatcher=dispatcher,
-                            capacity_factor=factor)
+            base = Workload(
+                dp=dp,
+                tp=tp,
+                pp=pp,
+                cp=cp,
+                ep=ep,
+                etp=etp,
+                sp=tp > 1,
+                micro_batch=micro_batch,
+                global_batch=global_batch,
+                seq_len=seq_len,
+                dispatcher=dispatcher,
+                capacity_factor=factor,
+            )
             try:
                 check_layout(config, base, devices)
             except MixtralError:

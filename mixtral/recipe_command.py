@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-TOKENS_PER_BATCH = 2 ** 22   # plan's default global batch: 4M tokens (Gaudi's and LLaMA's regime)
+TOKENS_PER_BATCH = 2**22  # plan's default global batch: 4M tokens (Gaudi's and LLaMA's regime)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,12 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.pp=2")
     validate.add_argument("--device-type", help="device to check against (default: the recipe's, else its backend's)")
     validate.add_argument("--devices", type=int, help="devices you will launch on (default: the recipe's)")
-    validate.add_argument("--dry-run", action="store_true",
-                          help="build every pipeline stage's rank shard of the real-size model on the meta device "
-                               "under a fake process group, and compare shapes and bytes with the estimate")
-    validate.add_argument("--scaled-down", action="store_true",
-                          help="train the layout divided down to at most --max-ranks gloo ranks, tiny model, CPU, "
-                               "3 steps, and compare the loss with one process")
+    validate.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build every pipeline stage's rank shard of the real-size model on the meta device "
+        "under a fake process group, and compare shapes and bytes with the estimate",
+    )
+    validate.add_argument(
+        "--scaled-down",
+        action="store_true",
+        help="train the layout divided down to at most --max-ranks gloo ranks, tiny model, CPU, "
+        "3 steps, and compare the loss with one process",
+    )
     validate.add_argument("--max-ranks", type=int, default=8, help="rank limit for --scaled-down (default 8)")
     plan = sub.add_parser("plan", help="layouts of N devices that fit, fastest first by the cost model")
     plan.add_argument("--devices", type=int, required=True)
@@ -59,9 +65,17 @@ def list_recipes(args: argparse.Namespace) -> int:
         try:
             recipe = load_recipe(path)
             w = Workload.from_recipe(recipe)
-            rows.append((path.stem, recipe.model.preset or recipe.model.config or recipe.model.init_from or "custom",
-                         str(recipe.hardware.devices or w.world_size), w.layout, w.dispatcher,
-                         recipe_device(recipe).name, w.mode))
+            rows.append(
+                (
+                    path.stem,
+                    recipe.model.preset or recipe.model.config or recipe.model.init_from or "custom",
+                    str(recipe.hardware.devices or w.world_size),
+                    w.layout,
+                    w.dispatcher,
+                    recipe_device(recipe).name,
+                    w.mode,
+                )
+            )
         except MixtralError as exc:
             rows.append((path.stem, f"ERROR: {exc}", "", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows if not r[1].startswith("ERROR")) for i in range(len(rows[0]))]
@@ -102,11 +116,15 @@ def validate(recipe, device_type: str | None = None, devices: int | None = None,
     devices = devices or recipe.hardware.devices
     config = recipe.model_config()
     w = Workload.from_recipe(recipe)
-    out(f"recipe {recipe.name}: {config.num_parameters / 1e9:.1f} B parameters, {w.mode}, {w.layout} on "
-        f"{devices or w.world_size} x {device.name}, dispatcher {w.dispatcher}, backend {recipe.backend}")
+    out(
+        f"recipe {recipe.name}: {config.num_parameters / 1e9:.1f} B parameters, {w.mode}, {w.layout} on "
+        f"{devices or w.world_size} x {device.name}, dispatcher {w.dispatcher}, backend {recipe.backend}"
+    )
     check_layout(config, w, devices)
-    out(f"  ok  world size {w.world_size} = dp {w.dp} x tp {w.tp} x pp {w.pp} x cp {w.cp}; "
-        f"ep {w.ep} x etp {w.etp} fold over dp x cp x tp; heads, experts, layers and seq_len divide")
+    out(
+        f"  ok  world size {w.world_size} = dp {w.dp} x tp {w.tp} x pp {w.pp} x cp {w.cp}; "
+        f"ep {w.ep} x etp {w.etp} fold over dp x cp x tp; heads, experts, layers and seq_len divide"
+    )
     check_hardware(w, device, devices, recipe.hardware.nodes)
     check_dispatcher(w.dispatcher, recipe.backend)
     out(f"  ok  dispatcher {w.dispatcher} runs on backend {recipe.backend}")
@@ -156,15 +174,21 @@ def plan(args: argparse.Namespace) -> int:
     global_batch = args.global_batch or max(1, TOKENS_PER_BATCH // args.seq)
     plans = plan_layouts(config, device, args.devices, args.seq, global_batch, args.micro_batch)
     if not plans:
-        raise MixtralError(f"no layout of {args.devices} x {device.name} fits {args.model} at seq {args.seq}, "
-                           f"global batch {global_batch}, micro-batch {args.micro_batch}; use more devices, a "
-                           f"shorter --seq, or a --global-batch that dp x micro-batch divides")
-    print(f"{args.model} on {args.devices} x {device.label}, seq {args.seq}, global batch {global_batch}, "
-          f"micro-batch {args.micro_batch}, dispatcher {plans[0].workload.dispatcher}: {len(plans)} layouts fit, "
-          f"fastest first (cost model in mixtral/planner.py)")
+        raise MixtralError(
+            f"no layout of {args.devices} x {device.name} fits {args.model} at seq {args.seq}, "
+            f"global batch {global_batch}, micro-batch {args.micro_batch}; use more devices, a "
+            f"shorter --seq, or a --global-batch that dp x micro-batch divides"
+        )
+    print(
+        f"{args.model} on {args.devices} x {device.label}, seq {args.seq}, global batch {global_batch}, "
+        f"micro-batch {args.micro_batch}, dispatcher {plans[0].workload.dispatcher}: {len(plans)} layouts fit, "
+        f"fastest first (cost model in mixtral/planner.py)"
+    )
     print(f"{'#':>3}  {'layout':<28} {'ckpt':<9} {'zero':>4} {'GiB':>6} {'step s':>8} {'tok/s/dev':>10} {'MFU':>6}")
-    for i, p in enumerate(plans[:args.top], 1):
+    for i, p in enumerate(plans[: args.top], 1):
         w = p.workload
-        print(f"{i:>3}  {w.layout:<28} {w.checkpointing:<9} {w.zero:>4} {p.memory.total / GiB:>6.1f} "
-              f"{p.time.total:>8.2f} {p.time.tokens_per_device:>10,.0f} {p.time.mfu:>6.1%}")
+        print(
+            f"{i:>3}  {w.layout:<28} {w.checkpointing:<9} {w.zero:>4} {p.memory.total / GiB:>6.1f} "
+            f"{p.time.total:>8.2f} {p.time.tokens_per_device:>10,.0f} {p.time.mfu:>6.1%}"
+        )
     return 0

@@ -25,14 +25,23 @@ from mixtral.planner import devices
 RECIPES_DIR = Path(__file__).parent / "recipes"  # the repository's recipes/, shipped inside the package
 
 # The model section: where the config comes from, plus any ModelConfig field as an override (None: keep).
-_MODEL_FIELDS = [(f.name, typing.get_type_hints(ModelConfig)[f.name] | None, field(default=None))
-                 for f in dataclasses.fields(ModelConfig)]
-ModelSection = dataclasses.make_dataclass("ModelSection", [
-    ("preset", str | None, field(default=None)),      # tiny | 8x7b | 8x22b
-    ("config", str | None, field(default=None)),      # an HF config.json or a directory holding one
-    ("init_from", str | None, field(default=None)),   # HF, native or Megatron checkpoint, or run dir, to fine-tune from
-    *_MODEL_FIELDS,
-])
+_MODEL_FIELDS = [
+    (f.name, typing.get_type_hints(ModelConfig)[f.name] | None, field(default=None))
+    for f in dataclasses.fields(ModelConfig)
+]
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [
+        ("preset", str | None, field(default=None)),  # tiny | 8x7b | 8x22b
+        ("config", str | None, field(default=None)),  # an HF config.json or a directory holding one
+        (
+            "init_from",
+            str | None,
+            field(default=None),
+        ),  # HF, native or Megatron checkpoint, or run dir, to fine-tune from
+        *_MODEL_FIELDS,
+    ],
+)
 ModelSection.__doc__ = "The recipe's `model` section: preset, config or init_from, then field overrides."
 ModelSection.__module__ = __name__  # so that recipes pickle (spawned processes get them)
 
@@ -43,8 +52,8 @@ class OptimizerSection:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 0.1            # applied to matrices only (not norms)
-    grad_clip: float = 1.0               # max global grad norm; 0 disables clipping
+    weight_decay: float = 0.1  # applied to matrices only (not norms)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
 
 @dataclass
@@ -52,9 +61,9 @@ class ScheduleSection:
     name: Literal["cosine", "linear", "constant", "warmup_hold"] = "cosine"
     warmup_steps: int = 0
     warmup_fraction: float | None = None  # of train.steps; replaces warmup_steps (MLPerf MoE: 0.25)
-    min_lr_ratio: float = 0.1             # cosine/linear decay down to lr * min_lr_ratio
-    decay_steps: int | None = None        # cosine/linear: decay ends at this step, then lr * min_lr_ratio
-                                          # (Megatron --lr-decay-iters; beyond train.steps: cut short); None: train.steps
+    min_lr_ratio: float = 0.1  # cosine/linear decay down to lr * min_lr_ratio
+    decay_steps: int | None = None  # cosine/linear: decay ends at this step, then lr * min_lr_ratio
+    # (Megatron --lr-decay-iters; beyond train.steps: cut short); None: train.steps
 
     def warmup(self, total_steps: int) -> int:
         """Warmup steps of a run of total_steps: warmup_fraction of it when set, else warmup_steps."""
@@ -63,8 +72,8 @@ class ScheduleSection:
 
 @dataclass
 class BatchSection:
-    micro_batch: int = 1                  # sequences per forward/backward on one rank
-    global_batch: int = 1                 # sequences per optimizer step over all ranks
+    micro_batch: int = 1  # sequences per forward/backward on one rank
+    global_batch: int = 1  # sequences per optimizer step over all ranks
 
 
 @dataclass
@@ -76,7 +85,7 @@ class ParallelSection:
     ep: int = 1
     etp: int = 1
     sp: bool = False
-    zero: Literal[0, 1, 2, 3] = 1           # 0: DDP; 1 distributed optimizer; 2 also gradients; 3 also weights (FSDP)
+    zero: Literal[0, 1, 2, 3] = 1  # 0: DDP; 1 distributed optimizer; 2 also gradients; 3 also weights (FSDP)
     cp_algo: Literal[CP_ALGOS] = "allgather"  # context parallel attention: gather K/V, or pass them round
     # pipeline schedule; its micro-batches are the step's batch.micro_batch ones (global_batch / (micro_batch x dp))
     pp_schedule: Literal["1f1b", "gpipe"] = "1f1b"
@@ -91,37 +100,37 @@ class ParallelSection:
 class HardwareSection:
     """What the recipe was validated on: `recipe validate` checks memory and world size against it."""
 
-    device: str | None = None             # a planner device (`mixtral-run recipe plan`); None: the backend's own
-    devices: int | None = None            # accelerators in all; None: the layout's world size
-    nodes: int | None = None              # hosts; checked against the device's devices per host
+    device: str | None = None  # a planner device (`mixtral-run recipe plan`); None: the backend's own
+    devices: int | None = None  # accelerators in all; None: the layout's world size
+    nodes: int | None = None  # hosts; checked against the device's devices per host
 
 
 @dataclass
 class EvalSection:
-    interval: int = 100                   # evaluate every `interval` steps or tokens (see unit); 0: never
+    interval: int = 100  # evaluate every `interval` steps or tokens (see unit); 0: never
     unit: Literal["steps", "tokens"] = "steps"
-    samples: int = 64                     # validation sequences per evaluation
-    target_loss: float | None = None      # stop the run once the eval loss is at or below it (MLPerf)
-    at_start: bool = False                # also evaluate the initial model at step 0 (a fresh run's baseline)
+    samples: int = 64  # validation sequences per evaluation
+    target_loss: float | None = None  # stop the run once the eval loss is at or below it (MLPerf)
+    at_start: bool = False  # also evaluate the initial model at step 0 (a fresh run's baseline)
 
 
 @dataclass
 class CheckpointSection:
-    interval: int = 100                   # steps between checkpoints; 0: only at the end
-    keep_last: int = 3                    # complete checkpoints kept; 0: all
-    dir: str | None = None                # default <train.output_dir>/checkpoints
+    interval: int = 100  # steps between checkpoints; 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept; 0: all
+    dir: str | None = None  # default <train.output_dir>/checkpoints
 
 
 @dataclass
 class TrainSection:
     steps: int = 100
     seed: int = 0
-    output_dir: str | None = None         # default runs/<recipe name>
-    log_interval: int = 1                 # steps between metrics lines
-    expert_load_interval: int = 10        # steps between per-layer expert load lines; 0: never
-    max_bad_steps: int = 5                # consecutive NaN/Inf steps before the run stops
-    peak_flops: float | None = None       # device peak FLOP/s for MFU; None: measured once
-    tensorboard: bool = True              # also log to TensorBoard when it is installed
+    output_dir: str | None = None  # default runs/<recipe name>
+    log_interval: int = 1  # steps between metrics lines
+    expert_load_interval: int = 10  # steps between per-layer expert load lines; 0: never
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: measured once
+    tensorboard: bool = True  # also log to TensorBoard when it is installed
 
 
 @dataclass
@@ -189,21 +198,39 @@ class Recipe:
 
     def validate(self) -> None:
         """Cross-field rules the types cannot express."""
-        positive = {"seq_len": self.seq_len, "batch.micro_batch": self.batch.micro_batch,
-                    "batch.global_batch": self.batch.global_batch, "train.steps": self.train.steps,
-                    "train.log_interval": self.train.log_interval, "train.max_bad_steps": self.train.max_bad_steps,
-                    "eval.samples": self.eval.samples, "optimizer.lr": self.optimizer.lr,
-                    **{f"parallel.{d}": getattr(self.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep", "etp")},
-                    **{f"hardware.{k}": getattr(self.hardware, k) for k in ("devices", "nodes")
-                       if getattr(self.hardware, k) is not None}}
+        positive = {
+            "seq_len": self.seq_len,
+            "batch.micro_batch": self.batch.micro_batch,
+            "batch.global_batch": self.batch.global_batch,
+            "train.steps": self.train.steps,
+            "train.log_interval": self.train.log_interval,
+            "train.max_bad_steps": self.train.max_bad_steps,
+            "eval.samples": self.eval.samples,
+            "optimizer.lr": self.optimizer.lr,
+            **{f"parallel.{d}": getattr(self.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep", "etp")},
+            **{
+                f"hardware.{k}": getattr(self.hardware, k)
+                for k in ("devices", "nodes")
+                if getattr(self.hardware, k) is not None
+            },
+        }
         for key, value in positive.items():
             if value <= 0:
                 raise MixtralError(f"recipe key '{key}' must be positive, got {value}")
         if self.hardware.device is not None and self.hardware.device not in devices():
-            raise MixtralError(f"recipe key 'hardware.device' expects one of {', '.join(devices())} (the devices "
-                               f"the registered backends declare), got {self.hardware.device!r}")
-        for key in ("eval.interval", "checkpoint.interval", "checkpoint.keep_last", "train.expert_load_interval",
-                    "schedule.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip"):
+            raise MixtralError(
+                f"recipe key 'hardware.device' expects one of {', '.join(devices())} (the devices "
+                f"the registered backends declare), got {self.hardware.device!r}"
+            )
+        for key in (
+            "eval.interval",
+            "checkpoint.interval",
+            "checkpoint.keep_last",
+            "train.expert_load_interval",
+            "schedule.warmup_steps",
+            "optimizer.weight_decay",
+            "optimizer.grad_clip",
+        ):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise MixtralError(f"recipe key '{key}' must be >= 0, got {getattr(getattr(self, section), name)}")
@@ -212,20 +239,26 @@ class Recipe:
             raise MixtralError(
                 f"batch.global_batch ({self.batch.global_batch}) must be a multiple of batch.micro_batch "
                 f"({self.batch.micro_batch}) x parallel.dp ({self.parallel.dp}) = {per_step}: gradient "
-                f"accumulation = global_batch / (micro_batch x dp) must be a whole number")
+                f"accumulation = global_batch / (micro_batch x dp) must be a whole number"
+            )
         fraction = self.schedule.warmup_fraction
         if fraction is not None and not 0 <= fraction <= 1:
             raise MixtralError(f"recipe key 'schedule.warmup_fraction' must be between 0 and 1, got {fraction}")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
-            raise MixtralError(f"recipe key 'schedule.min_lr_ratio' must be between 0 and 1, got "
-                               f"{self.schedule.min_lr_ratio}")
+            raise MixtralError(
+                f"recipe key 'schedule.min_lr_ratio' must be between 0 and 1, got {self.schedule.min_lr_ratio}"
+            )
         self._validate_decay()
         if not all(0 <= b < 1 for b in self.optimizer.betas):
-            raise MixtralError(f"recipe key 'optimizer.betas' must be two numbers in [0, 1), got {self.optimizer.betas}")
+            raise MixtralError(
+                f"recipe key 'optimizer.betas' must be two numbers in [0, 1), got {self.optimizer.betas}"
+            )
         sources = [k for k in ("preset", "config", "init_from") if getattr(self.model, k)]
         if len(sources) > 1:
-            raise MixtralError(f"recipe section 'model' sets {' and '.join(sources)}; set only one of preset, "
-                               f"config, init_from (the others' fields go in as overrides)")
+            raise MixtralError(
+                f"recipe section 'model' sets {' and '.join(sources)}; set only one of preset, "
+                f"config, init_from (the others' fields go in as overrides)"
+            )
         self.data.validate()
 
     def _validate_decay(self) -> None:
@@ -233,12 +266,16 @@ class Recipe:
         if decay is None:
             return
         if self.schedule.name not in ("cosine", "linear"):
-            raise MixtralError(f"recipe key 'schedule.decay_steps' applies to the cosine and linear schedules, not "
-                               f"'{self.schedule.name}'; remove it or set schedule.name=cosine")
+            raise MixtralError(
+                f"recipe key 'schedule.decay_steps' applies to the cosine and linear schedules, not "
+                f"'{self.schedule.name}'; remove it or set schedule.name=cosine"
+            )
         if decay <= self.schedule.warmup(self.train.steps):
-            raise MixtralError(f"recipe key 'schedule.decay_steps' ({decay}) must be larger than the warmup "
-                               f"({self.schedule.warmup(self.train.steps)} steps): decay starts after it; "
-                               f"raise decay_steps or leave it unset to decay until train.steps")
+            raise MixtralError(
+                f"recipe key 'schedule.decay_steps' ({decay}) must be larger than the warmup "
+                f"({self.schedule.warmup(self.train.steps)} steps): decay starts after it; "
+                f"raise decay_steps or leave it unset to decay until train.steps"
+            )
 
 
 def _plain(value: Any) -> Any:
@@ -328,8 +365,11 @@ def _optional_sections(cls: type) -> dict[str, type]:
     sections = {}
     for name, tp in typing.get_type_hints(cls).items():
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 and \
-                dataclasses.is_dataclass(args[0]):
+        if (
+            typing.get_origin(tp) in (typing.Union, types.UnionType)
+            and len(args) == 1
+            and dataclasses.is_dataclass(args[0])
+        ):
             sections[name] = args[0]
     return sections
 
@@ -367,8 +407,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         try:
             kwargs[key] = _coerce(value, tp)
         except _Mismatch:
-            raise MixtralError(f"recipe key '{full}' expects {_type_name(tp)}, got {value!r} "
-                               f"({type(value).__name__})") from None
+            raise MixtralError(
+                f"recipe key '{full}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+            ) from None
     try:
         return cls(**kwargs)
     except MixtralError as exc:
@@ -381,7 +422,7 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     cls, node = Recipe, data
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)]
-        full = ".".join(parts[:i + 1])
+        full = ".".join(parts[: i + 1])
         if part not in names:
             raise _unknown_key(full, names)
         tp = _hints(cls)[part]
@@ -389,7 +430,7 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
             node[part] = value
             return
         if typing.get_origin(tp) is dict:  # a free mapping (backend_options): the rest of the key is one entry
-            node[part] = {**(node.get(part) or {}), ".".join(parts[i + 1:]): value}
+            node[part] = {**(node.get(part) or {}), ".".join(parts[i + 1 :]): value}
             return
         if not dataclasses.is_dataclass(tp):
             raise MixtralError(f"recipe key '{full}' is a value, not a section; '{key}' does not exist")
@@ -420,8 +461,10 @@ def find_recipe(path_or_name: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
-    raise MixtralError(f"recipe '{path_or_name}' not found: not a file, nor a name in {RECIPES_DIR}; "
-                       f"known recipes: {', '.join(known) or 'none'}")
+    raise MixtralError(
+        f"recipe '{path_or_name}' not found: not a file, nor a name in {RECIPES_DIR}; "
+        f"known recipes: {', '.join(known) or 'none'}"
+    )
 
 
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] = (), name: str | None = None) -> Recipe:

@@ -38,9 +38,9 @@ from mixtral.parallel import (
 )
 from mixtral.parallel.context_parallel import shard_sequence
 from mixtral.recipes import Recipe, recipe_from_dict
-from mixtral.train.optim import build_optimizer
 from mixtral.train.loss import TrainingLoss
 from mixtral.train.memory import held_bytes
+from mixtral.train.optim import build_optimizer
 
 STEPS = 3
 RTOL = 1e-4
@@ -76,14 +76,32 @@ def scaled_recipe(recipe: Recipe, max_ranks: int = 8) -> Recipe:
     config = recipe.model_config()
     data = recipe.to_dict()
     data.update(
-        model={"vocab_size": 128, "hidden_size": 16 * kv_heads, "num_attention_heads": 2 * kv_heads,
-               "num_key_value_heads": kv_heads, "intermediate_size": 32 * etp, "num_hidden_layers": 2 * pp,
-               "num_local_experts": 8 if 8 % ep == 0 else 2 * ep, "num_experts_per_tok": config.num_experts_per_tok,
-               "max_position_embeddings": seq_len, "tie_word_embeddings": config.tie_word_embeddings},
-        parallel=layout, seq_len=seq_len, precision="fp32", backend="cpu", backend_options={}, hardware={},
-        mode="train", batch={"micro_batch": MICRO_BATCH, "global_batch": MICRO_BATCH * layout["dp"] * accumulate},
-        optimizer={**data["optimizer"], "lr": LR}, schedule={"name": "constant"}, compile=False,
-        train={**data["train"], "steps": STEPS, "output_dir": None}, name=f"{recipe.name}-scaled-down")
+        model={
+            "vocab_size": 128,
+            "hidden_size": 16 * kv_heads,
+            "num_attention_heads": 2 * kv_heads,
+            "num_key_value_heads": kv_heads,
+            "intermediate_size": 32 * etp,
+            "num_hidden_layers": 2 * pp,
+            "num_local_experts": 8 if 8 % ep == 0 else 2 * ep,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "max_position_embeddings": seq_len,
+            "tie_word_embeddings": config.tie_word_embeddings,
+        },
+        parallel=layout,
+        seq_len=seq_len,
+        precision="fp32",
+        backend="cpu",
+        backend_options={},
+        hardware={},
+        mode="train",
+        batch={"micro_batch": MICRO_BATCH, "global_batch": MICRO_BATCH * layout["dp"] * accumulate},
+        optimizer={**data["optimizer"], "lr": LR},
+        schedule={"name": "constant"},
+        compile=False,
+        train={**data["train"], "steps": STEPS, "output_dir": None},
+        name=f"{recipe.name}-scaled-down",
+    )
     bins = data["moe"]["capacity_bins"]
     if bins:  # a tiny batch has too few tokens per expert for 10 bins aligned to 64 rows
         data["moe"]["capacity_bins"] = {**bins, "num_bins": min(4, bins["num_bins"]), "alignment": 1, "tokens": None}
@@ -105,8 +123,9 @@ def build_model(recipe: Recipe) -> Mixtral:
     return model
 
 
-def train(recipe: Recipe, step_losses: Callable[[int], torch.Tensor], parameters: list, clip: Callable[[], Any]
-          ) -> tuple[list[torch.Tensor], dict[str, int]]:
+def train(
+    recipe: Recipe, step_losses: Callable[[int], torch.Tensor], parameters: list, clip: Callable[[], Any]
+) -> tuple[list[torch.Tensor], dict[str, int]]:
     """STEPS AdamW steps; step_losses(step) runs forward and backward and returns the step's loss. Also returns
     the storage the parameters, their gradients and the optimizer states held after the first step."""
     optimizer = build_optimizer(parameters, recipe.optimizer)
@@ -130,7 +149,9 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
     dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.etp, sp=p.sp, world_size=info.world_size)
     meshes = dims.build_meshes("cpu")
     accumulate = recipe.grad_accum
-    loss_fn = TrainingLoss(recipe.model_config(), recipe.moe, meshes.dp_cp.get_group(), get_backend("cpu").ops.cross_entropy)
+    loss_fn = TrainingLoss(
+        recipe.model_config(), recipe.moe, meshes.dp_cp.get_group(), get_backend("cpu").ops.cross_entropy
+    )
     whole, laid = build_for_training(recipe, get_backend("cpu"), dims, meshes, torch.device("cpu"), loss=loss_fn)
     materialize(whole, laid.model, "cpu", meshes, seed=recipe.train.seed)
     model, pipeline = laid.model, laid.pipeline
@@ -155,8 +176,9 @@ def rank_losses(recipe: Recipe) -> tuple[list[float], dict[str, int]]:
     dense = [param for param in model.parameters() if all(param is not e for e in experts)]
     clip = recipe.optimizer.grad_clip or float("inf")
     try:
-        losses, held = train(recipe, step_losses, list(model.named_parameters()),
-                             lambda: clip_grad_norm_(dense, experts, clip, meshes))
+        losses, held = train(
+            recipe, step_losses, list(model.named_parameters()), lambda: clip_grad_norm_(dense, experts, clip, meshes)
+        )
         return [mean_over(loss, meshes.dp_cp).item() for loss in losses], held
     finally:
         dist.destroy_process_group()
@@ -172,24 +194,40 @@ def reference_losses(recipe: Recipe) -> list[float]:
     def step_losses(step: int) -> torch.Tensor:
         loss = torch.zeros(())
         for m in range(accumulate):
-            rows = torch.cat([torch.arange(d * per_rank + m * MICRO_BATCH, d * per_rank + (m + 1) * MICRO_BATCH)
-                              for d in range(recipe.parallel.dp)])
+            rows = torch.cat(
+                [
+                    torch.arange(d * per_rank + m * MICRO_BATCH, d * per_rank + (m + 1) * MICRO_BATCH)
+                    for d in range(recipe.parallel.dp)
+                ]
+            )
             out = loss_fn.of(model, tokens[step, rows], targets[step, rows])
             (out.loss / accumulate).backward()
             loss += out.loss.detach() / accumulate
         return loss
 
     clip = recipe.optimizer.grad_clip or float("inf")
-    losses, _ = train(recipe, step_losses, list(model.named_parameters()),
-                      lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    losses, _ = train(
+        recipe,
+        step_losses,
+        list(model.named_parameters()),
+        lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), clip),
+    )
     return [loss.item() for loss in losses]
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> dict[int, Any]:
     """fn(*args) on nprocs local processes joined by torch's elastic launcher (torchrun --standalone); by rank."""
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, start_method="spawn",
-                          monitor_interval=0.1)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nprocs,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        start_method="spawn",
+        monitor_interval=0.1,
+    )
     try:
         return elastic_launch(config, fn)(*args)
     except ChildFailedError as exc:
@@ -202,23 +240,28 @@ def scaled_down_run(recipe: Recipe, max_ranks: int = 8, out: Callable[[str], Any
     """Train the scaled-down layout on gloo ranks and in one process; MixtralError when the losses differ."""
     small = scaled_recipe(recipe, max_ranks)
     p = small.parallel
-    out(f"scaled down: {recipe.name} -> dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} etp{p.etp}"
+    out(
+        f"scaled down: {recipe.name} -> dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} etp{p.etp}"
         f"{' sp' if p.sp else ''} zero{p.zero} on {p.world_size} gloo ranks, {small.model_config().num_parameters:,} "
-        f"parameters, {STEPS} steps of {small.batch.global_batch} x {small.seq_len} tokens, fp32")
+        f"parameters, {STEPS} steps of {small.batch.global_batch} x {small.seq_len} tokens, fp32"
+    )
     try:
         by_rank = launch(rank_losses, p.world_size, small)
     except MixtralError as exc:
-        raise MixtralError(f"--scaled-down of recipe {recipe.name} at dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} "
-                           f"etp{p.etp}: {exc}") from None
+        raise MixtralError(
+            f"--scaled-down of recipe {recipe.name} at dp{p.dp} tp{p.tp} pp{p.pp} cp{p.cp} ep{p.ep} etp{p.etp}: {exc}"
+        ) from None
     ranks = by_rank[0][0]
     one = reference_losses(small)
     for step, (got, want) in enumerate(zip(ranks, one)):
         out(f"  step {step}: loss {got:.6f} on {p.world_size} ranks, {want:.6f} in one process")
     worst = max(abs(a - b) / abs(b) for a, b in zip(ranks, one))
     if worst > RTOL:
-        raise MixtralError(f"--scaled-down of recipe {recipe.name}: the {p.world_size}-rank loss differs from one "
-                           f"process by {worst:.2e} relative (> {RTOL:g}); the layout is not equivalent: run "
-                           f"tests/test_parallel_equivalence.py on these dimensions to find the one at fault")
+        raise MixtralError(
+            f"--scaled-down of recipe {recipe.name}: the {p.world_size}-rank loss differs from one "
+            f"process by {worst:.2e} relative (> {RTOL:g}); the layout is not equivalent: run "
+            f"tests/test_parallel_equivalence.py on these dimensions to find the one at fault"
+        )
     out(f"  ok  losses agree to {worst:.1e} relative (<= {RTOL:g})")
     check_held_bytes(small, {rank: held for rank, (_, held) in by_rank.items()}, out)
     return ranks, one
@@ -235,8 +278,12 @@ def check_held_bytes(small: Recipe, held: dict[int, dict[str, int]], out: Callab
         if held[rank] != predicted:
             wrong.append(f"rank {rank} held {held[rank]}, the dry run predicts {predicted}")
     if wrong:
-        raise MixtralError(f"--scaled-down of recipe {small.name}: what the ranks allocated differs from the dry run's "
-                           f"meta build: {'; '.join(wrong)}")
+        raise MixtralError(
+            f"--scaled-down of recipe {small.name}: what the ranks allocated differs from the dry run's "
+            f"meta build: {'; '.join(wrong)}"
+        )
     total = sum(sum(h.values()) for h in held.values())
-    out(f"  ok  every rank's weights, gradients and optimizer states ({total:,} bytes in all) are what the dry run "
-        f"builds on the meta device")
+    out(
+        f"  ok  every rank's weights, gradients and optimizer states ({total:,} bytes in all) are what the dry run "
+        f"builds on the meta device"
+    )

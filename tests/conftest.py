@@ -21,16 +21,34 @@ def model_loss(model: Mixtral, tokens: torch.Tensor, targets: torch.Tensor, keep
 
 def small_config(**overrides) -> ModelConfig:
     """A tiny Mixtral with odd sizes, fast enough for many tests."""
-    base = dict(vocab_size=101, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
-                num_attention_heads=6, num_key_value_heads=2, num_local_experts=5, num_experts_per_tok=2,
-                max_position_embeddings=256, router_aux_loss_coef=0.02)
+    base = dict(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        router_aux_loss_coef=0.02,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
 
 # ~210 MB in fp32: big enough that a memory bound tells reading a shard from reading everything
-BIG_CONFIG = dict(vocab_size=4096, hidden_size=768, intermediate_size=768, num_hidden_layers=3, num_attention_heads=8,
-                  num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
+BIG_CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=768,
+    intermediate_size=768,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+)
 
 
 def big_random_model() -> tuple[Mixtral, float]:

@@ -29,13 +29,21 @@ def host_store(world_size: int) -> dist.TCPStore:
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """The variables torchrun gives each worker."""
-    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": HOST, "MASTER_PORT": str(port),
-            "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": HOST,
+        "MASTER_PORT": str(port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
-def _worker(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable[..., Any],
-            args: tuple, results: mp.Queue) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, timeout_s: float, fn: Callable[..., Any], args: tuple, results: mp.Queue
+) -> None:
     os.environ.update(rank_env(rank, world_size, port))
     torch.set_num_threads(1)
     from mixtral.parallel.launch import init_distributed
@@ -61,8 +69,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     ctx = mp.get_context("spawn")
     store = host_store(world_size)
     results: mp.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store.port, timeout_s, fn, args, results), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, store.port, timeout_s, fn, args, results), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}

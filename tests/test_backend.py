@@ -66,6 +66,7 @@ class CountingPlugin:
         def op(*args, **kwargs):
             self.calls[name] = self.calls.get(name, 0) + 1
             return getattr(reference, name)(*args, **kwargs)
+
         return op
 
     @hookimpl
@@ -116,20 +117,27 @@ def test_installed_third_party_package_registers_through_entry_points(tmp_path) 
     """A separate distribution installed on sys.path registers via the `mixtral` entry-point group."""
     pkg = tmp_path / "site"
     (pkg / "mixtral_backend_demo").mkdir(parents=True)
-    (pkg / "mixtral_backend_demo" / "__init__.py").write_text(textwrap.dedent("""
+    (pkg / "mixtral_backend_demo" / "__init__.py").write_text(
+        textwrap.dedent("""
         from mixtral.backend import Backend, hookimpl
 
         @hookimpl
         def mixtral_register_backends(register):
             register(Backend(name="demo", device_type="cpu", dist_backend="gloo"))
-    """))
+    """)
+    )
     dist = pkg / "mixtral_backend_demo-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mixtral-backend-demo\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[mixtral]\ndemo = mixtral_backend_demo\n")
     code = "from mixtral.backend import get_backend; print(get_backend('demo').name)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(pkg), "PATH": "/usr/bin:/bin"}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(pkg), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert out.stdout.strip() == "demo"
 
 
@@ -184,8 +192,8 @@ def test_a_third_party_device_is_planned_picked_and_measured_without_a_core_edit
         print(len(plans), plans[0].memory.device.label)
         assert main(["train", "--recipe", "cpu-tiny", "train.steps=2", "train.tensorboard=false", "eval.interval=0",
                      "checkpoint.interval=0", "model.num_hidden_layers=1", "seq_len=64", "batch.micro_batch=4",
-                     "batch.global_batch=4", "train.output_dir={tmp_path / 'run'}", "backend=auto"]) == 0
-        print(json.dumps([r for r in read_metrics("{tmp_path / 'run'}") if "mfu" in r]))
+                     "batch.global_batch=4", "train.output_dir={tmp_path / "run"}", "backend=auto"]) == 0
+        print(json.dumps([r for r in read_metrics("{tmp_path / "run"}") if "mfu" in r]))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), str(Path(__file__).resolve().parents[1])])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -17,22 +17,33 @@ from mixtral.parallel.tensor_parallel import block_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "mixtral"
-VENDOR = re.compile(r"\b(cuda|xla|tpu|hpu|gaudi|npu|ascend|mps|xpu|nccl|hccl|triton|torch_xla|torch_npu|"
-                    r"habana_frameworks|transformer_engine)\b", re.IGNORECASE)
+VENDOR = re.compile(
+    r"\b(cuda|xla|tpu|hpu|gaudi|npu|ascend|mps|xpu|nccl|hccl|triton|torch_xla|torch_npu|"
+    r"habana_frameworks|transformer_engine)\b",
+    re.IGNORECASE,
+)
 
 
 def core_files(*under: str) -> list[Path]:
     """The core's Python files (mixtral/backends and mixtral/kernels are links to the top-level folders)."""
-    files = [p for p in sorted(CORE.joinpath(*under).rglob("*.py")) if not any(
-        part in ("backends", "kernels") for part in p.relative_to(CORE).parts)]
+    files = [
+        p
+        for p in sorted(CORE.joinpath(*under).rglob("*.py"))
+        if not any(part in ("backends", "kernels") for part in p.relative_to(CORE).parts)
+    ]
     assert files, f"no Python files under {CORE.joinpath(*under)}"
     return files
 
 
 def docstrings(tree: ast.AST) -> set[int]:
-    return {id(node.body[0].value) for node in ast.walk(tree)
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
 
 
 def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
@@ -46,11 +57,15 @@ def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_the_model_imports_no_torch_distributed():
-    offending = [f"{path.relative_to(ROOT)}:{line}: {name}" for path in core_files("model")
-                 for line, name in imported_modules(ast.parse(path.read_text()))
-                 if name == "torch.distributed" or name.startswith("torch.distributed.")]
-    assert not offending, "mixtral/model must name no process group: pass collectives in through ModelLayout\n" + \
-        "\n".join(offending)
+    offending = [
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path in core_files("model")
+        for line, name in imported_modules(ast.parse(path.read_text()))
+        if name == "torch.distributed" or name.startswith("torch.distributed.")
+    ]
+    assert not offending, (
+        "mixtral/model must name no process group: pass collectives in through ModelLayout\n" + "\n".join(offending)
+    )
 
 
 def test_no_vendor_names_in_the_core_code():
@@ -63,8 +78,11 @@ def test_no_vendor_names_in_the_core_code():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip:
                 if VENDOR.search(node.value):
                     offending.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
-        offending += [f"{path.relative_to(ROOT)}:{line}: import {name}"
-                      for line, name in imported_modules(tree) if VENDOR.search(name)]
+        offending += [
+            f"{path.relative_to(ROOT)}:{line}: import {name}"
+            for line, name in imported_modules(tree)
+            if VENDOR.search(name)
+        ]
     assert not offending, "device-specific names belong in backends/ or kernels/:\n" + "\n".join(offending)
 
 
@@ -74,12 +92,20 @@ def test_parallelism_assigns_no_attributes_on_foreign_objects():
     offending = []
     for path in core_files("parallel"):
         for node in ast.walk(ast.parse(path.read_text())):
-            targets = node.targets if isinstance(node, ast.Assign) else \
-                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+                else []
+            )
             for target in targets:
                 for sub in ast.walk(target):
-                    if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store) and not (
-                            isinstance(sub.value, ast.Name) and sub.value.id in ("self", "ctx")):
+                    if (
+                        isinstance(sub, ast.Attribute)
+                        and isinstance(sub.ctx, ast.Store)
+                        and not (isinstance(sub.value, ast.Name) and sub.value.id in ("self", "ctx"))
+                    ):
                         offending.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(target)}")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
                 offending.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")

@@ -10,8 +10,11 @@ from mixtral.kernels import causal_blocks, fp32_compute, reference
 
 def qkv(seq: int, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    return (torch.randn(2, 6, seq, 16, dtype=dtype), torch.randn(2, 2, seq, 16, dtype=dtype),
-            torch.randn(2, 2, seq, 16, dtype=dtype))
+    return (
+        torch.randn(2, 6, seq, 16, dtype=dtype),
+        torch.randn(2, 2, seq, 16, dtype=dtype),
+        torch.randn(2, 2, seq, 16, dtype=dtype),
+    )
 
 
 def counted_calls(monkeypatch) -> list[int]:

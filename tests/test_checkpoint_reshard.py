@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIG_CONFIG, big_random_model, model_loss, small_config
-from dist_utils import run_ranks
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from mixtral.backend import Ops
 from mixtral.checkpoint.native import published, read_manifest
 from mixtral.model import Mixtral
 from mixtral.parallel import ParallelDims, apply_data_parallel, apply_tensor_parallel
 from mixtral.train.checkpointing import load_training_checkpoint, save_training_checkpoint
+
+from conftest import BIG_CONFIG, big_random_model, model_loss, small_config
+from dist_utils import run_ranks
 
 CONFIG = dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
 LR, SEQ, RTOL = 1e-2, 12, 1e-5
@@ -113,7 +113,7 @@ def assert_equal_states(got: tuple, expected: tuple) -> None:
     for kind in range(2):  # weights, then optimizer state
         assert got[kind].keys() == expected[kind].keys()
         for name, value in expected[kind].items():
-            for key, tensor in (value.items() if isinstance(value, dict) else [("", value)]):
+            for key, tensor in value.items() if isinstance(value, dict) else [("", value)]:
                 assert torch.equal(got[kind][name][key] if key else got[kind][name], tensor), (name, key)
 
 
@@ -152,6 +152,7 @@ def test_one_process_loads_a_sharded_save(saved, source, layout):
 
 
 # --- an HF checkpoint into a sharded model: each rank reads its own shards ------------------------------------------
+
 
 def _status_mb(field: str) -> float:
     """This process's own memory counter from /proc (VmRSS now, VmHWM its peak since clear_refs)."""
@@ -192,8 +193,10 @@ def test_hf_into_a_sharded_model_reads_only_each_ranks_shards(tmp_path):
     save_hf(model, tmp_path / "hf", max_shard_bytes=64 * 2**20)
     del model
     for rank, result in enumerate(run_ranks(_load_hf_into_fsdp, 2, str(tmp_path / "hf"), timeout_s=300.0)):
-        print(f"rank {rank}: model {model_mb:.0f} MB, shard {result['local_mb']:.0f} MB, "
-              f"peak RSS grew {result['grown_mb']:.0f} MB")
+        print(
+            f"rank {rank}: model {model_mb:.0f} MB, shard {result['local_mb']:.0f} MB, "
+            f"peak RSS grew {result['grown_mb']:.0f} MB"
+        )
         assert result["equal"]
         assert result["local_mb"] <= 0.51 * model_mb
         assert result["grown_mb"] <= result["local_mb"] + largest_mb + 0.05 * model_mb < model_mb
@@ -207,10 +210,12 @@ def test_hf_into_a_sharded_model_reads_only_each_ranks_shards(tmp_path):
 MODEL = ("model.router_aux_loss_coef=0", "model.num_local_experts=4")
 
 
-LAYOUTS = {"dp2_zero3": ("parallel.dp=2", "parallel.zero=3"),
-           # every expert must land under its global index: Megatron-Bridge #1716 exports wrong ones with EP
-           "dp2_ep2": ("parallel.dp=2", "parallel.ep=2"),
-           "tp2_etp2": ("parallel.tp=2", "parallel.etp=2")}  # etp shards are gathered whole, and cut back
+LAYOUTS = {
+    "dp2_zero3": ("parallel.dp=2", "parallel.zero=3"),
+    # every expert must land under its global index: Megatron-Bridge #1716 exports wrong ones with EP
+    "dp2_ep2": ("parallel.dp=2", "parallel.ep=2"),
+    "tp2_etp2": ("parallel.tp=2", "parallel.etp=2"),
+}  # etp shards are gathered whole, and cut back
 
 
 def _fit(run_dir: Path, layout: tuple[str, ...], resume: bool = False, crash_at: int = -1) -> int:

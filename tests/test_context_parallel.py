@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import single_thread, small_config
-from dist_utils import laid_out_copy, run_layouts
 from test_expert_parallel import gather_expert_grads
 from test_parallel_equivalence import assert_matches, train
 from torch import nn
@@ -30,6 +28,9 @@ from mixtral.parallel import (
     shard_sequence,
 )
 from mixtral.train.loss import TrainingLoss
+
+from conftest import single_thread, small_config
+from dist_utils import laid_out_copy, run_layouts
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _run_layouts(names: list[str]) -> dict:
         if dims.ep > 1:
             gather_expert_grads(model, grads, meshes)
         reduce = functools.partial(mean_over, mesh=meshes.dp_cp)
-        results[name] = ([reduce(l).item() for l in losses], [reduce(c).item() for c in ce_losses], grads)
+        results[name] = ([reduce(loss).item() for loss in losses], [reduce(c).item() for c in ce_losses], grads)
     if dist.get_world_size() == 2:
         results["rejections"] = _rejections(meshes["cp"])
     return results
@@ -93,8 +94,7 @@ def _run_layouts(names: list[str]) -> dict:
 
 def _rejections(cp_mesh) -> list[str]:
     messages = []
-    for reject in (lambda: context_layout(cp_mesh, "ulysses"),
-                   lambda: shard_sequence(torch.zeros(1, 7), cp_mesh)):
+    for reject in (lambda: context_layout(cp_mesh, "ulysses"), lambda: shard_sequence(torch.zeros(1, 7), cp_mesh)):
         try:
             reject()
         except MixtralError as error:

@@ -10,13 +10,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import big_random_model, small_config
 from safetensors.torch import load_file, save_file
 
 from mixtral.checkpoint import hf, megatron, native
 from mixtral.checkpoint.hf import save_hf
 from mixtral.cli import main
 from mixtral.model import Mixtral
+
+from conftest import big_random_model, small_config
 
 SHARD_BYTES = 30_000  # several HF shards for the small model
 
@@ -51,8 +52,10 @@ def test_every_direction_verifies(hf_dir, capsys):
     manifest = native.read_manifest(root / "native")
     assert manifest.layout == {"tp": 2, "pp": 1, "ep": 5} and manifest.config == model.config
 
-    assert convert("--input", root / "native", "--output", root / "meg", "--to", "megatron", "--dtype", "bf16",
-                   "--verify") == 0
+    assert (
+        convert("--input", root / "native", "--output", root / "meg", "--to", "megatron", "--dtype", "bf16", "--verify")
+        == 0
+    )
     assert "native -> megatron -> native" in capsys.readouterr().out
     assert convert("--input", root / "meg", "--output", root / "hf2", "--to", "hf", "--verify") == 0
     assert convert("--input", root / "native", "--output", root / "hf3", "--to", "hf", "--verify") == 0
@@ -136,13 +139,18 @@ def test_bad_native_input(hf_dir, capsys):
     assert "architecture is 'DeepseekV3ForCausalLM'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--to", "native", "--ep", 3],
-     "--ep=3: the model's num_local_experts (5) is not divisible by ep (3); choose ep from [1, 5]"),
-    (["--to", "native", "--tp", 4], "--tp=4: the model's num_attention_heads (6) is not divisible by tp (4)"),
-    (["--to", "native", "--pp", 0], "--pp must be a positive integer, got 0"),
-    (["--to", "hf", "--tp", 2], "--tp: a layout is recorded only in a native checkpoint's manifest"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--to", "native", "--ep", 3],
+            "--ep=3: the model's num_local_experts (5) is not divisible by ep (3); choose ep from [1, 5]",
+        ),
+        (["--to", "native", "--tp", 4], "--tp=4: the model's num_attention_heads (6) is not divisible by tp (4)"),
+        (["--to", "native", "--pp", 0], "--pp must be a positive integer, got 0"),
+        (["--to", "hf", "--tp", 2], "--tp: a layout is recorded only in a native checkpoint's manifest"),
+    ],
+)
 def test_layout_flags_checked(hf_dir, capsys, args, message):
     src, _ = hf_dir
     assert convert("--input", src, "--output", src.parent / "out", *args) == 2
@@ -189,8 +197,12 @@ def test_conversion_streams_in_bounded_memory(hf_dir, tmp_path):
     save_hf(model, tmp_path / "big", max_shard_bytes=64 * 2**20)
     expert = model.layers[2].mlp.experts.gate_up_proj[5].detach().clone()
     del model
-    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(hf_dir[0]), str(tmp_path / "big"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(hf_dir[0]), str(tmp_path / "big"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     base_mb, growth_mb = map(float, result.stdout.split()[-2:])
     print(f"model {model_mb:.0f} MB, baseline RSS {base_mb:.0f} MB, conversion growth {growth_mb:.0f} MB")

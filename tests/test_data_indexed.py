@@ -11,8 +11,16 @@ import pytest
 from mixtral.data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype
 from mixtral.errors import MixtralError
 
-SPEC_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}
+SPEC_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
 
 
 def spec_read(prefix) -> dict:
@@ -26,8 +34,19 @@ def spec_read(prefix) -> dict:
     dtype = np.dtype(SPEC_DTYPES[code]).newbyteorder("<")
     data = Path(f"{prefix}.bin").read_bytes()
     sequences = [np.frombuffer(data, dtype, n, p).tolist() for n, p in zip(lengths, pointers)]
-    return dict(magic=magic, version=version, code=code, count=count, doc_count=doc_count, lengths=lengths,
-                pointers=pointers, documents=documents, sequences=sequences, idx_size=len(raw), bin_size=len(data))
+    return dict(
+        magic=magic,
+        version=version,
+        code=code,
+        count=count,
+        doc_count=doc_count,
+        lengths=lengths,
+        pointers=pointers,
+        documents=documents,
+        sequences=sequences,
+        idx_size=len(raw),
+        bin_size=len(data),
+    )
 
 
 def spec_write(prefix, documents: list[list[list[int]]]) -> None:

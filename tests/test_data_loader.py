@@ -34,8 +34,9 @@ def doc_of(docs: list[np.ndarray]) -> dict[int, int]:
 @pytest.fixture
 def data(tmp_path):
     docs = make_dataset(tmp_path / "a", 80, base=100)
-    cfg = DataConfig(corpus="indexed", prefixes=[str(tmp_path / "a")], valid_fraction=0.25,
-                     cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        corpus="indexed", prefixes=[str(tmp_path / "a")], valid_fraction=0.25, cache_dir=str(tmp_path / "cache")
+    )
     return cfg, docs
 
 
@@ -65,7 +66,7 @@ def test_packing_concatenates_whole_documents(data, tmp_path):
     runs = [owner[t] for i, t in enumerate(stream) if i == 0 or owner[t] != owner[stream[i - 1]]]
     assert len(runs) == len(set(runs))
     assert runs != sorted(runs)  # documents are shuffled
-    assert stream == np.concatenate([docs[d] for d in runs]).tolist()[:len(stream)]
+    assert stream == np.concatenate([docs[d] for d in runs]).tolist()[: len(stream)]
 
 
 def test_split_is_disjoint_and_seed_independent(data):
@@ -150,8 +151,11 @@ def test_resume_mid_epoch_gives_identical_batches(data):
 def test_blend_follows_weights(tmp_path):
     a = doc_of(make_dataset(tmp_path / "a", 60, base=100))
     make_dataset(tmp_path / "b", 200, base=10000, seed=1)
-    cfg = DataConfig(corpus="indexed", prefixes=[[0.7, str(tmp_path / "a")], [0.3, str(tmp_path / "b")]],
-                     cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        corpus="indexed",
+        prefixes=[[0.7, str(tmp_path / "a")], [0.3, str(tmp_path / "b")]],
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, valid = build_datasets(cfg, seq_len=8, seed=0)
     from_a = np.array([int(train[i][0]) in a for i in range(len(train))])
     assert len(train) > 500
@@ -165,16 +169,19 @@ def test_blend_indices_greedy_scheme():
     assert which.tolist() == [0, 1, 0, 0, 0, 1, 0, 0] and nth.tolist() == [0, 0, 1, 2, 3, 1, 4, 5]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(corpus="web"), "data.corpus is 'web'"),
-    (dict(corpus="indexed"), "data.prefixes is empty"),
-    (dict(prefixes=["x"]), "data.prefixes is set but data.corpus is 'builtin'"),
-    (dict(corpus="indexed", prefixes=[[0, "x"]]), r"data.prefixes entry \[0, 'x'\]"),
-    (dict(corpus="indexed", prefixes=["nowhere/x"]), "data.prefixes: dataset nowhere/x.idx/.bin not found"),
-    (dict(valid_fraction=0.0), "data.valid_fraction is 0.0"),
-    (dict(valid_fraction="0.1"), "data.valid_fraction must be a number"),
-    (dict(tokenizer="no/such.model"), "data.tokenizer no/such.model does not exist"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(corpus="web"), "data.corpus is 'web'"),
+        (dict(corpus="indexed"), "data.prefixes is empty"),
+        (dict(prefixes=["x"]), "data.prefixes is set but data.corpus is 'builtin'"),
+        (dict(corpus="indexed", prefixes=[[0, "x"]]), r"data.prefixes entry \[0, 'x'\]"),
+        (dict(corpus="indexed", prefixes=["nowhere/x"]), "data.prefixes: dataset nowhere/x.idx/.bin not found"),
+        (dict(valid_fraction=0.0), "data.valid_fraction is 0.0"),
+        (dict(valid_fraction="0.1"), "data.valid_fraction must be a number"),
+        (dict(tokenizer="no/such.model"), "data.tokenizer no/such.model does not exist"),
+    ],
+)
 def test_invalid_config_names_the_key(tmp_path, overrides, message):
     with pytest.raises(MixtralError, match=message):
         build_datasets(DataConfig(cache_dir=str(tmp_path), **overrides), seq_len=8, seed=0)
@@ -191,8 +198,10 @@ def test_too_little_data_is_a_clear_error(data):
 
 def test_builtin_corpus_builds_once_and_trains(tmp_path, monkeypatch):
     code = "import sys; from mixtral.data.corpus import builtin_corpus; print(builtin_corpus(sys.argv[1]))"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]  # two processes building the same cache at once
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # two processes building the same cache at once
     prefixes = [p.communicate()[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert len(prefixes) == 2 and prefixes[0] == prefixes[1]

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import single_thread, small_config
-from dist_utils import laid_out_copy, run_layouts
 from test_parallel_equivalence import assert_matches, train
 
 from mixtral.backend import Ops
@@ -33,9 +31,12 @@ from mixtral.parallel import (
     model_layout,
 )
 
+from conftest import single_thread, small_config
+from dist_utils import laid_out_copy, run_layouts
+
 EXPERTS = 4
-NO_RANK1 = (0.0, 0.0, -1e4, -1e4)      # experts 2 and 3 (ep rank 1's) never chosen: rank 1 receives nothing
-SKEWED = (1.0, -1e4, 0.0, 0.0)          # expert 0 takes every token, expert 1 none: uneven splits
+NO_RANK1 = (0.0, 0.0, -1e4, -1e4)  # experts 2 and 3 (ep rank 1's) never chosen: rank 1 receives nothing
+SKEWED = (1.0, -1e4, 0.0, 0.0)  # expert 0 takes every token, expert 1 none: uneven splits
 CAPACITY = dict(dispatcher="capacity", capacity_factor=1.0)  # drops pairs (skewed: many)
 BINS = dict(dispatcher="capacity_bins", capacity_bins=dict(num_bins=2, alignment=4))  # bins for 32-token batches
 
@@ -64,8 +65,9 @@ LAYOUTS = {
     "dp2_ep2_allgather_rank1_idle": Layout(2, dict(dp=2, ep=2), "allgather", bias=NO_RANK1),
     "dp2_ep2_alltoall_capacity_skewed": Layout(2, dict(dp=2, ep=2), moe=CAPACITY, bias=SKEWED),
     "dp2_ep2_allgather_capacity_skewed": Layout(2, dict(dp=2, ep=2), "allgather", moe=CAPACITY, bias=SKEWED),
-    "dp2_ep2_alltoall_packed_skewed": Layout(2, dict(dp=2, ep=2), moe=dict(CAPACITY, pad_to_capacity=False),
-                                             bias=SKEWED),
+    "dp2_ep2_alltoall_packed_skewed": Layout(
+        2, dict(dp=2, ep=2), moe=dict(CAPACITY, pad_to_capacity=False), bias=SKEWED
+    ),
     "dp2_ep2_alltoall_capacity_bins": Layout(2, dict(dp=2, ep=2), moe=BINS),
     "dp2_tp2_sp_ep2_etp2_allgather": Layout(4, dict(dp=2, tp=2, sp=True, ep=2, etp=2), "allgather"),
     "dp2_tp2_sp_ep2_etp2_alltoall": Layout(4, dict(dp=2, tp=2, sp=True, ep=2, etp=2)),
@@ -112,7 +114,7 @@ def _run_layouts(names: list[str]) -> dict[str, tuple]:
         losses, ce_losses, grads = train(model, layout.micro_batches, range(first, first + 1), zero=2)
         gather_expert_grads(model, grads, meshes)
         reduce = functools.partial(mean_over, mesh=meshes.dp_cp)
-        results[name] = ([reduce(l).item() for l in losses], [reduce(c).item() for c in ce_losses], grads)
+        results[name] = ([reduce(loss).item() for loss in losses], [reduce(c).item() for c in ce_losses], grads)
         placements = {str(p.placements) for p in expert_parameters(model)}
         results[name + "/placements"] = sorted(placements)
     if dist.get_world_size() == 2:

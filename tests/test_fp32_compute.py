@@ -105,7 +105,11 @@ def test_attention_in_fp32_at_least_as_accurate_as_native(forced, queries) -> No
     from mixtral.kernels import native
 
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, queries, 16).to(BF16), torch.randn(2, 2, 20, 16).to(BF16), torch.randn(2, 2, 20, 16).to(BF16)
+    q, k, v = (
+        torch.randn(2, 4, queries, 16).to(BF16),
+        torch.randn(2, 2, 20, 16).to(BF16),
+        torch.randn(2, 2, 20, 16).to(BF16),
+    )
     causal = queries == k.shape[2]
     exact = reference.attention(q.double(), k.double(), v.double(), causal=causal)
     out = fp32_compute.attention(q, k, v, causal=causal)

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import single_thread, small_config
 from safetensors.torch import load_file, save_file
 
 from mixtral.backend import get_backend
@@ -20,6 +19,8 @@ from mixtral.errors import MixtralError
 from mixtral.kernels import packed_experts
 from mixtral.model import Mixtral
 from mixtral.serve.engine import Generator, TextStream
+
+from conftest import single_thread, small_config
 
 NEW_TOKENS = 64
 
@@ -43,9 +44,10 @@ def hf_pair(config: ModelConfig) -> tuple[transformers.MixtralForCausalLM, Mixtr
 
 
 def hf_greedy(hf: transformers.MixtralForCausalLM, prompt: list[int]) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                      min_new_tokens=NEW_TOKENS, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = hf.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"sliding_window": 8, "tie_word_embeddings": True}])
@@ -98,7 +100,7 @@ def test_seeds_streaming_and_eos():
 
     generator.eos_id = greedy[0][4]  # row 0 stops at its first occurrence, EOS included
     stopped = generator.generate(prompts, 30)
-    assert stopped[0] == greedy[0][:greedy[0].index(generator.eos_id) + 1]
+    assert stopped[0] == greedy[0][: greedy[0].index(generator.eos_id) + 1]
     if generator.eos_id not in greedy[1]:
         assert stopped[1] == greedy[1]
     assert generator.generate(prompts, 30, stop_at_eos=False) == greedy
@@ -109,8 +111,9 @@ def test_engine_errors_name_the_numbers():
     generator = Generator(model)
     with pytest.raises(MixtralError, match="empty prompt"):
         generator.generate([[1, 2], []], 4)
-    with pytest.raises(MixtralError, match="prompt of 10 tokens plus 31 new tokens exceeds .* 40; lower max tokens "
-                                           "to at most 30"):
+    with pytest.raises(
+        MixtralError, match="prompt of 10 tokens plus 31 new tokens exceeds .* 40; lower max tokens to at most 30"
+    ):
         generator.generate([list(range(1, 11))], 31)
 
 
@@ -126,8 +129,9 @@ def test_text_stream_pieces_join_to_the_decoding():
 
 # ---- the CLI, on a tiny model saved by transformers (HF layout) with Mixtral's tokenizer vocabulary ----
 
-CLI_CONFIG = dict(vocab_size=32000, hidden_size=32, intermediate_size=24, num_attention_heads=4,
-                  max_position_embeddings=48)
+CLI_CONFIG = dict(
+    vocab_size=32000, hidden_size=32, intermediate_size=24, num_attention_heads=4, max_position_embeddings=48
+)
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +159,50 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_cli_prompt_stream_and_file(model_dir, reference, capsys, tmp_path):
     generator, tokenizer = reference
     expected = tokenizer.decode(generator.generate([tokenizer.encode("The capital of France")], 12)[0])
-    assert cli(capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12") \
-        == (0, expected + "\n", "")
-    assert cli(capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12",
-               "--stream")[:2] == (0, expected + "\n")
+    assert cli(capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12") == (
+        0,
+        expected + "\n",
+        "",
+    )
+    assert cli(
+        capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12", "--stream"
+    )[:2] == (0, expected + "\n")
 
-    sampled = [cli(capsys, "--model", str(model_dir), "--prompt", "Once", "--max-tokens", "10", "--temperature",
-                   "0.9", "--top-p", "0.9", "--top-k", "40", "--seed", str(seed))[1] for seed in (1, 1, 2)]
+    sampled = [
+        cli(
+            capsys,
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "10",
+            "--temperature",
+            "0.9",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "40",
+            "--seed",
+            str(seed),
+        )[1]
+        for seed in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1] != sampled[2]
 
     prompts = ["Hello there", "A much longer prompt than the first one", "x"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
-    code, out, err = cli(capsys, "--model", str(model_dir), "--prompts-file", str(tmp_path / "prompts.txt"),
-                         "--max-tokens", "8", "--batch-size", "2")
+    code, out, err = cli(
+        capsys,
+        "--model",
+        str(model_dir),
+        "--prompts-file",
+        str(tmp_path / "prompts.txt"),
+        "--max-tokens",
+        "8",
+        "--batch-size",
+        "2",
+    )
     assert code == 0 and "3/3" in err  # the progress bar
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == prompts
@@ -177,11 +212,13 @@ def test_cli_prompt_stream_and_file(model_dir, reference, capsys, tmp_path):
 
 
 def test_cli_compile_gives_the_eager_tokens(model_dir, reference, capsys):
-    """--compile (inductor, the whole model, dynamic shapes; compiled before the first prompt) completes as eager, fp32."""
+    """--compile (inductor, the whole model, dynamic shapes; compiled before the first prompt) completes as
+    eager, fp32."""
     generator, tokenizer = reference
     expected = tokenizer.decode(generator.generate([tokenizer.encode("The capital of France")], 12)[0])
-    code, out, err = cli(capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12",
-                         "--compile")
+    code, out, err = cli(
+        capsys, "--model", str(model_dir), "--prompt", "The capital of France", "--max-tokens", "12", "--compile"
+    )
     assert (code, out) == (0, expected + "\n") and "compiling the model for generation" in err
 
 
@@ -215,8 +252,9 @@ def test_only_batched_decode_steps_are_frozen():
     from mixtral.backends.cpu import frozen_when_decoding_a_batch
 
     seen = {}
-    call = frozen_when_decoding_a_batch(lambda tokens, **kw: seen.setdefault(tuple(tokens.shape),
-                                                                             torch._inductor.config.freezing))
+    call = frozen_when_decoding_a_batch(
+        lambda tokens, **kw: seen.setdefault(tuple(tokens.shape), torch._inductor.config.freezing)
+    )
     for shape in [(3, 1), (1, 1), (3, 9), (1, 9)]:
         call(torch.zeros(shape, dtype=torch.long), start=4)
     assert seen == {(3, 1): True, (1, 1): False, (3, 9): False, (1, 9): False}
@@ -278,14 +316,18 @@ def test_cli_bad_inputs(model_dir, capsys, tmp_path):
         (["--model", str(not_mixtral), "--prompt", "hi"], "llama"),
         (["--model", str(bad_shape), "--prompt", "hi"], "'model.norm.weight' has shape [33]"),
         (["--model", str(model_dir), "--prompt", "   "], "empty prompt"),
-        (["--model", str(model_dir), "--prompt", "hi", "--max-tokens", "47"],
-         "prompt of 2 tokens plus 47 new tokens exceeds the model's max_position_embeddings of 48; lower max "
-         "tokens to at most 46"),
+        (
+            ["--model", str(model_dir), "--prompt", "hi", "--max-tokens", "47"],
+            "prompt of 2 tokens plus 47 new tokens exceeds the model's max_position_embeddings of 48; lower max "
+            "tokens to at most 46",
+        ),
         (["--model", str(model_dir), "--prompt", "hi", "--backend", "nope"], "unknown backend 'nope'"),
         (["--model", str(model_dir), "--prompt", "hi", "--backend", "cuda"], "backend 'cuda' is not available"),
         (["--model", str(model_dir), "--prompts-file", str(tmp_path / "none.txt")], "prompts file not found"),
-        (["--model", str(model_dir), "--prompt", "hi", "--compile", "--tp", "2"],
-         "--compile runs a single rank's model; it does not combine with --tp / --ep / --pp yet"),
+        (
+            ["--model", str(model_dir), "--prompt", "hi", "--compile", "--tp", "2"],
+            "--compile runs a single rank's model; it does not combine with --tp / --ep / --pp yet",
+        ),
     ]
     for args, message in cases:
         code, out, err = cli(capsys, *args)

@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
 
 from mixtral.checkpoint.gguf_export import permute_rope
 from mixtral.checkpoint.hf import save_hf
@@ -20,14 +19,32 @@ from mixtral.data.tokenizer import Tokenizer, default_tokenizer_path
 from mixtral.model import Mixtral
 from mixtral.serve.engine import Generator
 
+from conftest import small_config
+
 gguf = pytest.importorskip("gguf")
 
 CONFIGS = {  # two random models, rows multiples of 32 (Q8_0 blocks), weights large enough for decisive logits
-    "gqa_untied": dict(vocab_size=32000, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, tie_word_embeddings=False),
-    "mha_8_experts": dict(vocab_size=32000, hidden_size=96, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=3, num_key_value_heads=3, num_local_experts=8,
-                          tie_word_embeddings=False, rope_theta=1e6),
+    "gqa_untied": dict(
+        vocab_size=32000,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        tie_word_embeddings=False,
+    ),
+    "mha_8_experts": dict(
+        vocab_size=32000,
+        hidden_size=96,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        num_local_experts=8,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+    ),
 }
 PROMPTS = ["The with statement", "  two  spaces   and three", "Grüße, naïve café — 東京 ✓", "def f(x):\n    return x"]
 
@@ -62,7 +79,7 @@ def test_gguf_reader_sees_llama_cpp_layout(tmp_path):
     assert len(tensors) == 3 + 10 * config.num_hidden_layers
     gate = tensors["blk.1.ffn_gate_exps.weight"]
     ours = model.layers[1].mlp.experts.gate_up_proj.detach()
-    assert np.array_equal(np.asarray(gate.data), ours[:, :config.intermediate_size].numpy())
+    assert np.array_equal(np.asarray(gate.data), ours[:, : config.intermediate_size].numpy())
     q = np.asarray(tensors["blk.0.attn_q.weight"].data)
     assert np.array_equal(q, permute_rope(model.layers[0].self_attn.q_proj.weight.detach(), 4).numpy())
     q8 = tmp_path / "q8.gguf"
@@ -74,19 +91,27 @@ def test_gguf_reader_sees_llama_cpp_layout(tmp_path):
 
 def test_bad_gguf_requests_are_one_line_errors(tmp_path, capsys):
     _, hf_dir = make_checkpoint(tmp_path, "gqa_untied")
-    assert main(["convert", "--input", str(hf_dir), "--output", str(tmp_path / "m.gguf"), "--to", "gguf",
-                 "--dtype", "q4_k"]) == 2
+    assert (
+        main(
+            ["convert", "--input", str(hf_dir), "--output", str(tmp_path / "m.gguf"), "--to", "gguf", "--dtype", "q4_k"]
+        )
+        == 2
+    )
     assert "--dtype 'q4_k' is not one convert writes; choose one of bf16, fp32, q8_0" in capsys.readouterr().err
     assert main(["convert", "--input", str(hf_dir), "--output", str(tmp_path / "out"), "--to", "gguf"]) == 2
     assert "a GGUF output is one file named *.gguf" in capsys.readouterr().err
-    assert main(["convert", "--input", str(hf_dir), "--output", str(tmp_path / "n"), "--to", "native",
-                 "--dtype", "q8_0"]) == 2
+    assert (
+        main(["convert", "--input", str(hf_dir), "--output", str(tmp_path / "n"), "--to", "native", "--dtype", "q8_0"])
+        == 2
+    )
     assert "--dtype q8_0 is a GGUF type" in capsys.readouterr().err
 
 
 def _llama(path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: "
-                                                        "bash bench/check_gguf_llama_cpp.sh builds it and runs these")
+    llama_cpp = pytest.importorskip(
+        "llama_cpp",
+        reason="llama-cpp-python is not installed: bash bench/check_gguf_llama_cpp.sh builds it and runs these",
+    )
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=False, verbose=False)
 
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import small_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +20,8 @@ from mixtral.checkpoint.hf import (
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+
+from conftest import small_config
 
 SHARD_BYTES = 30_000  # small enough that the tiny model needs several shards
 
@@ -78,7 +79,7 @@ def test_loads_fused_names_from_shards(tmp_path):
     model = random_model(config)
     state = {("" if name == "lm_head.weight" else "model.") + name: t for name, t in model.state_dict().items()}
     names = list(state)
-    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
     for file, keys in halves.items():
         save_file({k: state[k] for k in keys}, tmp_path / file)
     weight_map = {k: file for file, keys in halves.items() for k in keys}

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mixtral.backend import registry
-from mixtral.errors import MixtralError
 from mixtral.backends import hpu
+from mixtral.errors import MixtralError
 from mixtral.kernels import reference
 from mixtral.model.rope import rope_tables
 from tests import vendor_sim as sim
@@ -47,14 +47,17 @@ def test_wrong_attention_calls_fail() -> None:
     want = reference.attention(q, k, v, mask=mask)
     inverted = sim.FusedSDPA.apply(q, k, v, ~mask | (torch.arange(13) == 1), 0.0, False, None)
     assert not torch.allclose(inverted, want, **FP32)
-    with pytest.raises(ValueError, match="key heads 13 must divide query heads 5"):  # [B, S, H, D] passed as [B, H, S, D]
+    with pytest.raises(
+        ValueError, match="key heads 13 must divide query heads 5"
+    ):  # [B, S, H, D] passed as [B, H, S, D]
         sim.FusedSDPA.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0, False, None)
     with pytest.raises(AssertionError, match="2D attention mask is not supported with grouped-query"):
         sim.FusedSDPA.apply(q, k, v, mask[0, 0], 0.0, False, None)  # the wrapper unpacks a 4-D mask under GQA
     square = mask[..., :5]  # is_causal and a mask together apply both, as the wrapper does
     both = sim.FusedSDPA.apply(q[:, :, :5], k[:, :, :5], v[:, :, :5], square, 0.0, True, None)
-    torch.testing.assert_close(both, reference.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], mask=square,
-                                                         causal=True), **FP32)
+    torch.testing.assert_close(
+        both, reference.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], mask=square, causal=True), **FP32
+    )
     with pytest.raises(ValueError, match="neither"):
         sim.FusedSDPA.apply(q, k, v, mask[..., :1, :], 0.0, False, None)  # an unexpanded broadcast mask
 
@@ -110,8 +113,12 @@ def fake_habana(monkeypatch) -> list[str]:
     device.synchronize = lambda: calls.append("synchronize")
     package, torch_package = types.ModuleType("habana_frameworks"), types.ModuleType("habana_frameworks.torch")
     package.torch, torch_package.core, torch_package.hpu = torch_package, core, device
-    for name, module in [("habana_frameworks", package), ("habana_frameworks.torch", torch_package),
-                         ("habana_frameworks.torch.core", core), ("habana_frameworks.torch.hpu", device)]:
+    for name, module in [
+        ("habana_frameworks", package),
+        ("habana_frameworks.torch", torch_package),
+        ("habana_frameworks.torch.core", core),
+        ("habana_frameworks.torch.hpu", device),
+    ]:
         monkeypatch.setitem(sys.modules, name, module)
     return calls
 
@@ -132,9 +139,13 @@ def test_mark_step_only_in_lazy_mode(monkeypatch, env, steps) -> None:
 
 def test_compile_uses_the_hpu_backend_in_eager_mode_only(monkeypatch) -> None:
     seen = {}
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, backend, dynamic, options: seen.update(module=self, backend=backend, dynamic=dynamic,
-                                                                            options=options))
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "compile",
+        lambda self, backend, dynamic, options: seen.update(
+            module=self, backend=backend, dynamic=dynamic, options=options
+        ),
+    )
     module = torch.nn.Linear(2, 2)
     monkeypatch.setenv("PT_HPU_LAZY_MODE", "0")
     registry().backends["hpu"].compile(module, dynamic=True, inference=True)
@@ -146,7 +157,11 @@ def test_compile_uses_the_hpu_backend_in_eager_mode_only(monkeypatch) -> None:
 
 def test_registered_with_hccl_and_capacity_bins() -> None:
     b = registry().backends["hpu"]
-    assert (b.dist_backend, b.capabilities.preferred_dispatcher, b.capabilities.dynamic_shapes) == ("hccl", "capacity_bins", False)
+    assert (b.dist_backend, b.capabilities.preferred_dispatcher, b.capabilities.dynamic_shapes) == (
+        "hccl",
+        "capacity_bins",
+        False,
+    )
     if not b.availability.ok:  # this machine: no Gaudi stack
         assert b.availability.reason.startswith("python package 'habana_frameworks.torch' is not importable")
         assert b.availability.reason.endswith(b.install_hint)

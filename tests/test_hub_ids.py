@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import small_config
 
 from mixtral.checkpoint.hf import save_hf
 from mixtral.checkpoint.loading import checkpoint_config, load_model
@@ -14,6 +13,8 @@ from mixtral.cli import main
 from mixtral.data.tokenizer import default_tokenizer_path
 from mixtral.model import Mixtral
 from mixtral.recipes import load_recipe
+
+from conftest import small_config
 
 MODEL_ID = "acme/tiny-mixtral"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -52,10 +53,20 @@ def test_generate_convert_and_init_from_take_an_id(hub_cache, tmp_path, capsys):
     assert capsys.readouterr().out == by_id
     assert main(["convert", "--input", MODEL_ID, "--output", str(tmp_path / "native"), "--to", "native"]) == 0
     assert checkpoint_config(tmp_path / "native") == model.config
-    recipe = load_recipe("cpu-tiny", ["model.preset=null", f"model.init_from={MODEL_ID}", "model.hidden_size=null",
-                                      "model.intermediate_size=null", "model.num_hidden_layers=null",
-                                      "model.num_attention_heads=null", "model.num_key_value_heads=null",
-                                      "model.num_local_experts=null", "model.max_position_embeddings=null"])
+    recipe = load_recipe(
+        "cpu-tiny",
+        [
+            "model.preset=null",
+            f"model.init_from={MODEL_ID}",
+            "model.hidden_size=null",
+            "model.intermediate_size=null",
+            "model.num_hidden_layers=null",
+            "model.num_attention_heads=null",
+            "model.num_key_value_heads=null",
+            "model.num_local_experts=null",
+            "model.max_position_embeddings=null",
+        ],
+    )
     assert recipe.model_config() == model.config
 
 

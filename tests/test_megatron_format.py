@@ -15,19 +15,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
 from torch.distributed.checkpoint.filesystem import _StoragePrefix
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.planner import (BytesIOWriteData, SavePlan, TensorWriteData, WriteItem,
-                                                  WriteItemType)
+from torch.distributed.checkpoint.planner import BytesIOWriteData, SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from mixtral.checkpoint import megatron
-from mixtral.checkpoint.megatron import (FC1, TOP_KEYS, MegatronSource, from_megatron_state_dict, fuse_qkv,
-                                         megatron_shapes, save_megatron, split_qkv, to_megatron_state_dict)
+from mixtral.checkpoint.megatron import (
+    FC1,
+    TOP_KEYS,
+    MegatronSource,
+    from_megatron_state_dict,
+    fuse_qkv,
+    megatron_shapes,
+    save_megatron,
+    split_qkv,
+    to_megatron_state_dict,
+)
 from mixtral.checkpoint.native import LazyTensor, _dcp_load, dcp_save, read_boxes, read_dcp_metadata
 from mixtral.cli import main
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+
+from conftest import small_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "checkpoint-formats.md"
 
@@ -35,8 +44,16 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "checkpoint-formats.md"
 def doc_table(config) -> dict[str, tuple[int, ...]]:
     """Megatron key -> shape from the one mapping table in docs/checkpoint-formats.md, symbols evaluated."""
     c = config
-    symbols = {"L": c.num_hidden_layers, "E": c.num_local_experts, "H": c.hidden_size, "F": c.intermediate_size,
-               "V": c.vocab_size, "nh": c.num_attention_heads, "nkv": c.num_key_value_heads, "d": c.head_dim}
+    symbols = {
+        "L": c.num_hidden_layers,
+        "E": c.num_local_experts,
+        "H": c.hidden_size,
+        "F": c.intermediate_size,
+        "V": c.vocab_size,
+        "nh": c.num_attention_heads,
+        "nkv": c.num_key_value_heads,
+        "d": c.head_dim,
+    }
     table = {}
     for line in DOCS.read_text().splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -49,7 +66,7 @@ def doc_table(config) -> dict[str, tuple[int, ...]]:
 
 def reader(state: dict[str, torch.Tensor]):
     """The (name, expert) -> tensor reader save_megatron takes, over a full state dict."""
-    return lambda name, expert: state[name] if expert is None else state[name][expert:expert + 1]
+    return lambda name, expert: state[name] if expert is None else state[name][expert : expert + 1]
 
 
 def stored(release: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, object]]:
@@ -82,10 +99,15 @@ def test_export_keys_and_shapes_match_the_docs_table(tmp_path, tied):
     assert len(expected) == (9 if tied else 10)
     assert tensors == expected == megatron_shapes(config)
     # megatron-core 0.19: two keys in metadata.json, the common state inside the DCP files (no common.pt)
-    assert json.loads((release / "metadata.json").read_text()) == {"sharded_backend": "torch_dist",
-                                                                   "sharded_backend_version": 1}
+    assert json.loads((release / "metadata.json").read_text()) == {
+        "sharded_backend": "torch_dist",
+        "sharded_backend_version": 1,
+    }
     assert sorted(path.name for path in release.iterdir() if not path.name.endswith(".distcp")) == [
-        ".metadata", "config.json", "metadata.json"]
+        ".metadata",
+        "config.json",
+        "metadata.json",
+    ]
     assert objects.pop("common_state/shard_0_1") == [{"checkpoint_version": 3.0, "iteration": 0}]
     assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "release"
     chunks = read_dcp_metadata(release).state_dict_metadata[FC1].chunks
@@ -101,13 +123,17 @@ def test_export_writes_each_specs_extra_states(tmp_path, spec):
     save_megatron(tmp_path / "meg", reader(state), config, torch.float32, spec=spec)
     tensors, objects = stored(tmp_path / "meg" / "release")
     L, E = config.num_hidden_layers, config.num_local_experts
-    extra_states = {"decoder.layers.self_attention.linear_qkv": L, "decoder.layers.self_attention.linear_proj": L,
-                    "decoder.layers.mlp.experts.experts.linear_fc1": L * E,
-                    "decoder.layers.mlp.experts.experts.linear_fc2": L * E}
+    extra_states = {
+        "decoder.layers.self_attention.linear_qkv": L,
+        "decoder.layers.self_attention.linear_proj": L,
+        "decoder.layers.mlp.experts.experts.linear_fc1": L * E,
+        "decoder.layers.mlp.experts.experts.linear_fc2": L * E,
+    }
     if spec == "te":
         extra_states |= {"decoder.layers.pre_mlp_layernorm": L, "decoder.final_layernorm": 1}
-    assert {module: sum(key.startswith(f"{module}._extra_state/") for key in objects)
-            for module in extra_states} == extra_states
+    assert {
+        module: sum(key.startswith(f"{module}._extra_state/") for key in objects) for module in extra_states
+    } == extra_states
     assert len(objects) == sum(extra_states.values()) + 1  # and the common state
     assert "decoder.layers.mlp.experts.experts.linear_fc1._extra_state/shard_1.4_2.5" in objects  # layer 1, expert 4
     values = [value for key, value in objects.items() if "_extra_state" in key]
@@ -147,16 +173,32 @@ def test_reads_older_metadata_and_save_plans(tmp_path):
     state = dict(random_model(config).named_parameters())
     save_megatron(tmp_path / "meg", reader(state), config, torch.float32)
     release = tmp_path / "meg" / "release"
-    (release / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                                                       "common_backend": "torch", "common_backend_version": 1}))
+    (release / "metadata.json").write_text(
+        json.dumps(
+            {
+                "sharded_backend": "torch_dist",
+                "sharded_backend_version": 1,
+                "common_backend": "torch",
+                "common_backend_version": 1,
+            }
+        )
+    )
     torch.save({"checkpoint_version": 3.0, "iteration": 0}, release / "common.pt")
     metadata = read_dcp_metadata(release)
     fc1 = metadata.state_dict_metadata[FC1]
     write_data = TensorWriteData(fc1.chunks[0], fc1.properties, fc1.size)
     index = MetadataIndex(FC1, torch.Size([0, 0, 0, 0]))
-    metadata.all_local_plans = [SavePlan([WriteItem(index, WriteItemType.SHARD, tensor_data=write_data),
-                                          WriteItem(MetadataIndex("common_state/shard_0_1"), WriteItemType.BYTE_IO,
-                                                    bytes_io_data=BytesIOWriteData(1))], _StoragePrefix("__0_"))]
+    metadata.all_local_plans = [
+        SavePlan(
+            [
+                WriteItem(index, WriteItemType.SHARD, tensor_data=write_data),
+                WriteItem(
+                    MetadataIndex("common_state/shard_0_1"), WriteItemType.BYTE_IO, bytes_io_data=BytesIOWriteData(1)
+                ),
+            ],
+            _StoragePrefix("__0_"),
+        )
+    ]
     (release / ".metadata").write_bytes(pickle.dumps(metadata))
     source = MegatronSource(tmp_path / "meg")
     assert all(torch.equal(source.read(name), tensor) for name, tensor in state.items())
@@ -169,9 +211,9 @@ def test_reads_older_metadata_and_save_plans(tmp_path):
 def test_qkv_is_fused_per_query_group():
     config = small_config(num_attention_heads=6, num_key_value_heads=2)  # 3 query heads per group
     d, hidden = config.head_dim, config.hidden_size
-    q = torch.arange(6).repeat_interleave(d)[:, None].expand(-1, hidden).float()          # rows of q head h: h
-    k = (10 + torch.arange(2)).repeat_interleave(d)[:, None].expand(-1, hidden).float()   # k head g: 10 + g
-    v = (20 + torch.arange(2)).repeat_interleave(d)[:, None].expand(-1, hidden).float()   # v head g: 20 + g
+    q = torch.arange(6).repeat_interleave(d)[:, None].expand(-1, hidden).float()  # rows of q head h: h
+    k = (10 + torch.arange(2)).repeat_interleave(d)[:, None].expand(-1, hidden).float()  # k head g: 10 + g
+    v = (20 + torch.arange(2)).repeat_interleave(d)[:, None].expand(-1, hidden).float()  # v head g: 20 + g
     fused = fuse_qkv(q, k, v, config)
     heads = fused[::d, 0].tolist()
     assert heads == [0, 1, 2, 10, 20, 3, 4, 5, 11, 21]
@@ -184,8 +226,10 @@ def test_round_trips_and_logits(tmp_path):
     state = dict(model.named_parameters())
     exported = to_megatron_state_dict(state, config)
     assert torch.equal(exported[FC1][1, 3], state["layers.1.mlp.experts.gate_up_proj"][3])
-    assert torch.equal(exported["decoder.layers.mlp.linear_fc1.layer_norm_weight"][1],
-                       state["layers.1.post_attention_layernorm.weight"])
+    assert torch.equal(
+        exported["decoder.layers.mlp.linear_fc1.layer_norm_weight"][1],
+        state["layers.1.post_attention_layernorm.weight"],
+    )
     back = from_megatron_state_dict(exported, config)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
@@ -215,12 +259,17 @@ def write_like_megatron(path: Path, exported: dict[str, torch.Tensor], config, p
             half = shape[-2] // 2
             lead = [()] if full.ndim == 3 else [(e,) for e in range(shape[1])]
             halves = ((0, half), (half, shape[-2] - half))
-            boxes = [((layer, *e, start, 0), (1, *(1,) * len(e), rows, shape[-1]))
-                     for layer in range(shape[0]) for e in lead for start, rows in halves]
+            boxes = [
+                ((layer, *e, start, 0), (1, *(1,) * len(e), rows, shape[-1]))
+                for layer in range(shape[0])
+                for e in lead
+                for start, rows in halves
+            ]
         else:
             boxes = [((0,) * full.ndim, shape)]
-        state[key] = LazyTensor(shape, full.dtype, boxes,
-                                lambda box, full=full: full[tuple(slice(o, o + s) for o, s in zip(*box))])
+        state[key] = LazyTensor(
+            shape, full.dtype, boxes, lambda box, full=full: full[tuple(slice(o, o + s) for o, s in zip(*box))]
+        )
     state["optimizer.state.exp_avg.decoder.final_layernorm.weight"] = torch.zeros(config.hidden_size)
     state["rng_state"] = [{"random_rng_state": (1, 2, 3)}]
     dcp_save(state, path)
@@ -246,20 +295,29 @@ def test_foreign_checkpoints_refused(tmp_path):
     state = dict(random_model(config).named_parameters())
     save_megatron(tmp_path / "meg", reader(state), config, torch.float32)
     release = tmp_path / "meg" / "release"
-    with pytest.raises(MixtralError, match=r"--config does not match the config.json saved with these weights "
-                                           r"\(num_key_value_heads: 3 given, 2 saved\); drop --config"):
+    with pytest.raises(
+        MixtralError,
+        match=r"--config does not match the config.json saved with these weights "
+        r"\(num_key_value_heads: 3 given, 2 saved\); drop --config",
+    ):
         MegatronSource(release, small_config(num_key_value_heads=3))
     (release / "config.json").rename(tmp_path / "config.json")  # as megatron-core saves it: the config is --config's
     with pytest.raises(MixtralError, match=r"'decoder.layers.self_attention.linear_qkv.weight' has shape .*--config"):
         MegatronSource(release, small_config(num_key_value_heads=3))
     with pytest.raises(MixtralError, match=r"holds 'output_layer.weight' but the config ties the embeddings"):
         MegatronSource(release, small_config(tie_word_embeddings=True))
-    with pytest.raises(MixtralError, match=r"'embedding.word_embeddings.weight' has shape \[101, 48\] but the config "
-                                           r"implies \[102, 48\]"):
+    with pytest.raises(
+        MixtralError,
+        match=r"'embedding.word_embeddings.weight' has shape \[101, 48\] but the config "
+        r"implies \[102, 48\]",
+    ):
         MegatronSource(release, small_config(vocab_size=102))
     (tmp_path / "config.json").rename(release / "config.json")
-    with pytest.raises(MixtralError, match=r"'decoder.layers.mlp.experts.experts.linear_fc1.weight' is missing \(not a "
-                                           r"mixture-of-experts model\?\)"):
+    with pytest.raises(
+        MixtralError,
+        match=r"'decoder.layers.mlp.experts.experts.linear_fc1.weight' is missing \(not a "
+        r"mixture-of-experts model\?\)",
+    ):
         dense = {k: v for k, v in to_megatron_state_dict(state, config).items() if ".experts." not in k}
         dcp_save(dense, tmp_path / "dense")
         (tmp_path / "dense" / "metadata.json").write_text(json.dumps(megatron.CHECKPOINTING_CONFIG))
@@ -272,17 +330,27 @@ def test_foreign_checkpoints_refused(tmp_path):
         MegatronSource(tmp_path / "meg")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--to", "megatron", "--megatron-spec", "mcore"], "Megatron layer spec 'mcore' is unknown; choose --megatron-spec "
-                                                       "local (megatron-core's own modules) or te"),
-    (["--to", "megatron", "--make-vocab-size-divisible-by", "0"],
-     "--make-vocab-size-divisible-by 0: must be a positive integer (Megatron-LM's defaults: "),
-    (["--to", "megatron", "--megatron-tp", "-2"], "--megatron-tp -2: must be a positive integer"),
-    (["--to", "hf", "--megatron-spec", "te"], "--megatron-spec: applies to --to megatron only (hf output has no "),
-    (["--to", "hf", "--config", "CONFIG"], "--config does not match the config.json saved with these weights "
-                                           "(hidden_size: 64 given, 48 saved; head_dim: 10 given, 8 saved); drop "
-                                           "--config"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--to", "megatron", "--megatron-spec", "mcore"],
+            "Megatron layer spec 'mcore' is unknown; choose --megatron-spec local (megatron-core's own modules) or te",
+        ),
+        (
+            ["--to", "megatron", "--make-vocab-size-divisible-by", "0"],
+            "--make-vocab-size-divisible-by 0: must be a positive integer (Megatron-LM's defaults: ",
+        ),
+        (["--to", "megatron", "--megatron-tp", "-2"], "--megatron-tp -2: must be a positive integer"),
+        (["--to", "hf", "--megatron-spec", "te"], "--megatron-spec: applies to --to megatron only (hf output has no "),
+        (
+            ["--to", "hf", "--config", "CONFIG"],
+            "--config does not match the config.json saved with these weights "
+            "(hidden_size: 64 given, 48 saved; head_dim: 10 given, 8 saved); drop "
+            "--config",
+        ),
+    ],
+)
 def test_bad_megatron_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     config = small_config()
     save_megatron(tmp_path / "meg", reader(dict(random_model(config).named_parameters())), config, torch.float32)
@@ -297,8 +365,26 @@ def test_cli_exports_te_spec_with_padded_vocabulary(tmp_path):
     config = small_config()
     state = dict(random_model(config).named_parameters())
     save_megatron(tmp_path / "meg", reader(state), config, torch.float32)
-    assert main(["convert", "--input", str(tmp_path / "meg"), "--output", str(tmp_path / "te"), "--to", "megatron",
-                 "--megatron-spec", "te", "--make-vocab-size-divisible-by", "32", "--megatron-tp", "4"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--input",
+                str(tmp_path / "meg"),
+                "--output",
+                str(tmp_path / "te"),
+                "--to",
+                "megatron",
+                "--megatron-spec",
+                "te",
+                "--make-vocab-size-divisible-by",
+                "32",
+                "--megatron-tp",
+                "4",
+            ]
+        )
+        == 0
+    )
     tensors, objects = stored(tmp_path / "te" / "release")
     assert tensors["embedding.word_embeddings.weight"] == (128, config.hidden_size)
     assert "decoder.layers.pre_mlp_layernorm.weight" in tensors

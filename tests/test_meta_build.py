@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_ranks
 
 from mixtral.backend import get_backend
 from mixtral.build import build_for_training, build_on_meta, materialize
@@ -22,12 +21,25 @@ from mixtral.model.init import TILE, normal_values
 from mixtral.parallel import ParallelDims, full_expert_weight
 from mixtral.recipes import load_recipe
 
+from dist_utils import run_ranks
+
 SEED = 1234
 # hidden 320 and vocab 600 span several init tiles, so shards cut across tile edges
-MODEL = ["model.vocab_size=600", "model.hidden_size=320", "model.intermediate_size=272", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.num_local_experts=4",
-         "model.tie_word_embeddings=false", "model.max_position_embeddings=64", f"train.seed={SEED}", "seq_len=32",
-         "batch.micro_batch=2", "batch.global_batch=8"]
+MODEL = [
+    "model.vocab_size=600",
+    "model.hidden_size=320",
+    "model.intermediate_size=272",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.num_local_experts=4",
+    "model.tie_word_embeddings=false",
+    "model.max_position_embeddings=64",
+    f"train.seed={SEED}",
+    "seq_len=32",
+    "batch.micro_batch=2",
+    "batch.global_batch=8",
+]
 
 
 @dataclass(frozen=True)
@@ -44,11 +56,13 @@ LAYOUTS = {
     "tp2_etp2": Layout(2, ("parallel.tp=2", "parallel.etp=2")),
     "pp2": Layout(2, ("parallel.pp=2",)),
     "cp2": Layout(2, ("parallel.cp=2",)),
-    "dp2_tp2_sp_ep2_zero3": Layout(4, ("parallel.dp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
-                                       "parallel.zero=3")),
+    "dp2_tp2_sp_ep2_zero3": Layout(
+        4, ("parallel.dp=2", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2", "parallel.zero=3")
+    ),
     "pp2_dp2_ep2": Layout(4, ("parallel.pp=2", "parallel.dp=2", "parallel.ep=2")),
-    "tp2_etp2_ep2_dp2_zero1": Layout(4, ("parallel.tp=2", "parallel.etp=2", "parallel.dp=2", "parallel.ep=2",
-                                         "parallel.zero=1")),
+    "tp2_etp2_ep2_dp2_zero1": Layout(
+        4, ("parallel.tp=2", "parallel.etp=2", "parallel.dp=2", "parallel.ep=2", "parallel.zero=1")
+    ),
 }
 
 
@@ -149,8 +163,11 @@ def test_materialize_fills_buffers_and_refuses_a_checkpoint_of_another_shape(tmp
     other.init_weights(seed=1)
     save_hf(other, tmp_path / "hf")
     model = build_on_meta(config, dtype=torch.bfloat16)
-    with pytest.raises(MixtralError, match=r"parameter 'layers.0.mlp.experts.gate_up_proj' has shape \[4, 272, 320\] "
-                                           r"there but the model's is \[4, 544, 320\]"):
+    with pytest.raises(
+        MixtralError,
+        match=r"parameter 'layers.0.mlp.experts.gate_up_proj' has shape \[4, 272, 320\] "
+        r"there but the model's is \[4, 544, 320\]",
+    ):
         materialize(model, model, "cpu", init_from=tmp_path / "hf")
     model = build_on_meta(config, dtype=torch.bfloat16)
     materialize(model, model, "cpu", seed=3)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import model_loss, small_config
 
 from mixtral.backend import Ops, get_backend
 from mixtral.config import ModelConfig
 from mixtral.model import IGNORE_INDEX, Mixtral
+
+from conftest import model_loss, small_config
 
 OPS = {"reference": Ops.reference, "cpu": lambda: get_backend("cpu").ops}
 
@@ -90,8 +91,9 @@ def test_tokens_per_expert_sum_to_tokens_times_k(top_k):
     assert torch.equal(counts.sum(-1), torch.full((3,), 3 * 7 * top_k))
 
 
-@pytest.mark.parametrize("sizes", [dict(), dict(hidden_size=44, intermediate_size=38, head_dim=14)],
-                         ids=["aligned", "odd"])
+@pytest.mark.parametrize(
+    "sizes", [dict(), dict(hidden_size=44, intermediate_size=38, head_dim=14)], ids=["aligned", "odd"]
+)
 def test_cpu_ops_match_reference(sizes):
     config = small_config(**sizes)
     reference = random_model(config, Ops.reference())
@@ -115,7 +117,7 @@ def test_kv_cache_decoding_matches_full_forward(ops, window):
         full = model(tokens).logits
         model.setup_caches(batch=2, max_len=32)
         steps = [model(tokens[:, :6]).logits]  # prefill longer than the window
-        steps += [model(tokens[:, t:t + 1], start=t).logits for t in range(6, 14)]
+        steps += [model(tokens[:, t : t + 1], start=t).logits for t in range(6, 14)]
         model.clear_caches()
     assert rel(torch.cat(steps, dim=1), full) <= 1e-5
 
@@ -136,7 +138,7 @@ def test_last_only_prefill_fills_the_cache_and_keeps_the_last_logits(ops, window
             model.setup_caches(batch=2, max_len=16)
             prefill = model(tokens[:, :8], last_only=last_only, pad=pad)
             caches = [torch.cat([layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v]) for layer in model.layers]
-            steps = [model(tokens[:, t:t + 1], start=t, pad=pad).logits for t in (8, 9)]
+            steps = [model(tokens[:, t : t + 1], start=t, pad=pad).logits for t in (8, 9)]
             results.append((prefill, caches, torch.cat(steps, dim=1)))
         model.clear_caches()
     (full, full_caches, full_steps), (last, last_caches, last_steps) = results

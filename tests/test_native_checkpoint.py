@@ -13,16 +13,24 @@ import time
 
 import pytest
 import torch
-from conftest import model_loss, small_config
-from dist_utils import run_ranks
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from mixtral.checkpoint import native
-from mixtral.checkpoint.native import (LazyTensor, load_native, published, read_boxes, save_native,
-                                       save_native_step, whole)
+from mixtral.checkpoint.native import (
+    LazyTensor,
+    load_native,
+    published,
+    read_boxes,
+    save_native,
+    save_native_step,
+    whole,
+)
 from mixtral.config import MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
+
+from conftest import model_loss, small_config
+from dist_utils import run_ranks
 
 
 def trained(config, steps: int = 1) -> tuple[Mixtral, torch.optim.AdamW]:
@@ -52,8 +60,15 @@ def assert_same_state(a: dict, b: dict) -> None:
 def test_round_trip_model_and_optimizer(tmp_path):
     config = small_config()
     model, opt = trained(config)
-    path = save_native(tmp_path / "ck", model.state_dict(), get_optimizer_state_dict(model, opt), config=config,
-                       step=7, layout={"tp": 2, "pp": 1, "ep": 1}, manifest_extra={"note": "x"})
+    path = save_native(
+        tmp_path / "ck",
+        model.state_dict(),
+        get_optimizer_state_dict(model, opt),
+        config=config,
+        step=7,
+        layout={"tp": 2, "pp": 1, "ep": 1},
+        manifest_extra={"note": "x"},
+    )
     manifest = json.loads((path / native.MANIFEST).read_text())
     assert manifest["format_version"] == native.FORMAT_VERSION and manifest["step"] == 7
     assert manifest["layout"] == {"tp": 2, "pp": 1, "ep": 1} and manifest["dtype"] == "float32"
@@ -74,8 +89,12 @@ def test_lazy_boxes_and_resharded_reads(tmp_path):
     full = torch.arange(4 * 6 * 5, dtype=torch.float32).reshape(4, 6, 5)
     boxes = [((i, j, 0), (1, 3, 5)) for i in range(4) for j in (0, 3)]
     made = []
-    lazy = LazyTensor((4, 6, 5), torch.bfloat16, boxes,
-                      lambda box: made.append(box) or full[box[0][0]:box[0][0] + 1, box[0][1]:box[0][1] + 3])
+    lazy = LazyTensor(
+        (4, 6, 5),
+        torch.bfloat16,
+        boxes,
+        lambda box: made.append(box) or full[box[0][0] : box[0][0] + 1, box[0][1] : box[0][1] + 3],
+    )
     save_native(tmp_path / "ck", {"x": lazy}, config=small_config(), file_per_item=True)
     assert sorted(made) == sorted(boxes)
     got = read_boxes(tmp_path / "ck", {"model.x": [((1, 2, 1), (3, 3, 3)), whole((4, 6, 5))]})["model.x"]
@@ -157,12 +176,15 @@ def test_sigkill_during_saves_never_breaks_latest(tmp_path):
     assert checked >= 20 and start >= 20  # the kills landed among many completed saves
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
-    (lambda m: m.update(architecture="LlamaForCausalLM"), "architecture is 'LlamaForCausalLM'"),
-    (lambda m: m["model_config"].update(model_type="llama"), "model_type is 'llama', not 'mixtral'"),
-    (lambda m: m.update(format="something"), "not a native mixtral-run checkpoint manifest"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
+        (lambda m: m.update(architecture="LlamaForCausalLM"), "architecture is 'LlamaForCausalLM'"),
+        (lambda m: m["model_config"].update(model_type="llama"), "model_type is 'llama', not 'mixtral'"),
+        (lambda m: m.update(format="something"), "not a native mixtral-run checkpoint manifest"),
+    ],
+)
 def test_manifest_refused(tmp_path, change, message):
     config = small_config()
     path = save_native(tmp_path / "ck", Mixtral(config).state_dict(), config=config)
@@ -238,15 +260,21 @@ def _sharded_rank(source: str, target: str) -> dict:
     load_native(source, reference)
     rank = dist.get_rank()
     local_expert = model.layers[1].mlp.experts.gate_up_proj.to_local()
-    assert torch.equal(local_expert, reference.layers[1].mlp.experts.gate_up_proj[2 * rank:2 * rank + 2])
+    assert torch.equal(local_expert, reference.layers[1].mlp.experts.gate_up_proj[2 * rank : 2 * rank + 2])
     local_q = model.layers[0].self_attn.q_proj.weight.to_local()
     assert torch.equal(local_q, reference.layers[0].self_attn.q_proj.weight.chunk(2)[rank])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for param in model.parameters():
         param.grad = torch.ones_like(param)
     opt.step()
-    save_native(target, model.state_dict(), get_optimizer_state_dict(model, opt), config=config, step=1,
-                layout={"tp": 2, "pp": 1, "ep": 2})
+    save_native(
+        target,
+        model.state_dict(),
+        get_optimizer_state_dict(model, opt),
+        config=config,
+        step=1,
+        layout={"tp": 2, "pp": 1, "ep": 2},
+    )
     return {}
 
 

@@ -1,4 +1,5 @@
-"""The Ascend adapters (backends/npu.py) against kernels/reference, on the CPU through tests/vendor_sim.py's simulations.
+"""The Ascend adapters (backends/npu.py) against kernels/reference, on the CPU through tests/vendor_sim.py's
+simulations.
 
 fp32 with tolerance 1e-5 (relative and absolute) unless stated; npu_fusion_attention takes fp16 and bf16 only, so its
 cases run in both, against the fp32 reference on the same rounded inputs (vendor_sim.HALF); integer outputs exactly.
@@ -39,8 +40,9 @@ def test_fp32_attention_runs_sdpa_not_the_half_precision_kernel() -> None:
 
     q, k, v = qkv(5, 13)
     mask = random_mask(2, 1, 5, 13)
-    torch.testing.assert_close(npu.attention(refuse, q, k, v, mask=mask), reference.attention(q, k, v, mask=mask),
-                               **FP32)
+    torch.testing.assert_close(
+        npu.attention(refuse, q, k, v, mask=mask), reference.attention(q, k, v, mask=mask), **FP32
+    )
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         NPU.npu_fusion_attention(q, k, v, 6, "BNSD", scale=0.25)
 
@@ -68,14 +70,17 @@ def test_wrong_attention_calls_fail() -> None:
     assert not torch.allclose(as_is.float(), want, **tolerance)  # our True = attend passed where True = masked out
     no_scale = NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask)[0]  # the kernel's default is 1.0
     assert not torch.allclose(no_scale.float(), want, **tolerance)
-    torch.testing.assert_close(NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask, scale=0.25)[0].float(),
-                               want, **tolerance)
+    torch.testing.assert_close(
+        NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask, scale=0.25)[0].float(), want, **tolerance
+    )
     with pytest.raises(ValueError, match="head_num 6 does not match"):
         NPU.npu_fusion_attention(q, k, v, 6, "BSND", scale=0.25)  # BNSD tensors declared BSND
     with pytest.raises(ValueError, match="is not BNSS, B1SS, 11SS or SS"):
         NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~mask[0])  # 3-D
     with pytest.raises(ValueError, match="compressed 2048 x 2048"):
-        NPU.npu_fusion_attention(q, k, v, 6, "BNSD", atten_mask=~torch.ones(11, 13, dtype=torch.bool).tril(), sparse_mode=2)
+        NPU.npu_fusion_attention(
+            q, k, v, 6, "BNSD", atten_mask=~torch.ones(11, 13, dtype=torch.bool).tril(), sparse_mode=2
+        )
 
 
 def test_group_list_conversion() -> None:
@@ -87,8 +92,13 @@ def test_group_list_conversion() -> None:
         npu.group_list(offs, 2)
 
 
-GROUPS = {"zeros_inside": [3, 0, 7, 0, 5], "leading_empty": [0, 0, 12], "last_empty": [4, 4, 0], "one_group": [9],
-          "all_empty": [0, 0, 0]}
+GROUPS = {
+    "zeros_inside": [3, 0, 7, 0, 5],
+    "leading_empty": [0, 0, 12],
+    "last_empty": [4, 4, 0],
+    "one_group": [9],
+    "all_empty": [0, 0, 0],
+}
 
 
 @pytest.mark.parametrize("padding", [0, 4], ids=["exact", "padded_rows"])  # expert parallelism pads x past the groups
@@ -98,7 +108,9 @@ def test_grouped_mm_matches_reference(case, group_list_type, padding) -> None:
     counts = GROUPS[case]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     x = torch.randn(sum(counts) + padding, 32)
-    w = torch.randn(len(counts), 24, 32).transpose(1, 2)  # [G, K, N] viewed from [G, N, K] parameters, as the experts pass it
+    w = torch.randn(len(counts), 24, 32).transpose(
+        1, 2
+    )  # [G, K, N] viewed from [G, N, K] parameters, as the experts pass it
     got = npu.grouped_mm(NPU.npu_grouped_matmul, x, w, offs, group_list_type=group_list_type)
     rows = sum(counts)  # the reference leaves rows past the groups unwritten; the adapter zeroes them
     torch.testing.assert_close(got[:rows], reference.grouped_mm(x, w, offs)[:rows], **FP32)
@@ -113,8 +125,9 @@ def test_wrong_grouped_mm_calls_fail() -> None:
     with pytest.raises(ValueError, match="the last equal to x's rows"):  # rows past the last group
         NPU.npu_grouped_matmul([torch.randn(17, 8)], [w], group_list=offs.long(), split_item=3, group_type=0)
     with pytest.raises(ValueError, match="needs at least 2 groups"):  # one group as a count
-        NPU.npu_grouped_matmul([x], [w[:1]], group_list=torch.tensor([15]), split_item=3, group_type=0,
-                               group_list_type=1)
+        NPU.npu_grouped_matmul(
+            [x], [w[:1]], group_list=torch.tensor([15]), split_item=3, group_type=0, group_list_type=1
+        )
     with pytest.raises(TypeError, match="group_list must be int64"):  # our int32 offsets passed unconverted
         NPU.npu_grouped_matmul([x], [w], group_list=offs, split_item=3, group_type=0)
     with pytest.raises(TypeError, match="share a dtype"):
@@ -136,7 +149,12 @@ def test_permute_unpermute_match_reference(dtype, top_k, used) -> None:
     assert got.dtype == dtype
     torch.testing.assert_close(got, want, **FP32)  # both sum in fp32, then round once
     round_trip = OPS.unpermute(rows, order, weights / weights.sum(-1, keepdim=True))
-    torch.testing.assert_close(round_trip.float(), x.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    torch.testing.assert_close(
+        round_trip.float(),
+        x.float(),
+        rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+        atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+    )
 
 
 def test_wrong_permute_calls_fail() -> None:
@@ -184,9 +202,15 @@ def test_swiglu_matches_reference() -> None:
 
 
 def test_op_table_is_all_fused() -> None:
-    for name, vendor in [("attention", "npu_fusion_attention"), ("grouped_mm", "npu_grouped_matmul"),
-                         ("permute", "npu_moe_token_permute"), ("unpermute", "npu_moe_token_unpermute"),
-                         ("rms_norm", "npu_rms_norm"), ("rope", "npu_rotary_position_embedding"), ("swiglu", "npu_swiglu")]:
+    for name, vendor in [
+        ("attention", "npu_fusion_attention"),
+        ("grouped_mm", "npu_grouped_matmul"),
+        ("permute", "npu_moe_token_permute"),
+        ("unpermute", "npu_moe_token_unpermute"),
+        ("rms_norm", "npu_rms_norm"),
+        ("rope", "npu_rotary_position_embedding"),
+        ("swiglu", "npu_swiglu"),
+    ]:
         op = getattr(OPS, name)
         assert op.func is getattr(npu, name) and op.args == (getattr(NPU, vendor),)
     assert set(registry().backends["npu"].capabilities.fused_ops) == set(npu.FUSED_OPS)

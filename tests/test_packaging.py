@@ -48,12 +48,14 @@ def test_wheel_installed_outside_the_checkout_finds_its_recipes_and_backends(tmp
             (source / name).symlink_to(path.readlink())
         else:
             shutil.copy2(path, source / name)
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(source)],
-                tmp_path)
+    built = run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(wheels), str(source)], tmp_path
+    )
     assert built.returncode == 0, built.stderr
     wheel = next(wheels.glob("mixtral_run-*.whl"))
-    installed = run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target),
-                     str(wheel)], tmp_path)
+    installed = run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)], tmp_path
+    )
     assert installed.returncode == 0, installed.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
     where = run([sys.executable, "-c", "import mixtral; print(mixtral.__file__)"], elsewhere, env)

@@ -6,11 +6,12 @@ import gc
 
 import pytest
 import torch
-from conftest import small_config
 
 from mixtral.backend import get_backend
 from mixtral.kernels import packed_experts, reference
 from mixtral.model import Mixtral
+
+from conftest import small_config
 
 pytestmark = pytest.mark.skipif(not packed_experts.available(torch.float32), reason="PyTorch built without oneDNN")
 
@@ -29,13 +30,17 @@ def grouped_inputs(counts: list[int], k: int, n: int, dtype: torch.dtype):
     return x, w, torch.tensor(counts).cumsum(0).to(torch.int32)
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1, 0], [0, 0, 9, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]],
-                         ids=["uneven", "one-expert", "one-row-each", "no-rows"])
+@pytest.mark.parametrize(
+    "counts",
+    [[3, 0, 5, 1, 0], [0, 0, 9, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]],
+    ids=["uneven", "one-expert", "one-row-each", "no-rows"],
+)
 def test_fp32_matches_the_reference(counts):
     x, w, offs = grouped_inputs(counts, 48, 40, torch.float32)
     grouped_mm = frozen(w)
-    torch.testing.assert_close(grouped_mm(x, w, offs), reference.grouped_mm(x, w, offs),
-                               rtol=1e-5, atol=1e-5)  # fp32, another summation order
+    torch.testing.assert_close(
+        grouped_mm(x, w, offs), reference.grouped_mm(x, w, offs), rtol=1e-5, atol=1e-5
+    )  # fp32, another summation order
     assert len(grouped_mm.packed) == 1
 
 
@@ -81,8 +86,9 @@ def test_compiled_generation_uses_them_and_lets_them_go_with_the_model():
     """Every layer's expert weights are frozen for the packed grouped GEMM, and released when the model is freed."""
     model = Mixtral(small_config(), get_backend("cpu"))
     get_backend("cpu").compile(model, dynamic=True, inference=True)
-    pointers = [w.data_ptr() for layer in model.layers for w in (layer.mlp.experts.gate_up_proj,
-                                                                  layer.mlp.experts.down_proj)]
+    pointers = [
+        w.data_ptr() for layer in model.layers for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj)
+    ]
     assert all(packed_experts.PACKED.frozen[p] == 1 for p in pointers)
     del model
     gc.collect()

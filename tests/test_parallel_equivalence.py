@@ -15,8 +15,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import single_thread, small_config
-from dist_utils import run_layouts
 
 from mixtral.backend import Ops
 from mixtral.model import IGNORE_INDEX, Mixtral
@@ -29,6 +27,9 @@ from mixtral.parallel import (
 )
 from mixtral.train.loss import TrainingLoss
 
+from conftest import single_thread, small_config
+from dist_utils import run_layouts
+
 BATCH, SEQ, STEPS, LR = 4, 16, 3, 1.0
 RTOL = 1e-5
 
@@ -39,7 +40,7 @@ class Layout:
     dims: dict
     zero: int = 0
     accumulate: int = 1  # micro-batches per rank per step
-    tied: bool = False   # tie_word_embeddings: the embedding doubles as the lm head
+    tied: bool = False  # tie_word_embeddings: the embedding doubles as the lm head
 
     @property
     def micro_batches(self) -> int:
@@ -74,8 +75,9 @@ def make_batches() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[..., :-1], targets
 
 
-def train(model: torch.nn.Module, micro_batches: int, mine: range, zero: int = 0, loss=None
-          ) -> tuple[list, list, list[dict]]:
+def train(
+    model: torch.nn.Module, micro_batches: int, mine: range, zero: int = 0, loss=None
+) -> tuple[list, list, list[dict]]:
     """STEPS SGD steps, each accumulating this process's micro-batches `mine` out of `micro_batches`; loss is the
     model's TrainingLoss unless given (one over a group, or on a context parallel chunk).
 
@@ -120,10 +122,11 @@ def _run_layouts(names: list[str]) -> dict[str, tuple]:
         if dims.dp > 1:
             apply_data_parallel(model, meshes.dp_cp, layout.zero, tp_enabled=dims.tp > 1)
         first = meshes["dp"].get_local_rank() * layout.accumulate
-        losses, ce_losses, grads = train(model, layout.micro_batches, range(first, first + layout.accumulate),
-                                         layout.zero)
+        losses, ce_losses, grads = train(
+            model, layout.micro_batches, range(first, first + layout.accumulate), layout.zero
+        )
         reduce = functools.partial(mean_over, mesh=meshes.dp_cp)
-        results[name] = ([reduce(l).item() for l in losses], [reduce(c).item() for c in ce_losses], grads)
+        results[name] = ([reduce(loss).item() for loss in losses], [reduce(c).item() for c in ce_losses], grads)
     return results
 
 

@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
-from dist_utils import host_store, rank_env
 
 from mixtral.errors import MixtralError
 from mixtral.parallel import init_distributed
+
+from dist_utils import host_store, rank_env
 
 WORKER = """
 import os, sys, torch, torch.distributed as dist
@@ -35,8 +36,16 @@ def launch(world: int, bad: int, kill: bool = False) -> tuple[list[int], list[st
     store = host_store(world)
     code = WORKER.format(bad=bad, kill=kill)
     start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **rank_env(r, world, store.port)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**os.environ, **rank_env(r, world, store.port)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     errs = [p.communicate(timeout=90)[1] for p in procs]
     return [p.returncode for p in procs], errs, time.monotonic() - start
 
@@ -74,8 +83,11 @@ def _descendants(root: int) -> dict[int, dict[str, str]]:
             with open(f"/proc/{entry}/stat") as stat:
                 parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{entry}/environ", "rb") as environ:
-                envs[int(entry)] = dict(item.decode(errors="replace").partition("=")[::2]
-                                        for item in environ.read().split(b"\0") if b"=" in item)
+                envs[int(entry)] = dict(
+                    item.decode(errors="replace").partition("=")[::2]
+                    for item in environ.read().split(b"\0")
+                    if b"=" in item
+                )
         except OSError:  # exited meanwhile
             continue
 
@@ -94,10 +106,27 @@ def test_a_rank_killed_during_training_stops_the_run_naming_it(tmp_path, world: 
     60 s and no worker is left running."""
     import signal
 
-    command = [sys.executable, "-m", "mixtral.cli", "train", "--recipe", "cpu-tiny", "--nproc-per-node", str(world),
-               f"parallel.dp={world}", "train.steps=100000", f"batch.global_batch={world}", "batch.micro_batch=1",
-               "model.num_hidden_layers=1", "seq_len=32", "eval.interval=0", "checkpoint.interval=0",
-               "train.tensorboard=false", "train.peak_flops=1e12", f"train.output_dir={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "mixtral.cli",
+        "train",
+        "--recipe",
+        "cpu-tiny",
+        "--nproc-per-node",
+        str(world),
+        f"parallel.dp={world}",
+        "train.steps=100000",
+        f"batch.global_batch={world}",
+        "batch.micro_batch=1",
+        "model.num_hidden_layers=1",
+        "seq_len=32",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+        "train.tensorboard=false",
+        "train.peak_flops=1e12",
+        f"train.output_dir={tmp_path}",
+    ]
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = world - 1
     try:
@@ -105,8 +134,11 @@ def test_a_rank_killed_during_training_stops_the_run_naming_it(tmp_path, world: 
         while not (tmp_path / "metrics.jsonl").is_file():  # training has started on every rank
             assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start"
             time.sleep(0.5)
-        workers = {int(env["RANK"]): pid for pid, env in _descendants(launcher.pid).items()
-                   if "RANK" in env and "TORCHELASTIC_RUN_ID" in env}
+        workers = {
+            int(env["RANK"]): pid
+            for pid, env in _descendants(launcher.pid).items()
+            if "RANK" in env and "TORCHELASTIC_RUN_ID" in env
+        }
         assert sorted(workers) == list(range(world)), workers
         os.kill(workers[victim], signal.SIGKILL)
         killed = time.monotonic()
@@ -141,9 +173,16 @@ def test_a_checkpoint_missing_on_one_rank_names_the_rank_and_the_path(tmp_path) 
     save_hf(Mixtral(load_recipe("cpu-tiny").model_config()), tmp_path / "here")
     paths = [str(tmp_path / "here"), str(tmp_path / "not-on-this-host")]
     store = host_store(2)
-    procs = [subprocess.Popen([sys.executable, "-c", MISSING_CHECKPOINT_WORKER.format(paths=paths)],
-                              env={**os.environ, **rank_env(r, 2, store.port)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MISSING_CHECKPOINT_WORKER.format(paths=paths)],
+            env={**os.environ, **rank_env(r, 2, store.port)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert procs[1].returncode != 0 and procs[0].returncode != 0
     assert f"rank 1 failed: rank 1: MixtralError: {paths[1]}: model directory not found" in errs[1], errs[1][-2000:]

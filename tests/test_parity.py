@@ -1,26 +1,51 @@
-"""Acceptance tests of issue 2: our Mixtral against transformers' MixtralForCausalLM, fp32, both checkpoint directions."""
+"""Our Mixtral against transformers' MixtralForCausalLM, fp32, both checkpoint directions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
-from conftest import model_loss, small_config
 
 from mixtral.backend import get_backend
 from mixtral.checkpoint.hf import load_hf_model, save_hf
 from mixtral.config import ModelConfig
 from mixtral.model import IGNORE_INDEX, Mixtral
 
+from conftest import model_loss, small_config
+
 # Odd sizes; non-default rope_theta, eps and aux coefficient so a dropped config field shows up.
 CONFIGS = {
-    "untied-top2-head_dim": dict(vocab_size=97, hidden_size=44, intermediate_size=38, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=14, num_local_experts=5, num_experts_per_tok=2),
-    "tied-top1": dict(vocab_size=83, hidden_size=36, intermediate_size=30, num_hidden_layers=3,
-                      num_attention_heads=6, num_key_value_heads=3, num_local_experts=3, num_experts_per_tok=1,
-                      tie_word_embeddings=True),
-    "untied-top3-window": dict(vocab_size=101, hidden_size=40, intermediate_size=46, num_attention_heads=5,
-                               num_key_value_heads=1, num_local_experts=7, num_experts_per_tok=3, sliding_window=5),
+    "untied-top2-head_dim": dict(
+        vocab_size=97,
+        hidden_size=44,
+        intermediate_size=38,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=14,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+    ),
+    "tied-top1": dict(
+        vocab_size=83,
+        hidden_size=36,
+        intermediate_size=30,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        num_local_experts=3,
+        num_experts_per_tok=1,
+        tie_word_embeddings=True,
+    ),
+    "untied-top3-window": dict(
+        vocab_size=101,
+        hidden_size=40,
+        intermediate_size=46,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        num_local_experts=7,
+        num_experts_per_tok=3,
+        sliding_window=5,
+    ),
 }
 COMMON = dict(rope_theta=500.0, rms_norm_eps=1e-6, router_aux_loss_coef=0.05)
 BATCH, SEQ = 2, 12  # SEQ > sliding_window

@@ -10,7 +10,6 @@ import pytest
 import test_serve_distributed as serving
 import torch
 import torch.distributed as dist
-from dist_utils import laid_out_copy, run_ranks
 from test_parallel_equivalence import LR, SEQ, STEPS, _full, assert_close, make_batches, make_model, reference
 
 from mixtral.backend import Ops
@@ -19,6 +18,8 @@ from mixtral.parallel import ParallelDims, PipelinedModel, PipelineStageModel, m
 from mixtral.parallel.context_parallel import shard_sequence
 from mixtral.serve.distributed import Leader, follow
 from mixtral.train.loss import TrainingLoss
+
+from dist_utils import laid_out_copy, run_ranks
 
 MICROBATCHES = 4
 LAYOUTS = {  # name: (world size, dims, schedule)

@@ -26,10 +26,10 @@ H100 = get_device("h100")
 MEGATRON = Workload(dp=8, pp=4, ep=8, zero=1, global_batch=256, seq_len=4096, precision="bf16_master")
 
 # Hand arithmetic for Mixtral 8x7B (h 4096, F 14336, 32 layers, 32 heads, 8 kv heads, head_dim 128, V 32000).
-ATTENTION = 4096 * 128 * 2 * (32 + 8)            # q, o: 4096 x 4096; k, v: 4096 x 1024  -> 41,943,040
-NORMS_ROUTER = 2 * 4096 + 4096 * 8               # two RMSNorms and the router          -> 40,960
-EXPERTS = 8 * 3 * 4096 * 14336                   # w1, w3, w2 of 8 experts              -> 1,409,286,144
-EMBED = 32000 * 4096                             # embedding, and the untied lm head   -> 131,072,000
+ATTENTION = 4096 * 128 * 2 * (32 + 8)  # q, o: 4096 x 4096; k, v: 4096 x 1024  -> 41,943,040
+NORMS_ROUTER = 2 * 4096 + 4096 * 8  # two RMSNorms and the router          -> 40,960
+EXPERTS = 8 * 3 * 4096 * 14336  # w1, w3, w2 of 8 experts              -> 1,409,286,144
+EMBED = 32000 * 4096  # embedding, and the untied lm head   -> 131,072,000
 
 
 def test_parameter_count_is_46_7_billion():
@@ -41,19 +41,18 @@ def test_per_device_parameters_tp1_ep8_pp4():
     last = stage_parameters(M8x7B, MEGATRON, 3)
     assert first == (8 * (ATTENTION + NORMS_ROUTER) + EMBED, 8 * EXPERTS // 8)
     assert last == (8 * (ATTENTION + NORMS_ROUTER) + EMBED + 4096, 8 * EXPERTS // 8)
-    assert sum(last) == 1_876_234_240                 # 1.88 B parameters on a last-stage GPU
+    assert sum(last) == 1_876_234_240  # 1.88 B parameters on a last-stage GPU
     # Every rank's shard added up is the whole model: dense parts replicated over dp, experts split by ep.
-    total = sum(stage_parameters(M8x7B, MEGATRON, s)[0] + stage_parameters(M8x7B, MEGATRON, s)[1] * 8
-                for s in range(4))
+    total = sum(stage_parameters(M8x7B, MEGATRON, s)[0] + stage_parameters(M8x7B, MEGATRON, s)[1] * 8 for s in range(4))
     assert total == M8x7B.num_parameters
 
 
 def test_memory_rows_tp1_ep8_pp4_by_hand():
     estimate = estimate_memory(M8x7B, MEGATRON, H100)
     rows = dict(estimate.rows)
-    assert estimate.stage == 0                        # 4 micro-batches in flight outweigh the lm head
+    assert estimate.stage == 0  # 4 micro-batches in flight outweigh the lm head
     dense, expert = 8 * (ATTENTION + NORMS_ROUTER) + EMBED, EXPERTS
-    assert rows["weights"] == 2 * (dense + expert)    # bf16 weights: 3.75 GB
+    assert rows["weights"] == 2 * (dense + expert)  # bf16 weights: 3.75 GB
     assert rows["gradients"] == 4 * (dense + expert)  # fp32 main grads
     # distributed optimizer: fp32 master, m, v sharded over dp = 8 (dense) and edp = 8 / 8 = 1 (experts)
     assert rows["optimizer states"] == pytest.approx(12 * dense / 8 + 12 * expert)
@@ -68,8 +67,10 @@ def test_memory_rows_tp1_ep8_pp4_by_hand():
 
 
 def test_checkpointing_and_zero_lower_memory():
-    totals = [estimate_memory(M8x7B, MEGATRON.replace(checkpointing=m), H100).total
-              for m in ("none", "selective", "moe", "full")]
+    totals = [
+        estimate_memory(M8x7B, MEGATRON.replace(checkpointing=m), H100).total
+        for m in ("none", "selective", "moe", "full")
+    ]
     assert totals == sorted(totals, reverse=True)
     by_zero = [estimate_memory(M8x7B, MEGATRON.replace(zero=z, ep=1), H100).total for z in (0, 1, 2, 3)]
     assert by_zero == sorted(by_zero, reverse=True)
@@ -95,8 +96,11 @@ def test_inference_kv_cache_and_weights():
 
 
 def test_too_big_names_the_dimension_and_the_fix():
-    with pytest.raises(MixtralError, match=r"does not fit on NVIDIA H100.*largest part is activations.*"
-                                           r"activation_checkpointing=full \(\d+\.\d GiB\)"):
+    with pytest.raises(
+        MixtralError,
+        match=r"does not fit on NVIDIA H100.*largest part is activations.*"
+        r"activation_checkpointing=full \(\d+\.\d GiB\)",
+    ):
         check_memory(M8x7B, MEGATRON.replace(pp=1, dp=32), H100)
     alone = Workload(seq_len=1024, precision="bf16", mode="inference")
     with pytest.raises(MixtralError, match=r"largest part is weights.*use more devices: parallel.pp=2 on 2 devices"):
@@ -130,7 +134,7 @@ def test_plan_returns_only_fitting_layouts_sorted_by_cost():
         check_layout(M8x7B, w, 32)
         assert estimate_memory(M8x7B, w, H100).total == p.memory.total
     layouts = {(p.workload.dp, p.workload.tp, p.workload.pp, p.workload.ep) for p in plans}
-    assert (8, 1, 4, 8) in layouts                     # Megatron's recommendation is among them
+    assert (8, 1, 4, 8) in layouts  # Megatron's recommendation is among them
     # 46.7 B parameters replicated on 32 GPUs fit only when ZeRO-3 shards the weights too
     fsdp = [p.workload for p in plans if (p.workload.dp, p.workload.tp, p.workload.pp, p.workload.ep) == (32, 1, 1, 1)]
     assert [w.zero for w in fsdp] == [3]

@@ -32,8 +32,18 @@ def test_jsonl_text_key_eos_and_workers_agree(tmp_path):
     rows[3]["body"] = "   "  # empty documents are skipped
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     for workers in ("1", "2"):
-        args = ["preprocess", "--input", str(tmp_path / "d.jsonl"), "--output-prefix", str(tmp_path / f"w{workers}"),
-                "--text-key", "body", "--append-eos", "--workers", workers]
+        args = [
+            "preprocess",
+            "--input",
+            str(tmp_path / "d.jsonl"),
+            "--output-prefix",
+            str(tmp_path / f"w{workers}"),
+            "--text-key",
+            "body",
+            "--append-eos",
+            "--workers",
+            workers,
+        ]
         assert main(args) == 0
     docs = decoded(tmp_path / "w1")
     kept = [r["body"] for r in rows if r["body"].strip()]
@@ -45,21 +55,32 @@ def test_jsonl_text_key_eos_and_workers_agree(tmp_path):
 def test_several_inputs_in_order(tmp_path):
     (tmp_path / "a.txt").write_text("alpha\n\nbeta\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n")
-    main(["preprocess", "--input", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--output-prefix",
-          str(tmp_path / "o")])
+    main(
+        [
+            "preprocess",
+            "--input",
+            str(tmp_path / "a.txt"),
+            str(tmp_path / "b.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+        ]
+    )
     assert [TOK.decode(d) for d in decoded(tmp_path / "o")] == ["alpha", "beta", "gamma"]
 
 
 @pytest.mark.parametrize("layout", ["json", "jsonl"])
 def test_alpaca_records(tmp_path, layout):
-    records = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-               {"instruction": "Say hi.", "input": "", "output": "Hi!"}]
+    records = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    ]
     path = tmp_path / f"a.{layout}"
     path.write_text(json.dumps(records) if layout == "json" else "\n".join(map(json.dumps, records)))
     main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o"), "--format", "alpaca"])
     assert [TOK.decode(d) for d in decoded(tmp_path / "o")] == [
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5",
-        "### Instruction:\nSay hi.\n\n### Response:\nHi!"]
+        "### Instruction:\nSay hi.\n\n### Response:\nHi!",
+    ]
 
 
 def run_error(capsys, args: list[str]) -> str:
@@ -84,8 +105,9 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys):
 
 def test_missing_key_from_a_worker_process(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "ok"}) + "\n" for _ in range(300)) + "{}\n")
-    err = run_error(capsys, ["--input", str(tmp_path / "d.jsonl"), "--output-prefix", str(tmp_path / "o"),
-                             "--workers", "2"])
+    err = run_error(
+        capsys, ["--input", str(tmp_path / "d.jsonl"), "--output-prefix", str(tmp_path / "o"), "--workers", "2"]
+    )
     assert "d.jsonl:301: no key 'text'" in err
     assert not list(tmp_path.glob("o*"))
 
@@ -99,13 +121,17 @@ def test_parquet_without_pyarrow_names_the_install(tmp_path, capsys, monkeypatch
     assert "Traceback" not in err
 
 
-ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-          {"instruction": "Name a colour.", "input": "", "output": "Blue"}]
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue"},
+]
 
 
 def _alpaca_docs() -> list[list[int]]:
-    texts = ["### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5",
-             "### Instruction:\nName a colour.\n\n### Response:\nBlue"]
+    texts = [
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5",
+        "### Instruction:\nName a colour.\n\n### Response:\nBlue",
+    ]
     return [TOK.encode(t) for t in texts]
 
 
@@ -119,8 +145,11 @@ def _write(path, rows: list[dict]) -> None:
     if path.suffix == ".parquet":
         pq.write_table(pyarrow.Table.from_pylist(rows), path)
         return
-    text = json.dumps(rows) if ".json" in path.suffixes and ".jsonl" not in path.suffixes and \
-        path.suffixes[-1] != ".gz" else "".join(json.dumps(r) + "\n" for r in rows)
+    text = (
+        json.dumps(rows)
+        if ".json" in path.suffixes and ".jsonl" not in path.suffixes and path.suffixes[-1] != ".gz"
+        else "".join(json.dumps(r) + "\n" for r in rows)
+    )
     if path.suffix == ".gz":
         with gzip.open(path, "wt", encoding="utf-8") as handle:
             handle.write(text)
@@ -140,14 +169,31 @@ def test_text_records_from_every_container(tmp_path, name):
 @pytest.mark.parametrize("name", ["a.json", "a.jsonl", "a.parquet", "a.jsonl.gz"])
 def test_alpaca_from_json_jsonl_and_parquet(tmp_path, name):
     _write(tmp_path / name, ALPACA)
-    assert main(["preprocess", "--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out"),
-                 "--format", "alpaca"]) == 0
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(tmp_path / name),
+                "--output-prefix",
+                str(tmp_path / "out"),
+                "--format",
+                "alpaca",
+            ]
+        )
+        == 0
+    )
     assert decoded(tmp_path / "out") == _alpaca_docs()
 
 
-@pytest.mark.parametrize("name, content, fmt", [("bin.txt", b"\xff\xfe\x00binary\x80", "text"),
-                                                ("broken.jsonl.gz", b"not gzip at all", "jsonl"),
-                                                ("fake.parquet", b"PAR1 but not parquet", "parquet")])
+@pytest.mark.parametrize(
+    "name, content, fmt",
+    [
+        ("bin.txt", b"\xff\xfe\x00binary\x80", "text"),
+        ("broken.jsonl.gz", b"not gzip at all", "jsonl"),
+        ("fake.parquet", b"PAR1 but not parquet", "parquet"),
+    ],
+)
 def test_undecodable_file_is_one_line_naming_it(tmp_path, capsys, name, content, fmt):
     (tmp_path / name).write_bytes(content)
     err = run_error(capsys, ["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "o")])

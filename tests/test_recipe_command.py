@@ -25,8 +25,14 @@ def test_list_shows_every_recipe(capsys):
     assert out[0].split() == ["name", "model", "devices", "layout", "dispatcher", "device", "mode"]
     rows = {line.split()[0]: line.split() for line in out[1:]}
     assert set(rows) == {p.stem for p in RECIPES_DIR.glob("*.yaml")}
-    assert rows["gaudi2-8x7b-32hpu-capacity-bins"][1:] == ["8x7b", "32", "dp4tp8pp1cp1ep1etp8+sp", "capacity_bins",
-                                                            "gaudi2", "train"]
+    assert rows["gaudi2-8x7b-32hpu-capacity-bins"][1:] == [
+        "8x7b",
+        "32",
+        "dp4tp8pp1cp1ep1etp8+sp",
+        "capacity_bins",
+        "gaudi2",
+        "train",
+    ]
     assert rows["cuda-8x7b-infer-tp1ep1pp2"][-1] == "inference"
 
 
@@ -60,36 +66,81 @@ BAD = [
     # (recipe, overrides, --devices, expected message: the key and the fix)
     ("cuda-8x7b-tp1ep8pp4", ["parallel.tpp=2"], None, r"unknown recipe key 'parallel.tpp' \(did you mean 'tp'\?\)"),
     ("cuda-8x7b-tp1ep8pp4", ["parallel.dp=4"], None, r"does not equal the world size 32; set parallel.dp to 8"),
-    ("ascend-8x7b-tp8pp2cp4", ["parallel.tp=3", "parallel.etp=1"], 24,
-     r"parallel.tp=3: the model's num_attention_heads \(32\).*choose tp from \[1, 2, 4, 8\]"),
-    ("cuda-8x7b-tp1ep8pp4", ["parallel.pp=3", "parallel.dp=8"], 24,
-     r"parallel.pp=3: the model's num_hidden_layers \(32\).*choose pp from"),
+    (
+        "ascend-8x7b-tp8pp2cp4",
+        ["parallel.tp=3", "parallel.etp=1"],
+        24,
+        r"parallel.tp=3: the model's num_attention_heads \(32\).*choose tp from \[1, 2, 4, 8\]",
+    ),
+    (
+        "cuda-8x7b-tp1ep8pp4",
+        ["parallel.pp=3", "parallel.dp=8"],
+        24,
+        r"parallel.pp=3: the model's num_hidden_layers \(32\).*choose pp from",
+    ),
     ("cuda-8x7b-tp1ep8pp4", ["parallel.ep=3"], None, r"parallel.ep \(3\).*choose ep from"),
     ("gaudi2-8x7b-32hpu-capacity-bins", ["parallel.etp=3"], None, r"parallel.etp \(3\) must divide parallel.tp"),
     ("ascend-8x7b-tp8pp2cp4", ["seq_len=32760"], None, r"32760 is not divisible by cp x tp.*multiple of 32"),
-    ("gaudi2-8x7b-32hpu-capacity-bins", ["moe.capacity_factor=1.25"], None,
-     r"moe.capacity_factor is set but moe.dispatcher is 'capacity_bins'; remove capacity_factor"),
-    ("cuda-8x7b-tp1ep8pp4", ["parallel.pp=1", "parallel.dp=32"], None,
-     r"does not fit on NVIDIA H100.*activation_checkpointing=full"),
+    (
+        "gaudi2-8x7b-32hpu-capacity-bins",
+        ["moe.capacity_factor=1.25"],
+        None,
+        r"moe.capacity_factor is set but moe.dispatcher is 'capacity_bins'; remove capacity_factor",
+    ),
+    (
+        "cuda-8x7b-tp1ep8pp4",
+        ["parallel.pp=1", "parallel.dp=32"],
+        None,
+        r"does not fit on NVIDIA H100.*activation_checkpointing=full",
+    ),
     ("cuda-8x7b-infer-tp1ep1pp2", ["parallel.pp=1"], 1, r"largest part is weights.*parallel.pp=2 on 2 devices"),
-    ("tpu-v5p-8x22b-spmd", ["moe.dispatcher=dropless", "moe.capacity_factor=null"], None,
-     r"'moe.dispatcher': 'dropless'.*backend 'xla'.*SPMD.*moe.dispatcher=capacity with moe.capacity_factor=1.25"),
-    ("gaudi2-8x7b-32hpu-capacity-bins", ["moe.dispatcher=dropless", "moe.capacity_bins=null"], None,
-     r"backend 'hpu' cannot run \(it runs static-shape graphs\).*capacity_bins"),
+    (
+        "tpu-v5p-8x22b-spmd",
+        ["moe.dispatcher=dropless", "moe.capacity_factor=null"],
+        None,
+        r"'moe.dispatcher': 'dropless'.*backend 'xla'.*SPMD.*moe.dispatcher=capacity with moe.capacity_factor=1.25",
+    ),
+    (
+        "gaudi2-8x7b-32hpu-capacity-bins",
+        ["moe.dispatcher=dropless", "moe.capacity_bins=null"],
+        None,
+        r"backend 'hpu' cannot run \(it runs static-shape graphs\).*capacity_bins",
+    ),
     ("cuda-8x7b-tp1ep8pp4", ["backend=rocm"], None, r"recipe key 'backend': unknown backend 'rocm'"),
     ("cuda-8x7b-tp1ep8pp4", ["seq_len=65536"], None, r"exceeds the model's max_position_embeddings.*lower seq_len"),
     ("cuda-8x7b-tp1ep8pp4", ["batch.global_batch=100"], None, r"batch.global_batch \(100\) must be a multiple"),
     ("cuda-8x7b-tp1ep8pp4", ["precision=fp16"], None, r"recipe key 'precision' expects one of fp32, bf16, bf16_master"),
     ("cuda-8x7b-tp1ep8pp4", ["hardware.devices=16"], None, r"does not equal the world size 16; set parallel.dp to 4"),
-    ("cuda-8x7b-tp1ep8pp4", ["hardware.nodes=3"], None,
-     r"hardware.nodes=3: 32 devices on h100 \(8 per node\) need 4 nodes; set hardware.nodes to that"),
-    ("cuda-8x7b-tp1ep8pp4", ["hardware.device=h200"], None, r"'hardware.device' expects one of h100, v5p, gaudi2, 910b, cpu"),
-    ("gaudi2-8x7b-32hpu-capacity-bins", ["parallel.zero=0"], None,
-     r"parallel.zero=0 \(DDP\) does not compose with tensor parallelism; set parallel.zero to 1, 2 or 3"),
-    ("cuda-8x7b-tp1ep8pp4", ["schedule.decay_steps=100"], None,
-     r"'schedule.decay_steps' \(100\) must be larger than the warmup \(500 steps\)"),
-    ("cuda-8x7b-infer-tp1ep1pp2", ["hardware.device=910b", "parallel.pp=1", "hardware.devices=1"], None,
-     r"does not fit on Huawei Ascend 910B 64 GB.*largest part is weights"),
+    (
+        "cuda-8x7b-tp1ep8pp4",
+        ["hardware.nodes=3"],
+        None,
+        r"hardware.nodes=3: 32 devices on h100 \(8 per node\) need 4 nodes; set hardware.nodes to that",
+    ),
+    (
+        "cuda-8x7b-tp1ep8pp4",
+        ["hardware.device=h200"],
+        None,
+        r"'hardware.device' expects one of h100, v5p, gaudi2, 910b, cpu",
+    ),
+    (
+        "gaudi2-8x7b-32hpu-capacity-bins",
+        ["parallel.zero=0"],
+        None,
+        r"parallel.zero=0 \(DDP\) does not compose with tensor parallelism; set parallel.zero to 1, 2 or 3",
+    ),
+    (
+        "cuda-8x7b-tp1ep8pp4",
+        ["schedule.decay_steps=100"],
+        None,
+        r"'schedule.decay_steps' \(100\) must be larger than the warmup \(500 steps\)",
+    ),
+    (
+        "cuda-8x7b-infer-tp1ep1pp2",
+        ["hardware.device=910b", "parallel.pp=1", "hardware.devices=1"],
+        None,
+        r"does not fit on Huawei Ascend 910B 64 GB.*largest part is weights",
+    ),
 ]
 
 
@@ -106,8 +157,9 @@ def test_wrong_node_count_is_rejected():
 
 
 def test_plan_lists_fitting_layouts_fastest_first(capsys):
-    assert run("plan", "--devices", "32", "--device-type", "h100", "--model", "8x7b", "--seq", "4096",
-               "--top", "5") == 0
+    assert (
+        run("plan", "--devices", "32", "--device-type", "h100", "--model", "8x7b", "--seq", "4096", "--top", "5") == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert "global batch 1024" in lines[0] and "layouts fit" in lines[0]
     steps = [float(line.split()[5]) for line in lines[2:]]

@@ -1,4 +1,5 @@
-"""`recipe validate --dry-run` (real-size shards on the meta device) and `--scaled-down` (few gloo ranks vs one process)."""
+"""`recipe validate --dry-run` (real-size shards on the meta device) and `--scaled-down` (few gloo ranks vs one
+process)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from mixtral.scaled_down import scaled_down_run, scaled_layout, scaled_recipe
 DIMS = ("dp", "tp", "pp", "cp", "ep", "etp")
 # recipe: its layout divided down to at most 8 ranks, (dp, tp, pp, cp, ep, etp)
 SCALED = {
-    "ascend-8x7b-tp8pp2cp4": (1, 2, 2, 2, 1, 2),      # the issue's example: tp8pp2cp4 -> tp2pp2cp2
+    "ascend-8x7b-tp8pp2cp4": (1, 2, 2, 2, 1, 2),  # the issue's example: tp8pp2cp4 -> tp2pp2cp2
     "cpu-tiny": (1, 1, 1, 1, 1, 1),
     "cuda-8x22b-tp4pp4ep8": (2, 2, 2, 1, 4, 1),
     "cuda-8x7b-infer-tp1ep1pp2": (1, 1, 2, 1, 1, 1),
@@ -50,11 +51,16 @@ def test_scaled_layout_divides_the_recipe_and_validates(name):
         assert getattr(recipe.parallel, dim) % layout[dim] == 0, dim  # divided, never grown
     small = scaled_recipe(recipe)
     p = small.parallel
-    assert p.world_size <= 8 and (p.sp, p.zero, p.cp_algo) == (recipe.parallel.sp, recipe.parallel.zero,
-                                                                recipe.parallel.cp_algo)
+    assert p.world_size <= 8 and (p.sp, p.zero, p.cp_algo) == (
+        recipe.parallel.sp,
+        recipe.parallel.zero,
+        recipe.parallel.cp_algo,
+    )
     assert (small.precision, small.backend, small.train.steps, small.mode) == ("fp32", "cpu", 3, "train")
-    assert small.moe.dispatcher == recipe.moe.dispatcher and small.activation_checkpointing == \
-        recipe.activation_checkpointing
+    assert (
+        small.moe.dispatcher == recipe.moe.dispatcher
+        and small.activation_checkpointing == recipe.activation_checkpointing
+    )
     config = small.model_config()
     assert config.num_parameters < 1e6
     check_layout(config, Workload.from_recipe(small), p.world_size)  # the tiny model splits every way the layout does
@@ -65,8 +71,16 @@ def test_scaled_layout_divides_the_recipe_and_validates(name):
 def test_scaled_layout_limits():
     recipe = load_recipe("tpu-v5p-8x22b-spmd")
     assert scaled_layout(recipe.parallel, 4)["dp"] == 4 and scaled_layout(recipe.parallel, 1)["dp"] == 1
-    odd = load_recipe("cpu-tiny", ["parallel.dp=6", "parallel.tp=3", "model.num_attention_heads=6",
-                                   "model.num_key_value_heads=3", "batch.global_batch=96"])
+    odd = load_recipe(
+        "cpu-tiny",
+        [
+            "parallel.dp=6",
+            "parallel.tp=3",
+            "model.num_attention_heads=6",
+            "model.num_key_value_heads=3",
+            "batch.global_batch=96",
+        ],
+    )
     # dp 6 -> 3 (its smallest prime factor), then the dp 3 = tp 3 tie cuts dp first: 3 ranks
     assert {k: scaled_layout(odd.parallel, 8)[k] for k in ("dp", "tp")} == {"dp": 1, "tp": 3}
     with pytest.raises(MixtralError, match="--max-ranks must be at least 1"):
@@ -95,8 +109,9 @@ def test_compare_accepts_the_plan_and_names_each_difference():
     # experts left unsharded by ZeRO where the plan shards their optimizer states over edp = 8
     layout = w.replace(ep=1)
     built = _as_built(shard_shapes(M8x7B, layout, 0), 8)
-    built = {n: BuiltParameter(b.shape, math.prod(b.shape) if ".experts." in n else b.local_numel)
-             for n, b in built.items()}
+    built = {
+        n: BuiltParameter(b.shape, math.prod(b.shape) if ".experts." in n else b.local_numel) for n, b in built.items()
+    }
     lines, problems = compare(M8x7B, layout, 0, built, get_device("h100"))
     assert [p.split(":")[0] for p in problems] == ["stage 0 optimizer states"]
     assert "MISMATCH" in lines[-1]
@@ -141,6 +156,9 @@ def test_scaled_down_run_matches_one_process(name, capsys):
 def test_scaled_down_reports_the_failing_rank_and_its_message():
     """A setting that only the layout code can refuse: the rank's MixtralError comes back with the key and the fix."""
     recipe = load_recipe("tpu-v5p-8x22b-spmd", ["parallel.ep=8", "moe.ep_comm=allgather", "moe.pad_to_capacity=false"])
-    with pytest.raises(MixtralError, match=r"--scaled-down of recipe tpu-v5p-8x22b-spmd at dp2 tp1 pp1 cp1 ep2 etp1: "
-                                           r"rank \d of 2 failed: .*moe.ep_comm=allgather needs static expert rows"):
+    with pytest.raises(
+        MixtralError,
+        match=r"--scaled-down of recipe tpu-v5p-8x22b-spmd at dp2 tp1 pp1 cp1 ep2 etp1: "
+        r"rank \d of 2 failed: .*moe.ep_comm=allgather needs static expert rows",
+    ):
         scaled_down_run(recipe, max_ranks=2)

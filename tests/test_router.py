@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import model_loss, small_config
 from mixtral.backend import Ops
 from mixtral.config import MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
 from mixtral.model.moe import MoE, MoEStats, moe_metrics, route, router_totals
 from mixtral.train.loss import router_losses
+
+from conftest import model_loss, small_config
 
 
 def test_route_renormalises_top_k_in_fp32():
@@ -45,7 +46,7 @@ def test_z_loss_by_hand():
     # logsumexp of 4 equal logits z is z + ln 4: layers give ln(4)^2 and (1 + ln 4)^2, averaged over all rows.
     ln4 = torch.log(torch.tensor(4.0))
     _, z_loss = router_losses(router_totals(logits, 4, 2))
-    torch.testing.assert_close(z_loss, (ln4 ** 2 + (1 + ln4) ** 2) / 2)
+    torch.testing.assert_close(z_loss, (ln4**2 + (1 + ln4) ** 2) / 2)
 
 
 def test_z_loss_enters_the_model_loss():
@@ -61,7 +62,7 @@ def test_expert_bias_changes_selection_not_weights():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     p = torch.softmax(logits, -1)[0]
     r = route(logits, 2, bias=torch.tensor([0.0, 0.0, 0.0, 1.0]))
-    assert r.expert_ids.tolist() == [[3, 0]]          # expert 3 chosen only thanks to its bias
+    assert r.expert_ids.tolist() == [[3, 0]]  # expert 3 chosen only thanks to its bias
     torch.testing.assert_close(r.weights, (p[[3, 0]] / (p[0] + p[3])).unsqueeze(0))
 
 
@@ -72,7 +73,7 @@ def test_expert_bias_update_from_observed_load():
     layer = model.layers[0].mlp
     tokens = torch.randint(0, config.vocab_size, (2, 16))
     model.eval()(tokens)
-    assert layer.expert_load.sum() == 0                # load is observed in training only
+    assert layer.expert_load.sum() == 0  # load is observed in training only
     counts = model.train()(tokens).tokens_per_expert[0] + model(tokens).tokens_per_expert[0]
     assert torch.equal(layer.expert_load, counts.float())
     model.moe_step_end()
@@ -110,17 +111,19 @@ def test_jitter_only_in_training():
     x = torch.randn(2, 7, 48)
     assert torch.equal(layer.eval()(x)[0], plain.eval()(x)[0])
     assert not torch.equal(layer.train()(x)[0], plain.train()(x)[0])
-    assert MoE(small_config(router_jitter_noise=0.2), Ops.reference()).jitter == 0.2   # None: the model config's
+    assert MoE(small_config(router_jitter_noise=0.2), Ops.reference()).jitter == 0.2  # None: the model config's
 
 
 def test_metrics_by_hand():
     counts = torch.tensor([[6, 2, 0, 0], [2, 2, 2, 2]])
-    stats = [MoEStats(torch.zeros(4, 4), counts[0], torch.tensor(3), 4, None),
-             MoEStats(torch.zeros(4, 4), counts[1], None, 2, 1)]
+    stats = [
+        MoEStats(torch.zeros(4, 4), counts[0], torch.tensor(3), 4, None),
+        MoEStats(torch.zeros(4, 4), counts[1], None, 2, 1),
+    ]
     m = moe_metrics(stats)
     assert torch.equal(m["tokens_per_expert"], counts)
     assert m["max_load"].tolist() == [6.0, 2.0]
-    assert m["imbalance"].tolist() == [3.0, 1.0]              # max / (8 pairs / 4 experts)
+    assert m["imbalance"].tolist() == [3.0, 1.0]  # max / (8 pairs / 4 experts)
     assert m["dropped_fraction"].tolist() == [3 / 8, 0.0]
     assert m["capacity"].tolist() == [4, 2] and m["bin"].tolist() == [-1, 1]
 

@@ -17,8 +17,6 @@ import httpx
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import small_config
-from dist_utils import laid_out_copy, run_ranks
 
 from mixtral.backend import Ops
 from mixtral.checkpoint.hf import save_hf
@@ -28,6 +26,9 @@ from mixtral.parallel import ParallelDims, apply_tensor_parallel
 from mixtral.serve.distributed import Leader, follow
 from mixtral.serve.engine import Generator
 from mixtral.serve.scheduler import score
+
+from conftest import small_config
+from dist_utils import laid_out_copy, run_ranks
 
 PROMPTS = [[5, 17, 3, 44, 9, 12], [8, 2], [30, 31, 32]]  # different lengths: the left-padded path
 NEW = 12
@@ -96,9 +97,15 @@ def test_generation_on_two_ranks_equals_one_process(distributed, name):
 
 # ---- the CLI: `mixtral-run generate --nproc-per-node 2` with expert or pipeline parallelism ----
 
+
 def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "mixtral.cli", "generate", *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtral.cli", "generate", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -107,8 +114,15 @@ def _cli(*args: str) -> str:
 def model_dir(tmp_path_factory):
     """A 2-layer model with Mixtral's vocabulary, 4 experts and an untied head (pipeline stages need one)."""
     torch.manual_seed(0)
-    config = small_config(vocab_size=32000, hidden_size=32, intermediate_size=24, num_attention_heads=4,
-                          num_local_experts=4, num_hidden_layers=2, tie_word_embeddings=False)
+    config = small_config(
+        vocab_size=32000,
+        hidden_size=32,
+        intermediate_size=24,
+        num_attention_heads=4,
+        num_local_experts=4,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+    )
     model = Mixtral(config)
     model.init_weights(std=0.2)  # large weights: greedy text that depends on every layer
     path = tmp_path_factory.mktemp("tiny")
@@ -135,9 +149,25 @@ def _serve_and_ask(model_dir, *layout: str) -> tuple[dict, dict]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "mixtral.cli", "serve", "--model", str(model_dir), "--port",
-                                str(port), "--backend", "cpu", *layout], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixtral.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--backend",
+            "cpu",
+            *layout,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -149,10 +179,21 @@ def _serve_and_ask(model_dir, *layout: str) -> tuple[dict, dict]:
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "server did not start in 120 s"
                 time.sleep(0.3)
-        api = httpx.put(f"{url}/api", json={"prompts": ["The with statement", "Hello"], "tokens_to_generate": 8,
-                                            "temperature": 0.0, "logprobs": True}, timeout=120).json()
-        completion = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "import os", "max_tokens": 8,
-                                                               "temperature": 0.0}, timeout=120).json()
+        api = httpx.put(
+            f"{url}/api",
+            json={
+                "prompts": ["The with statement", "Hello"],
+                "tokens_to_generate": 8,
+                "temperature": 0.0,
+                "logprobs": True,
+            },
+            timeout=120,
+        ).json()
+        completion = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "tiny", "prompt": "import os", "max_tokens": 8, "temperature": 0.0},
+            timeout=120,
+        ).json()
         return api, completion
     finally:
         process.terminate()
@@ -164,6 +205,7 @@ def test_server_on_two_expert_parallel_ranks_answers_as_one_process(model_dir):
     api, completion = _serve_and_ask(model_dir, "--nproc-per-node", "2", "--ep", "2")
     alone_api, alone_completion = _serve_and_ask(model_dir)
     assert api["text"] == alone_api["text"] and len(api["text"][0]) > len("The with statement")
-    torch.testing.assert_close(torch.tensor(api["logprobs"][0]), torch.tensor(alone_api["logprobs"][0]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(api["logprobs"][0]), torch.tensor(alone_api["logprobs"][0]), rtol=1e-5, atol=1e-5
+    )
     assert completion["choices"][0]["text"] == alone_completion["choices"][0]["text"]

@@ -17,7 +17,6 @@ import openai
 import pytest
 import requests
 import torch
-from conftest import single_thread, small_config
 
 from mixtral.backend import get_backend
 from mixtral.checkpoint.hf import load_hf_model, save_hf
@@ -29,9 +28,12 @@ from mixtral.serve.protocol import ChatEncoder, ChatMessage
 from mixtral.serve.scheduler import Scheduler
 from mixtral.serve.server import ServerSettings, build_server, create_app, start_in_thread
 
+from conftest import single_thread, small_config
+
 TIMEOUT = 30.0  # seconds any one request may take
-CONFIG = dict(vocab_size=32000, hidden_size=32, intermediate_size=24, num_attention_heads=4,
-              max_position_embeddings=128)
+CONFIG = dict(
+    vocab_size=32000, hidden_size=32, intermediate_size=24, num_attention_heads=4, max_position_embeddings=128
+)
 
 
 def tiny_model_dir(path: Path) -> Path:
@@ -50,8 +52,11 @@ class Served:
 
     def __init__(self, model_dir: Path, apps: int = 1, **settings) -> None:
         self.tokenizer = Tokenizer(model_dir)
-        self.scheduler = Scheduler(Generator(load_hf_model(model_dir, "cpu"), self.tokenizer), self.tokenizer,
-                                   max_batch=settings.pop("max_batch", 8)).start()
+        self.scheduler = Scheduler(
+            Generator(load_hf_model(model_dir, "cpu"), self.tokenizer),
+            self.tokenizer,
+            max_batch=settings.pop("max_batch", 8),
+        ).start()
         self.reference = Generator(load_hf_model(model_dir, "cpu"), self.tokenizer)
         self.chat = ChatEncoder(self.tokenizer.path)
         self.settings = ServerSettings("tiny", **settings)
@@ -90,7 +95,7 @@ def greedy(served: Served, prompt: list[int], n: int) -> list[int]:
 def continuation(tokenizer: Tokenizer, prompt: list[int], new: list[int]) -> str:
     """The text new tokens add after the prompt (with its leading space), EOS not shown."""
     new = new[:-1] if new and new[-1] == tokenizer.eos_id else new
-    return tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)):]
+    return tokenizer.decode(prompt + new)[len(tokenizer.decode(prompt)) :]
 
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def main():"]
@@ -139,8 +144,11 @@ def test_chat_format_is_mixtral_instruct():
     def inst(text: str) -> list[int]:
         return tok.encode(f"[INST] {text} [/INST]", bos=False)
 
-    messages = [ChatMessage(role="user", content="Hi there"), ChatMessage(role="assistant", content="Hello!"),
-                ChatMessage(role="user", content="What is 2+2?")]
+    messages = [
+        ChatMessage(role="user", content="Hi there"),
+        ChatMessage(role="assistant", content="Hello!"),
+        ChatMessage(role="user", content="What is 2+2?"),
+    ]
     expected = [tok.bos_id] + inst("Hi there") + tok.encode("Hello!", bos=False) + [tok.eos_id] + inst("What is 2+2?")
     assert chat.encode(messages) == expected
     system = [ChatMessage(role="system", content="Be brief."), messages[0]]
@@ -149,8 +157,11 @@ def test_chat_format_is_mixtral_instruct():
 
 def test_chat_equals_the_engine(served, oai):
     tok = served.tokenizer
-    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-                {"role": "user", "content": "Another one?"}]
+    messages = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+    ]
     prompt = served.chat.encode([ChatMessage(**m) for m in messages])
     expected = greedy(served, prompt, 24)
     reply = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
@@ -169,8 +180,9 @@ def test_megatron_api(served):
     """PUT /api as Megatron's text_generation_cli sends it (requests, data=json.dumps), and logprobs."""
     tok = served.tokenizer
     data = {"prompts": PROMPTS[:2], "tokens_to_generate": 12, "temperature": 0.0, "logprobs": True}
-    response = requests.put(served.url + "/api", data=json.dumps(data),
-                            headers={"Content-Type": "application/json"}, timeout=TIMEOUT)
+    response = requests.put(
+        served.url + "/api", data=json.dumps(data), headers={"Content-Type": "application/json"}, timeout=TIMEOUT
+    )
     assert response.status_code == 200
     out = response.json()
     model = served.reference.model
@@ -187,8 +199,9 @@ def test_megatron_api(served):
             logp = model(tokens).logits.log_softmax(-1)[0, :-1].gather(1, tokens[0, 1:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(out["logprobs"][i]), logp, rtol=1e-4, atol=1e-4)
     # tokens_to_generate=0 with logprobs scores the prompt only
-    scored = requests.put(served.url + "/api", json={"prompts": [PROMPTS[0]], "tokens_to_generate": 0,
-                                                     "logprobs": True}, timeout=TIMEOUT).json()
+    scored = requests.put(
+        served.url + "/api", json={"prompts": [PROMPTS[0]], "tokens_to_generate": 0, "logprobs": True}, timeout=TIMEOUT
+    ).json()
     assert scored["text"] == [PROMPTS[0]]
     assert len(scored["logprobs"][0]) == len(tok.encode(PROMPTS[0])) - 1
     # errors come back as {"message"}, which text_generation_cli prints
@@ -205,23 +218,33 @@ def test_seeds_stops_and_limits_per_request(served, oai):
     first = oai.completions.create(seed=7, **kwargs).choices[0].text
     assert oai.completions.create(seed=7, **kwargs).choices[0].text == first
     whole = oai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0).choices[0].text
-    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
     cut = oai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop])
-    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (whole[:whole.index(stop)], "stop")
-    streamed = oai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=stop,
-                                      stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == whole[:whole.index(stop)]
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (whole[: whole.index(stop)], "stop")
+    streamed = oai.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == whole[: whole.index(stop)]
 
 
 def test_concurrent_requests_are_batched_and_equal_alone(served, oai):
     """Requests with different prompts, lengths and max_tokens share rounds; each gets what it gets alone."""
     jobs = [(PROMPTS[i % 3] + " x" * i, 4 + 3 * i) for i in range(8)]
-    alone = [oai.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0).choices[0].text
-             for p, n in jobs]
+    alone = [
+        oai.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0).choices[0].text for p, n in jobs
+    ]
     before = (served.scheduler.batches, served.scheduler.rows)
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(lambda job: oai.completions.create(
-            model="tiny", prompt=job[0], max_tokens=job[1], temperature=0).choices[0].text, jobs))
+        together = list(
+            pool.map(
+                lambda job: (
+                    oai.completions.create(model="tiny", prompt=job[0], max_tokens=job[1], temperature=0)
+                    .choices[0]
+                    .text
+                ),
+                jobs,
+            )
+        )
     assert together == alone
     batches, rows = served.scheduler.batches - before[0], served.scheduler.rows - before[1]
     assert rows == len(jobs) and batches < rows  # at least one round carried several requests
@@ -232,8 +255,14 @@ def test_models_health_and_client(served, oai):
     assert httpx.get(served.url + "/health", timeout=TIMEOUT).json()["status"] == "ok"
     expected = oai.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0).choices[0].text
     for openai_api in (False, True):
-        args = argparse.Namespace(url=served.url.removeprefix("http://"), tokens=6, temperature=0.0,
-                                  openai=openai_api, api_key=None, timeout=TIMEOUT)
+        args = argparse.Namespace(
+            url=served.url.removeprefix("http://"),
+            tokens=6,
+            temperature=0.0,
+            openai=openai_api,
+            api_key=None,
+            timeout=TIMEOUT,
+        )
         out = io.StringIO()
         assert client.run(args, io.StringIO(PROMPTS[0] + "\n\n"), out) == 0
         reply = out.getvalue().split("Enter prompt: ")[1].rstrip("\n")

@@ -43,26 +43,33 @@ def error(response: httpx.Response) -> str:
     return body["message"] if "message" in body else body["error"]["message"]
 
 
-@pytest.mark.parametrize("path, body, status, words", [
-    ("/v1/completions", b'{"prompt": "hi", "max_tokens": ', 400, "JSON"),
-    ("/v1/completions", b'[1, 2]', 400, "invalid request"),
-    ("/v1/completions", {"max_tokens": 5}, 400, "prompt: Field required"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens: Input should be a valid integer"),
-    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": LIMIT + 1}, 400, f"limit of {LIMIT}"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "greater than or equal to 1"),
-    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
-    ("/v1/completions", {"prompt": "word " * 200, "max_tokens": 5}, 400, "max_position_embeddings of 128"),
-    ("/v1/completions", {"prompt": [[]]}, 400, "empty prompt"),
-    ("/v1/completions", {"prompt": [[40000]]}, 400, "outside the model's vocabulary"),
-    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
-    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400,
-     "do not form a Mixtral conversation"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, words",
+    [
+        ("/v1/completions", b'{"prompt": "hi", "max_tokens": ', 400, "JSON"),
+        ("/v1/completions", b"[1, 2]", 400, "invalid request"),
+        ("/v1/completions", {"max_tokens": 5}, 400, "prompt: Field required"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens: Input should be a valid integer"),
+        ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": LIMIT + 1}, 400, f"limit of {LIMIT}"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "greater than or equal to 1"),
+        ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=2 is not supported"),
+        ("/v1/completions", {"prompt": "word " * 200, "max_tokens": 5}, 400, "max_position_embeddings of 128"),
+        ("/v1/completions", {"prompt": [[]]}, 400, "empty prompt"),
+        ("/v1/completions", {"prompt": [[40000]]}, 400, "outside the model's vocabulary"),
+        ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "content": "hi"}]},
+            400,
+            "do not form a Mixtral conversation",
+        ),
+    ],
+)
 def test_bad_openai_requests_get_400(served, path, body, status, words):
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     response = httpx.post(served.url + path, timeout=TIMEOUT, headers={"content-type": "application/json"}, **kwargs)
@@ -71,19 +78,22 @@ def test_bad_openai_requests_get_400(served, path, body, status, words):
     assert "error" in response.json()  # OpenAI's error shape
 
 
-@pytest.mark.parametrize("body, words", [
-    (b"{not json", "not valid JSON"),
-    ({"tokens_to_generate": 5}, "prompts argument required"),
-    ({"prompts": "hi"}, "prompts is not a list of strings"),
-    ({"prompts": []}, "prompts is empty"),
-    ({"prompts": ["hi"], "tokens_to_generate": "5"}, "tokens_to_generate must be an integer"),
-    ({"prompts": ["hi"], "tokens_to_generate": LIMIT + 1}, f"limit of {LIMIT}"),
-    ({"prompts": ["hi"], "tokens_to_generate": 0}, "tokens_to_generate=0 implies logprobs should be True"),
-    ({"prompts": ["hi"], "temperature": -1}, "temperature must be"),
-    ({"prompts": ["hi"], "top_k": True}, "top_k must be"),
-    ({"prompts": ["hi"], "max_len": 5}, "max_len is no longer used"),
-    ({"prompts": [""], "add_BOS": False}, "Empty prompts require add_BOS=true"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"{not json", "not valid JSON"),
+        ({"tokens_to_generate": 5}, "prompts argument required"),
+        ({"prompts": "hi"}, "prompts is not a list of strings"),
+        ({"prompts": []}, "prompts is empty"),
+        ({"prompts": ["hi"], "tokens_to_generate": "5"}, "tokens_to_generate must be an integer"),
+        ({"prompts": ["hi"], "tokens_to_generate": LIMIT + 1}, f"limit of {LIMIT}"),
+        ({"prompts": ["hi"], "tokens_to_generate": 0}, "tokens_to_generate=0 implies logprobs should be True"),
+        ({"prompts": ["hi"], "temperature": -1}, "temperature must be"),
+        ({"prompts": ["hi"], "top_k": True}, "top_k must be"),
+        ({"prompts": ["hi"], "max_len": 5}, "max_len is no longer used"),
+        ({"prompts": [""], "add_BOS": False}, "Empty prompts require add_BOS=true"),
+    ],
+)
 def test_bad_megatron_requests_get_400(served, body, words):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.put(served.url + "/api", content=data, timeout=TIMEOUT)
@@ -94,8 +104,10 @@ def test_bad_megatron_requests_get_400(served, body, words):
 def test_large_bodies_get_413_before_being_read(served):
     # a declared 10 MB body: the answer comes after the first 64 KiB, the rest is never sent
     with socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1])), timeout=TIMEOUT) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 10485760\r\n\r\n" + b" " * 65536)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10485760\r\n\r\n" + b" " * 65536
+        )
         answer = b""
         while chunk := sock.recv(65536):  # the server closes the connection after its answer
             answer += chunk
@@ -110,8 +122,13 @@ def test_large_bodies_get_413_before_being_read(served):
 
 def test_64_concurrent_clients(served):
     def one(i: int) -> tuple[int, int]:
-        body = {"prompt": f"Client {i} says", "max_tokens": 5 + i % 7, "temperature": 0.5, "seed": i,
-                "stream": i % 2 == 0}
+        body = {
+            "prompt": f"Client {i} says",
+            "max_tokens": 5 + i % 7,
+            "temperature": 0.5,
+            "seed": i,
+            "stream": i % 2 == 0,
+        }
         response = httpx.post(served.url + "/v1/completions", json=body, timeout=120)
         if body["stream"]:
             return response.status_code, int(response.text.endswith("data: [DONE]\n\n"))
@@ -164,9 +181,24 @@ def test_serve_command_binds_localhost_by_default(model_dir):
     assert build_parser().parse_args(["serve", "--model", "m"]).host == "127.0.0.1"
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "mixtral.cli", "serve", "--model", str(model_dir), "--port",
-                                str(port), "--backend", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=env, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mixtral.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--backend",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -178,8 +210,11 @@ def test_serve_command_binds_localhost_by_default(model_dir):
                 assert time.monotonic() < deadline, "server did not start in 60 s"
                 time.sleep(0.2)
         assert health.json()["status"] == "ok"
-        reply = httpx.put(f"http://127.0.0.1:{port}/api", json={"prompts": ["Hello"], "tokens_to_generate": 3,
-                                                                "temperature": 0.0}, timeout=TIMEOUT)
+        reply = httpx.put(
+            f"http://127.0.0.1:{port}/api",
+            json={"prompts": ["Hello"], "tokens_to_generate": 3, "temperature": 0.0},
+            timeout=TIMEOUT,
+        )
         assert reply.status_code == 200 and reply.json()["text"][0].startswith("Hello")
         # bound to the loopback address only
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout

@@ -9,6 +9,7 @@ from mixtral.errors import MixtralError
 from mixtral.kernels import reference
 from mixtral.model import Mixtral
 from mixtral.parallel import spmd
+
 from conftest import small_config
 
 
@@ -30,8 +31,12 @@ def test_mlperf_tensor_parallel_rules():
     # per expert, w1 / w3 [F, H] as ("tensor", "fsdp") and w2 [H, F] as ("fsdp", "tensor")
     assert spec("layers.0.mlp.experts.gate_up_proj") == (None, "tensor", "fsdp")
     assert spec("layers.0.mlp.experts.down_proj") == (None, "fsdp", "tensor")
-    for name in ("layers.0.input_layernorm.weight", "layers.0.post_attention_layernorm.weight", "norm.weight",
-                 "layers.0.mlp.gate.weight"):
+    for name in (
+        "layers.0.input_layernorm.weight",
+        "layers.0.post_attention_layernorm.weight",
+        "norm.weight",
+        "layers.0.mlp.gate.weight",
+    ):
         assert spec(name) is None
 
 
@@ -63,12 +68,13 @@ def test_interleaved_halves_shard_w1_and_w3_alike(parts):
     inter = spmd.interleave_halves(w, parts)
     chunk = f // parts
     for d, shard in enumerate(inter.chunk(parts, dim=1)):  # what tensor-shard d holds
-        torch.testing.assert_close(shard[:, :chunk], w[:, d * chunk:(d + 1) * chunk], rtol=0, atol=0)
-        torch.testing.assert_close(shard[:, chunk:], w[:, f + d * chunk:f + (d + 1) * chunk], rtol=0, atol=0)
+        torch.testing.assert_close(shard[:, :chunk], w[:, d * chunk : (d + 1) * chunk], rtol=0, atol=0)
+        torch.testing.assert_close(shard[:, chunk:], w[:, f + d * chunk : f + (d + 1) * chunk], rtol=0, atol=0)
     torch.testing.assert_close(spmd.deinterleave_halves(inter, parts), w, rtol=0, atol=0)
     x = torch.randn(4, 2 * f)
-    torch.testing.assert_close(spmd.InterleavedSwiGLU(parts)(spmd.interleave_halves(x, parts, dim=1)),
-                               reference.swiglu(x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        spmd.InterleavedSwiGLU(parts)(spmd.interleave_halves(x, parts, dim=1)), reference.swiglu(x), rtol=0, atol=0
+    )
 
 
 def test_interleave_needs_f_divisible_by_tensor():

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import small_config
 
 from mixtral.backend import Backend, Capabilities
 from mixtral.checkpoint.loading import load_model
@@ -22,6 +21,8 @@ from mixtral.train.metrics import read_metrics
 from mixtral.train.optim import param_groups, set_lr
 from mixtral.train.plot import plot_run
 from mixtral.train.trainer import Trainer
+
+from conftest import small_config
 
 SEQ = 32
 EAGER = {"attn_implementation": "eager", "experts_implementation": "eager"}
@@ -42,12 +43,24 @@ class RandomTokens:
 
 def tiny_recipe(run_dir: Path, *overrides: str, **model) -> Recipe:
     """small_config's model, seq 32, 6 steps, eval and checkpoints every 3 steps, in run_dir."""
-    data = {"name": "tiny", "model": dataclasses.asdict(small_config(**model)), "seq_len": SEQ, "backend": "cpu",
-            "optimizer": {"lr": 1e-2}, "schedule": {"name": "cosine", "warmup_steps": 2},
-            "batch": {"micro_batch": 2, "global_batch": 4},
-            "eval": {"interval": 3, "samples": 4}, "checkpoint": {"interval": 3, "keep_last": 2},
-            "train": {"steps": 6, "output_dir": str(run_dir), "tensorboard": False, "peak_flops": 1e12,
-                      "expert_load_interval": 2}}
+    data = {
+        "name": "tiny",
+        "model": dataclasses.asdict(small_config(**model)),
+        "seq_len": SEQ,
+        "backend": "cpu",
+        "optimizer": {"lr": 1e-2},
+        "schedule": {"name": "cosine", "warmup_steps": 2},
+        "batch": {"micro_batch": 2, "global_batch": 4},
+        "eval": {"interval": 3, "samples": 4},
+        "checkpoint": {"interval": 3, "keep_last": 2},
+        "train": {
+            "steps": 6,
+            "output_dir": str(run_dir),
+            "tensorboard": False,
+            "peak_flops": 1e12,
+            "expert_load_interval": 2,
+        },
+    }
     return recipe_from_dict(data, list(overrides))
 
 
@@ -55,7 +68,6 @@ def tiny_trainer(run_dir: Path, *overrides: str, **model) -> Trainer:
     recipe = tiny_recipe(run_dir, *overrides, **model)
     vocab = recipe.model_config().vocab_size
     return Trainer(recipe, data=(RandomTokens(64, vocab, 1), RandomTokens(8, vocab, 2)))
-
 
 
 def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -69,8 +81,14 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
     # Adam's first step is g / (|g| + eps): with a tiny eps, float noise in near-zero gradients decides the sign of
     # a whole lr-sized update, so eps is large enough here that 1e-6 gradient agreement carries over to the weights.
-    trainer = tiny_trainer(tmp_path, "batch.global_batch=2", "optimizer.weight_decay=0.1",
-                           "optimizer.grad_clip=0.5", "optimizer.betas=[0.8, 0.9]", "optimizer.eps=1e-4")
+    trainer = tiny_trainer(
+        tmp_path,
+        "batch.global_batch=2",
+        "optimizer.weight_decay=0.1",
+        "optimizer.grad_clip=0.5",
+        "optimizer.betas=[0.8, 0.9]",
+        "optimizer.eps=1e-4",
+    )
     config, opt = trainer.config, trainer.recipe.optimizer
     trainer.model.init_weights(std=0.15)  # routing and attention far from uniform; updates small beside weights
     hf = transformers.MixtralForCausalLM._from_config(transformers.MixtralConfig(**config.to_hf_dict()), **EAGER)
@@ -80,8 +98,9 @@ def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
     set_lr(trainer.optimizer, 3e-3)
     stats = trainer.train_step([batch])
 
-    hf_opt = torch.optim.AdamW(param_groups(hf.named_parameters(), opt.weight_decay), lr=3e-3,
-                               betas=opt.betas, eps=opt.eps)
+    hf_opt = torch.optim.AdamW(
+        param_groups(hf.named_parameters(), opt.weight_decay), lr=3e-3, betas=opt.betas, eps=opt.eps
+    )
     out = hf(input_ids=batch[:, :-1], output_router_logits=True)
     ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, config.vocab_size), batch[:, 1:].reshape(-1))
     loss = ce + config.router_aux_loss_coef * out.aux_loss
@@ -95,7 +114,9 @@ def test_one_step_matches_transformers_and_torch_adamw(tmp_path):
     assert norm.item() > opt.grad_clip  # clipping really acted
     hf_params = dict(hf.named_parameters())
     for name, param in trainer.model.named_parameters():
-        assert rel(param.detach(), hf_params[name if name == "lm_head.weight" else f"model.{name}"].detach()) <= 1e-5, name
+        assert rel(param.detach(), hf_params[name if name == "lm_head.weight" else f"model.{name}"].detach()) <= 1e-5, (
+            name
+        )
 
 
 @pytest.mark.parametrize("mode", ["selective", "full", "moe"])
@@ -137,7 +158,9 @@ def test_compile_keeps_losses_gradients_and_names(tmp_path, dispatcher):
 
 
 def test_compile_refused_where_the_backend_has_no_compiler():
-    backend = Backend(name="lazy", device_type="cpu", dist_backend="gloo", capabilities=Capabilities(compile_backend=None))
+    backend = Backend(
+        name="lazy", device_type="cpu", dist_backend="gloo", capabilities=Capabilities(compile_backend=None)
+    )
     with pytest.raises(MixtralError, match="not supported by the lazy backend.*compile: false"):
         backend.compile(torch.nn.Linear(2, 2))
 
@@ -245,11 +268,27 @@ def test_multi_rank_recipe_in_one_process_says_how_to_launch(tmp_path):
 
 def test_cli_train_on_builtin_corpus_then_plot(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["train", "--recipe", "cpu-tiny", "model.hidden_size=32", "model.intermediate_size=32",
-            "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.num_local_experts=4",
-            "seq_len=32", "batch.micro_batch=2", "batch.global_batch=4", "train.steps=4", "eval.interval=2",
-            "eval.samples=4", "checkpoint.interval=2", "train.expert_load_interval=2", "train.peak_flops=1e11",
-            f"train.output_dir={run_dir}", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = [
+        "train",
+        "--recipe",
+        "cpu-tiny",
+        "model.hidden_size=32",
+        "model.intermediate_size=32",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=4",
+        "model.num_local_experts=4",
+        "seq_len=32",
+        "batch.micro_batch=2",
+        "batch.global_batch=4",
+        "train.steps=4",
+        "eval.interval=2",
+        "eval.samples=4",
+        "checkpoint.interval=2",
+        "train.expert_load_interval=2",
+        "train.peak_flops=1e11",
+        f"train.output_dir={run_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(argv) == 0
     assert "trained cpu-tiny to step 4" in capsys.readouterr().out
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -292,9 +331,13 @@ def test_init_from_a_run_directory(tmp_path):
         assert torch.equal(param, dict(tuned.model.named_parameters())[name].detach()), name
 
 
-@pytest.mark.parametrize("moe, bins", [(("moe.dispatcher=capacity", "moe.capacity_factor=0.5"), False),
-                                       (("moe.dispatcher=capacity_bins",
-                                         "moe.capacity_bins={num_bins: 2, alignment: 4}"), True)])
+@pytest.mark.parametrize(
+    "moe, bins",
+    [
+        (("moe.dispatcher=capacity", "moe.capacity_factor=0.5"), False),
+        (("moe.dispatcher=capacity_bins", "moe.capacity_bins={num_bins: 2, alignment: 4}"), True),
+    ],
+)
 def test_routing_metrics_are_logged_and_plotted(tmp_path, moe, bins):
     """Per layer: dropped fraction (capacity 0.5 must drop about half the pairs, bins never drop) and the bin used."""
     from mixtral.train.metrics import read_metrics

@@ -24,9 +24,19 @@ NORM_RTOL = 2e-4
 # optimizer.eps=1: AdamW's first step is lr * g / (|g| + eps), which flips a full lr step with the sign of a
 # near-zero gradient that another layout sums in another order; with eps well above |g| it is linear in g, and
 # fp32 reduction-order noise stays at its own size in the second step's losses.
-SHORT = ["train.steps=2", "train.peak_flops=1e12", "train.tensorboard=false", "train.expert_load_interval=1",
-         "eval.interval=2", "eval.samples=8", "checkpoint.interval=0", "schedule.warmup_steps=1",
-         "batch.global_batch=16", "model.num_hidden_layers=2", "optimizer.eps=1.0"]
+SHORT = [
+    "train.steps=2",
+    "train.peak_flops=1e12",
+    "train.tensorboard=false",
+    "train.expert_load_interval=1",
+    "eval.interval=2",
+    "eval.samples=8",
+    "checkpoint.interval=0",
+    "schedule.warmup_steps=1",
+    "batch.global_batch=16",
+    "model.num_hidden_layers=2",
+    "optimizer.eps=1.0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -67,9 +77,24 @@ def test_data_parallel_cli_matches_one_process(tmp_path, one_process, layout: li
 
 
 def test_tensor_parallel_under_torchrun_matches_one_process(tmp_path, one_process) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "mixtral.cli", "train", "--recipe", "cpu-tiny", *SHORT, f"train.output_dir={tmp_path}",
-               "batch.micro_batch=16", "parallel.tp=2", "parallel.sp=true"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mixtral.cli",
+        "train",
+        "--recipe",
+        "cpu-tiny",
+        *SHORT,
+        f"train.output_dir={tmp_path}",
+        "batch.micro_batch=16",
+        "parallel.tp=2",
+        "parallel.sp=true",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained cpu-tiny to step 2") == 1  # rank 0 alone prints
@@ -85,12 +110,28 @@ def test_pipeline_cli_matches_one_process(tmp_path) -> None:
 def test_a_failing_worker_fails_the_launch(tmp_path, capsys) -> None:
     """A layout only the workers can refuse (kv heads by tp, checked against the model): every worker stops, and
     the launch says which failed. A layout whose ranks differ from --nproc-per-node fails before launching."""
-    assert main(["train", "--recipe", "cpu-tiny", "--nproc-per-node", "2", *SHORT, f"train.output_dir={tmp_path}",
-                 "parallel.tp=2", "model.num_key_value_heads=1"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "cpu-tiny",
+                "--nproc-per-node",
+                "2",
+                *SHORT,
+                f"train.output_dir={tmp_path}",
+                "parallel.tp=2",
+                "model.num_key_value_heads=1",
+            ]
+        )
+        == 1
+    )
     assert re.search(r"rank [01] failed first \(exit code 1\)", capsys.readouterr().out)
     assert main(["train", "--recipe", "cpu-tiny", "--nproc-per-node", "2", *SHORT, "parallel.tp=4"]) == 2
-    assert ("the recipe's layout has 4 ranks (parallel.dp x tp x pp x cp) but --nproc-per-node is 2"
-            in capsys.readouterr().err)
+    assert (
+        "the recipe's layout has 4 ranks (parallel.dp x tp x pp x cp) but --nproc-per-node is 2"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,25 +143,44 @@ def hf_start(tmp_path_factory) -> tuple[Path, dict[int, list[dict]]]:
     from mixtral.recipes import load_recipe
 
     root = tmp_path_factory.mktemp("init-from")
-    model = Mixtral(load_recipe("cpu-tiny", ["model.num_hidden_layers=2", "model.tie_word_embeddings=false",
-                                             "model.num_local_experts=4"]).model_config())
+    model = Mixtral(
+        load_recipe(
+            "cpu-tiny", ["model.num_hidden_layers=2", "model.tie_word_embeddings=false", "model.num_local_experts=4"]
+        ).model_config()
+    )
     model.init_weights(seed=5, std=0.05)
     save_hf(model, root / "hf")
-    return root / "hf", {size: train(root / f"one{size}", *FROM_HF(root / "hf"), f"batch.micro_batch={size}")
-                         for size in (16, 8)}
+    return root / "hf", {
+        size: train(root / f"one{size}", *FROM_HF(root / "hf"), f"batch.micro_batch={size}") for size in (16, 8)
+    }
 
 
 def FROM_HF(path: Path) -> list[str]:
-    return ["model.preset=null", f"model.init_from={path}", "model.hidden_size=null", "model.intermediate_size=null",
-            "model.num_hidden_layers=null", "model.num_attention_heads=null", "model.num_key_value_heads=null",
-            "model.num_local_experts=null", "model.num_experts_per_tok=null", "model.max_position_embeddings=null",
-            "train.steps=1"]
+    return [
+        "model.preset=null",
+        f"model.init_from={path}",
+        "model.hidden_size=null",
+        "model.intermediate_size=null",
+        "model.num_hidden_layers=null",
+        "model.num_attention_heads=null",
+        "model.num_key_value_heads=null",
+        "model.num_local_experts=null",
+        "model.num_experts_per_tok=null",
+        "model.max_position_embeddings=null",
+        "train.steps=1",
+    ]
 
 
-@pytest.mark.parametrize("layout", [["parallel.dp=2", "parallel.zero=3", "batch.micro_batch=8"],
-                                    ["parallel.tp=2", "parallel.sp=true", "batch.micro_batch=16"],
-                                    ["parallel.dp=2", "parallel.ep=2", "batch.micro_batch=8"],
-                                    ["parallel.pp=2", "batch.micro_batch=8"]], ids=["dp2_zero3", "tp2", "ep2", "pp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["parallel.dp=2", "parallel.zero=3", "batch.micro_batch=8"],
+        ["parallel.tp=2", "parallel.sp=true", "batch.micro_batch=16"],
+        ["parallel.dp=2", "parallel.ep=2", "batch.micro_batch=8"],
+        ["parallel.pp=2", "batch.micro_batch=8"],
+    ],
+    ids=["dp2_zero3", "tp2", "ep2", "pp2"],
+)
 def test_init_from_hf_under_a_layout_gives_one_process_loss(tmp_path, hf_start, layout) -> None:
     """Each rank reads only its shards of the HF checkpoint after the layout: the first step's loss is one process's."""
     path, expected = hf_start

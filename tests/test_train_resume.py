@@ -21,8 +21,10 @@ OVERRIDES = ("model.router_jitter_noise=0.1",)
 
 
 def losses(run_dir) -> list[tuple]:
-    return [(r["step"], r.get("loss"), r.get("aux_loss"), r.get("grad_norm"), r.get("lr"), r.get("eval_loss"))
-            for r in read_metrics(run_dir)]
+    return [
+        (r["step"], r.get("loss"), r.get("aux_loss"), r.get("grad_norm"), r.get("lr"), r.get("eval_loss"))
+        for r in read_metrics(run_dir)
+    ]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16_master"])
@@ -64,6 +66,7 @@ def test_resume_with_another_seed_is_refused(tmp_path):
 
 # --- the checkpoints themselves: native DCP directories published behind `latest` ---------------------------------
 
+
 def test_checkpoint_layout_keep_last_and_generate_from_the_run(tmp_path, capsys):
     """keep_last 2 of 6 steps; each step dir is a native checkpoint with trainer state, RNG and tokenizer that
     `mixtral-run generate --model <run dir>` reads (README's main command)."""
@@ -73,8 +76,13 @@ def test_checkpoint_layout_keep_last_and_generate_from_the_run(tmp_path, capsys)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_00000005", "step_00000006"]
     assert (ckpt_dir / "latest").is_symlink() and str((ckpt_dir / "latest").readlink()) == "step_00000006"
     step_dir = ckpt_dir / "step_00000006"
-    assert {p.name for p in step_dir.iterdir()} == {".metadata", "__0_0.distcp", "manifest.json", "rng",
-                                                    "tokenizer.model"}
+    assert {p.name for p in step_dir.iterdir()} == {
+        ".metadata",
+        "__0_0.distcp",
+        "manifest.json",
+        "rng",
+        "tokenizer.model",
+    }
     manifest = read_manifest(step_dir)
     assert manifest.step == 6 and manifest.config == trainer.config and manifest.dtype == "float32"
     assert manifest.extra["trainer"] == {**trainer.state_dict(), "world_size": 1}
@@ -137,12 +145,16 @@ def test_killed_save_leftovers_are_ignored_and_removed(tmp_path):
 def test_resume_and_init_from_refuse_what_does_not_fit(tmp_path):
     tiny_trainer(tmp_path / "base", "train.steps=3").fit()
     latest = tmp_path / "base" / "checkpoints" / "latest"
-    with pytest.raises(MixtralError, match=r"parameter 'embed_tokens.weight' has shape \[101, 48\] there but the "
-                                           r"model's is \[101, 64\]; fine-tune with the checkpoint's sizes"):
+    with pytest.raises(
+        MixtralError,
+        match=r"parameter 'embed_tokens.weight' has shape \[101, 48\] there but the "
+        r"model's is \[101, 64\]; fine-tune with the checkpoint's sizes",
+    ):
         tiny_trainer(tmp_path / "tuned", f"model.init_from={latest}", "model.hidden_size=64")
     converted = tmp_path / "converted" / "checkpoints"
-    assert main(["convert", "--input", str(latest), "--output", str(converted / "step_00000003"),
-                 "--to", "native"]) == 0
+    assert (
+        main(["convert", "--input", str(latest), "--output", str(converted / "step_00000003"), "--to", "native"]) == 0
+    )
     (converted / "latest").symlink_to("step_00000003")
     with pytest.raises(MixtralError, match="holds no optimizer state .* start a fresh run from it"):
         tiny_trainer(tmp_path / "converted").fit(resume=True)

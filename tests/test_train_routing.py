@@ -14,8 +14,13 @@ from mixtral.cli import main
 from mixtral.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
-BINS = ("moe.dispatcher=capacity_bins", "moe.capacity_bins.num_bins=4", "moe.capacity_bins.alignment=2",
-        "moe.capacity_bins.optimize_interval=3", "moe.capacity_bins.group_size=1")
+BINS = (
+    "moe.dispatcher=capacity_bins",
+    "moe.capacity_bins.num_bins=4",
+    "moe.capacity_bins.alignment=2",
+    "moe.capacity_bins.optimize_interval=3",
+    "moe.capacity_bins.group_size=1",
+)
 
 
 def edges_by_step(run_dir: Path) -> dict[int, list]:
@@ -53,8 +58,9 @@ def test_resume_across_a_reoptimisation_equals_the_whole_run(tmp_path):
     resumed = tiny_trainer(tmp_path / "split", *run)
     resumed.fit(resume=True)
     keep = ("step", "loss", "aux_loss", "grad_norm", "capacity_bin", "capacity_bin_edges")
-    assert [{k: r.get(k) for k in keep} for r in read_metrics(tmp_path / "split")] == \
-        [{k: r.get(k) for k in keep} for r in read_metrics(tmp_path / "whole")]
+    assert [{k: r.get(k) for k in keep} for r in read_metrics(tmp_path / "split")] == [
+        {k: r.get(k) for k in keep} for r in read_metrics(tmp_path / "whole")
+    ]
     for a, b in zip(whole.model.layers, resumed.model.layers):
         assert torch.equal(a.mlp.dispatcher.bins.edges, b.mlp.dispatcher.bins.edges)
         assert torch.equal(a.mlp.dispatcher.bins.usage, b.mlp.dispatcher.bins.usage)
@@ -98,14 +104,24 @@ def test_bins_under_data_parallelism_equal_one_process(tmp_path, monkeypatch):
     expert parallelism the ep ranks agree on each micro-batch's bin (the largest count over the group), which one
     process cannot mirror, so dp2 ep2 is checked to re-make its bins on the same steps."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    short = ["train.steps=6", "train.peak_flops=1e12", "train.tensorboard=false", "eval.interval=0",
-             "checkpoint.interval=0", "batch.global_batch=16", "batch.micro_batch=8", "model.num_hidden_layers=2",
-             *BINS]
+    short = [
+        "train.steps=6",
+        "train.peak_flops=1e12",
+        "train.tensorboard=false",
+        "eval.interval=0",
+        "checkpoint.interval=0",
+        "batch.global_batch=16",
+        "batch.micro_batch=8",
+        "model.num_hidden_layers=2",
+        *BINS,
+    ]
     runs = {}
     for name, layout in {"one": [], "dp2": ["parallel.dp=2"], "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"]}.items():
         launch = ["--nproc-per-node", "2"] if layout else []
-        assert main(["train", "--recipe", "cpu-tiny", *launch, *short, *layout,
-                     f"train.output_dir={tmp_path / name}"]) == 0
+        assert (
+            main(["train", "--recipe", "cpu-tiny", *launch, *short, *layout, f"train.output_dir={tmp_path / name}"])
+            == 0
+        )
         runs[name] = edges_by_step(tmp_path / name)
     assert len(runs["one"]) >= 2 and runs["dp2"] == runs["one"]
     assert set(runs["dp2_ep2"]) == set(runs["one"])

@@ -14,9 +14,21 @@ VENDOR = {
     "cuda-8x7b-infer-tp1ep1pp2": (2, "h100", (1, 1, 2, 1, 1, 1), "dropless", "run_text_generation_server.py"),
     "cuda-8x22b-tp4pp4ep8": (256, "h100", (16, 4, 4, 1, 8, 1), "dropless", "run_mixtral_8x22B.sh"),
     "gaudi2-8x7b-32hpu-capacity-bins": (32, "gaudi2", (4, 8, 1, 1, 1, 8), "capacity_bins", "pretrain_mixtral.sh"),
-    "gaudi2-8x7b-32hpu-tp-sp-allgather-extp": (32, "gaudi2", (4, 8, 1, 1, 8, 1), "capacity_bins", "pretrain_mixtral.sh"),
+    "gaudi2-8x7b-32hpu-tp-sp-allgather-extp": (
+        32,
+        "gaudi2",
+        (4, 8, 1, 1, 8, 1),
+        "capacity_bins",
+        "pretrain_mixtral.sh",
+    ),
     "gaudi2-8x7b-32hpu-dp-ep": (32, "gaudi2", (32, 1, 1, 1, 8, 1), "capacity_bins", "pretrain_mixtral.sh"),
-    "gaudi2-8x7b-32hpu-dp-ep-allgather-extp": (32, "gaudi2", (16, 2, 1, 1, 8, 1), "capacity_bins", "pretrain_mixtral.sh"),
+    "gaudi2-8x7b-32hpu-dp-ep-allgather-extp": (
+        32,
+        "gaudi2",
+        (16, 2, 1, 1, 8, 1),
+        "capacity_bins",
+        "pretrain_mixtral.sh",
+    ),
     "ascend-8x7b-tp8pp2cp4": (64, "910b", (1, 8, 2, 4, 1, 8), "dropless", "pretrain_mixtral_8x7b_ptd.sh"),
     "tpu-v5p-8x22b-spmd": (256, "v5p", (256, 1, 1, 1, 1, 1), "capacity", "MoE_study"),
 }
@@ -57,7 +69,13 @@ def test_vendor_settings_are_recipe_keys():
 def test_mlperf_tpu_recipe_settings():
     r = load_recipe("tpu-v5p-8x22b-spmd")
     assert r.model_config().num_hidden_layers == 56 and r.model_config().hidden_size == 6144
-    assert (r.seq_len, r.batch.global_batch, r.batch.micro_batch, r.train.steps, r.train.seed) == (32768, 256, 1, 250, 4321)
+    assert (r.seq_len, r.batch.global_batch, r.batch.micro_batch, r.train.steps, r.train.seed) == (
+        32768,
+        256,
+        1,
+        250,
+        4321,
+    )
     assert (r.optimizer.lr, r.optimizer.weight_decay, r.optimizer.grad_clip) == (2e-5, 0.1, 1.0)
     assert (r.schedule.name, r.schedule.warmup_fraction) == ("warmup_hold", 0.25)
     assert (r.moe.capacity_factor, r.moe.capacity_per) == (1.25, "sequence")

@@ -16,8 +16,9 @@ import torch
 NO_BAND = 2147483647  # npu_fusion_attention's default pre_tockens / next_tockens
 
 
-def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                       scale: float) -> torch.Tensor:
+def _softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
     """fp32 softmax(q k^T * scale + bias) v for q [B, N1, S, D], k / v [B, N2, T, D], N2 dividing N1
     (query head h reads key head h // (N1 / N2)); bias (-inf where masked) broadcasts to [B, N1, S, T]."""
     b, n1, s, d = q.shape
@@ -44,8 +45,19 @@ class FusedSDPA:
     """
 
     @staticmethod
-    def apply(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, softmax_mode="None",
-              recompute_mode=None, valid_seq_len=None, seq_padding_type="left"):
+    def apply(
+        q,
+        k,
+        v,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        softmax_mode="None",
+        recompute_mode=None,
+        valid_seq_len=None,
+        seq_padding_type="left",
+    ):
         if dropout_p != 0.0:
             raise NotImplementedError("simulation: dropout is not simulated")
         if softmax_mode.lower() not in ("none", "fast", "fp32"):
@@ -66,9 +78,14 @@ class FusedSDPA:
                 raise AssertionError("unsupported 2D attention mask, the shape is not (Nt, Ns)")
             if attn_mask.dim() == 2 and k.shape[1] != q.shape[1]:  # the wrapper unpacks a 4-D mask under GQA
                 raise AssertionError("a 2D attention mask is not supported with grouped-query attention")
-            if attn_mask.dim() not in (2, 4) or tuple(attn_mask.shape[-2:]) != (nt, ns) or \
-                    (attn_mask.dim() == 4 and attn_mask.shape[1] not in (1, q.shape[1])):
-                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} is neither (Nt, Ns) nor [B, 1 or Hq, Nt, Ns]")
+            if (
+                attn_mask.dim() not in (2, 4)
+                or tuple(attn_mask.shape[-2:]) != (nt, ns)
+                or (attn_mask.dim() == 4 and attn_mask.shape[1] not in (1, q.shape[1]))
+            ):
+                raise ValueError(
+                    f"attn_mask of shape {tuple(attn_mask.shape)} is neither (Nt, Ns) nor [B, 1 or Hq, Nt, Ns]"
+                )
             if attn_mask.dtype == torch.bool:
                 bias = torch.where(attn_mask, bias, float("-inf"))
             else:
@@ -124,10 +141,27 @@ class torch_npu:
     """SIMULATION of the torch_npu functions the NPU backend uses (hiascend.com torch_npu API reference)."""
 
     @staticmethod
-    def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                             atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=NO_BAND, next_tockens=NO_BAND,
-                             inner_precise=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
-                             sparse_mode=0, gen_mask_parallel=True, sync=False):
+    def npu_fusion_attention(
+        query,
+        key,
+        value,
+        head_num,
+        input_layout,
+        pse=None,
+        padding_mask=None,
+        atten_mask=None,
+        scale=1.0,
+        keep_prob=1.0,
+        pre_tockens=NO_BAND,
+        next_tockens=NO_BAND,
+        inner_precise=0,
+        prefix=None,
+        actual_seq_qlen=None,
+        actual_seq_kvlen=None,
+        sparse_mode=0,
+        gen_mask_parallel=True,
+        sync=False,
+    ):
         """torch_npu.npu_fusion_attention (Pytorch 7.0.0 apilist; sparse_mode_introduction.md of ops-transformer).
 
         input_layout BNSD [B, N, S, D], BSND [B, S, N, D], BSH or SBH (H = N * D); head_num is the query's N;
@@ -147,21 +181,42 @@ class torch_npu:
             raise TypeError(f"query, key and value must be float16 or bfloat16, not {query.dtype}")
         q, k, v = (_to_bnsd(x, input_layout, query.shape[-1] // head_num) for x in (query, key, value))
         if q.shape[1] != head_num:
-            raise ValueError(f"head_num {head_num} does not match the query's {q.shape[1]} heads in layout {input_layout}")
+            raise ValueError(
+                f"head_num {head_num} does not match the query's {q.shape[1]} heads in layout {input_layout}"
+            )
         b, n1, sq, _ = q.shape
         skv = k.shape[2]
         masked = _fusion_attention_mask(atten_mask, sparse_mode, pre_tockens, next_tockens, b, n1, sq, skv, q.device)
-        bias = torch.zeros((), device=q.device) if masked is None else \
-            torch.zeros(masked.shape, device=q.device).masked_fill(masked, float("-inf"))
+        bias = (
+            torch.zeros((), device=q.device)
+            if masked is None
+            else torch.zeros(masked.shape, device=q.device).masked_fill(masked, float("-inf"))
+        )
         out = _softmax_attention(q, k, v, bias, scale)
         stats = torch.zeros(b, n1, sq, 8, dtype=torch.float32, device=q.device)
         return (_from_bnsd(out.to(query.dtype), input_layout), stats, stats, query.new_empty(0), 0, 0, 0)
 
     @staticmethod
-    def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
-                           antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
-                           activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=-1,
-                           group_list_type=0, act_type=0, output_dtype=None):
+    def npu_grouped_matmul(
+        x,
+        weight,
+        *,
+        bias=None,
+        scale=None,
+        offset=None,
+        antiquant_scale=None,
+        antiquant_offset=None,
+        per_token_scale=None,
+        group_list=None,
+        activation_input=None,
+        activation_quant_scale=None,
+        activation_quant_offset=None,
+        split_item=0,
+        group_type=-1,
+        group_list_type=0,
+        act_type=0,
+        output_dtype=None,
+    ):
         """torch_npu.npu_grouped_matmul (Pytorch 7.0.0 apilist), non-quantised path.
 
         x, weight: lists; weight holds G 2-D [K, N] tensors or one 3-D [G, K, N]. split_item 0/1: one output
@@ -201,7 +256,7 @@ class torch_npu:
         y = x * rstd * gamma, rstd = 1 / sqrt(mean(x^2) + eps) in fp32."""
         if gamma.dtype != x.dtype:
             raise TypeError(f"gamma dtype {gamma.dtype} must equal self dtype {x.dtype}")
-        if gamma.shape != x.shape[x.dim() - gamma.dim():]:
+        if gamma.shape != x.shape[x.dim() - gamma.dim() :]:
             raise ValueError("gamma must match x's trailing dimensions")
         dims = tuple(range(x.dim() - gamma.dim(), x.dim()))
         xf = x.float()
@@ -326,8 +381,11 @@ def _fusion_attention_mask(atten_mask, sparse_mode, pre, nxt, b, n, sq, skv, dev
     i = torch.arange(sq, device=device).unsqueeze(1)
     j = torch.arange(skv, device=device).unsqueeze(0)
     if sparse_mode in (2, 3):
-        if atten_mask is None or tuple(atten_mask.shape) != (2048, 2048) or \
-                not torch.equal(atten_mask.bool(), torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)):
+        if (
+            atten_mask is None
+            or tuple(atten_mask.shape) != (2048, 2048)
+            or not torch.equal(atten_mask.bool(), torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1))
+        ):
             raise ValueError(f"sparse_mode {sparse_mode} needs the compressed 2048 x 2048 upper-triangular atten_mask")
         return j > i if sparse_mode == 2 else j > i + (skv - sq)
     if sparse_mode not in (0, 1):
@@ -352,11 +410,14 @@ FP32 = {"rtol": 1e-5, "atol": 1e-5}  # the adapter tests' fp32 tolerance, relati
 HALF = {torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}, torch.float16: {"rtol": 2e-3, "atol": 2e-3}}
 
 
-def qkv(s: int, t: int, heads: int = 6, kv_heads: int = 2, dtype: torch.dtype = torch.float32
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv(
+    s: int, t: int, heads: int = 6, kv_heads: int = 2, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random q [2, heads, s, 16] and k, v [2, kv_heads, t, 16] in dtype."""
-    return tuple(x.to(dtype) for x in (torch.randn(2, heads, s, 16), torch.randn(2, kv_heads, t, 16),
-                                       torch.randn(2, kv_heads, t, 16)))
+    return tuple(
+        x.to(dtype)
+        for x in (torch.randn(2, heads, s, 16), torch.randn(2, kv_heads, t, 16), torch.randn(2, kv_heads, t, 16))
+    )
 
 
 def random_mask(*shape: int) -> torch.Tensor:

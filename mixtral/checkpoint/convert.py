@@ -40,27 +40,49 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="HF directory, native checkpoint (or checkpoints root), "
-                                                       "or Megatron torch_dist directory")
-    parser.add_argument("--output", required=True, help="directory to write (replaced atomically); for gguf the "
-                                                        ".gguf file")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="HF directory, native checkpoint (or checkpoints root), or Megatron torch_dist directory",
+    )
+    parser.add_argument(
+        "--output", required=True, help="directory to write (replaced atomically); for gguf the .gguf file"
+    )
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
     for dim in ("tp", "pp", "ep"):
-        parser.add_argument(f"--{dim}", type=int, default=None,
-                            help=f"{dim} degree recorded in a native checkpoint's manifest (checked against the model)")
-    parser.add_argument("--dtype", default=None, help=f"output dtype, one of {', '.join(DTYPE_NAMES)} (default: the "
-                                                      f"input's; gguf: bf16); q8_0 is for gguf")
-    parser.add_argument("--config", default=None, help="HF config.json or preset for a Megatron input that has no "
-                                                       "config.json beside it")
+        parser.add_argument(
+            f"--{dim}",
+            type=int,
+            default=None,
+            help=f"{dim} degree recorded in a native checkpoint's manifest (checked against the model)",
+        )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help=f"output dtype, one of {', '.join(DTYPE_NAMES)} (default: the input's; gguf: bf16); q8_0 is for gguf",
+    )
+    parser.add_argument(
+        "--config", default=None, help="HF config.json or preset for a Megatron input that has no config.json beside it"
+    )
     parser.add_argument("--verify", action="store_true", help="round-trip tensor equality and fixed-prompt logits")
-    parser.add_argument("--megatron-spec", default=None, help="megatron output: the layer spec Megatron-LM builds, "
-                                                              "local or te (Transformer Engine; default local)")
-    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                        help="megatron output: pad the vocabulary with zero rows to a multiple of this x "
-                             "--megatron-tp, as Megatron-LM does (its default is 128; default here 1: no padding)")
-    parser.add_argument("--megatron-tp", type=int, default=None,
-                        help="megatron output: the tensor-parallel size Megatron-LM loads with, for the padding "
-                             "(default 1)")
+    parser.add_argument(
+        "--megatron-spec",
+        default=None,
+        help="megatron output: the layer spec Megatron-LM builds, local or te (Transformer Engine; default local)",
+    )
+    parser.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=None,
+        help="megatron output: pad the vocabulary with zero rows to a multiple of this x "
+        "--megatron-tp, as Megatron-LM does (its default is 128; default here 1: no padding)",
+    )
+    parser.add_argument(
+        "--megatron-tp",
+        type=int,
+        default=None,
+        help="megatron output: the tensor-parallel size Megatron-LM loads with, for the padding (default 1)",
+    )
 
 
 def boxes_for(name: str, shape: tuple[int, ...]) -> list:
@@ -89,13 +111,22 @@ def _replaceable(path: Path, fmt: str) -> None:
     except MixtralError:
         found = None
     if found != fmt:
-        raise MixtralError(f"{path}: exists and is not a {fmt} checkpoint (it would be replaced); choose another "
-                           f"--output or remove it")
+        raise MixtralError(
+            f"{path}: exists and is not a {fmt} checkpoint (it would be replaced); choose another --output or remove it"
+        )
 
 
-def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None, layout: dict[str, int] | None = None,
-          extra: dict[str, Any] | None = None, desc: str = "convert", megatron_spec: str = "local",
-          vocab_multiple: int = 1) -> None:
+def write(
+    fmt: str,
+    source: Source,
+    out: Path,
+    dtype: torch.dtype | None = None,
+    layout: dict[str, int] | None = None,
+    extra: dict[str, Any] | None = None,
+    desc: str = "convert",
+    megatron_spec: str = "local",
+    vocab_multiple: int = 1,
+) -> None:
     """Write source's parameters to out in format fmt (dtype None keeps the source's); megatron output is laid out
     for megatron_spec, its vocabulary padded to a multiple of vocab_multiple."""
     from mixtral.checkpoint import megatron, native
@@ -105,12 +136,19 @@ def write(fmt: str, source: Source, out: Path, dtype: torch.dtype | None = None,
     total = sum(math.prod(shape) for shape in source.shapes.values()) * dtype.itemsize
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, file=sys.stderr) as bar:
         if fmt == "native":
-            state = {name: native.LazyTensor(tuple(shape), dtype, boxes_for(name, tuple(shape)),
-                                             lambda box, name=name: source.read(name, _expert_of(name, box)),
-                                             bar.update)
-                     for name, shape in source.shapes.items()}
-            native.save_native(out, state, config=source.config, layout=layout, manifest_extra=extra,
-                               file_per_item=True)
+            state = {
+                name: native.LazyTensor(
+                    tuple(shape),
+                    dtype,
+                    boxes_for(name, tuple(shape)),
+                    lambda box, name=name: source.read(name, _expert_of(name, box)),
+                    bar.update,
+                )
+                for name, shape in source.shapes.items()
+            }
+            native.save_native(
+                out, state, config=source.config, layout=layout, manifest_extra=extra, file_per_item=True
+            )
         elif fmt == "megatron":
             vocab_rows = megatron.padded_vocab_size(source.config.vocab_size, vocab_multiple)
             megatron.save_megatron(out, source.read, source.config, dtype, bar.update, megatron_spec, vocab_rows)
@@ -143,13 +181,20 @@ def target_layout(args: argparse.Namespace, config: ModelConfig) -> dict[str, in
     given = {dim: getattr(args, dim) for dim in ("tp", "pp", "ep") if getattr(args, dim) is not None}
     if args.to != "native":
         if given:
-            raise MixtralError(f"--{next(iter(given))}: a layout is recorded only in a native checkpoint's manifest; "
-                               f"{args.to} output has no layout field (it reshards on load); drop --tp/--pp/--ep")
+            raise MixtralError(
+                f"--{next(iter(given))}: a layout is recorded only in a native checkpoint's manifest; "
+                f"{args.to} output has no layout field (it reshards on load); drop --tp/--pp/--ep"
+            )
         return None
     layout = {"tp": given.get("tp", 1), "pp": given.get("pp", 1), "ep": given.get("ep", 1)}
     try:
-        dims = ParallelDims(tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], dp=layout["ep"],
-                            world_size=layout["tp"] * layout["pp"] * layout["ep"])
+        dims = ParallelDims(
+            tp=layout["tp"],
+            pp=layout["pp"],
+            ep=layout["ep"],
+            dp=layout["ep"],
+            world_size=layout["tp"] * layout["pp"] * layout["ep"],
+        )
         dims.validate_model(config)
     except MixtralError as exc:
         raise MixtralError(str(exc).replace("parallel.", "--")) from None
@@ -163,8 +208,10 @@ def megatron_target(args: argparse.Namespace) -> tuple[str, int]:
     given = [flag for flag, value in {"--megatron-spec": args.megatron_spec, **sizes}.items() if value is not None]
     if args.to != "megatron":
         if given:
-            raise MixtralError(f"{given[0]}: applies to --to megatron only ({args.to} output has no Megatron layer "
-                               f"spec or padded vocabulary); drop it")
+            raise MixtralError(
+                f"{given[0]}: applies to --to megatron only ({args.to} output has no Megatron layer "
+                f"spec or padded vocabulary); drop it"
+            )
         return "local", 1
     from mixtral.checkpoint import megatron
 
@@ -172,12 +219,15 @@ def megatron_target(args: argparse.Namespace) -> tuple[str, int]:
     megatron.layer_spec(spec)
     for flag, value in sizes.items():
         if value is not None and value < 1:
-            raise MixtralError(f"{flag} {value}: must be a positive integer (Megatron-LM's defaults: "
-                               f"--make-vocab-size-divisible-by 128, --megatron-tp 1)")
+            raise MixtralError(
+                f"{flag} {value}: must be a positive integer (Megatron-LM's defaults: "
+                f"--make-vocab-size-divisible-by 128, --megatron-tp 1)"
+            )
     return spec, (args.make_vocab_size_divisible_by or 1) * (args.megatron_tp or 1)
 
 
 # --- verify --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Stored:
@@ -248,8 +298,9 @@ def prompt_logits(source: Source, round_to: torch.dtype | None = None) -> torch.
         return model(tokens[None]).logits[0]
 
 
-def verify(in_fmt: str, in_path: Path, out_fmt: str, out_path: Path, dtype: torch.dtype | None,
-           config: str | None) -> bool:
+def verify(
+    in_fmt: str, in_path: Path, out_fmt: str, out_path: Path, dtype: torch.dtype | None, config: str | None
+) -> bool:
     """Round-trip tensor equality and fixed-prompt logits; prints a table and returns whether all passed."""
     in_source = open_source(in_path, config)[1]
     out_source = open_source(out_path)[1]
@@ -257,18 +308,29 @@ def verify(in_fmt: str, in_path: Path, out_fmt: str, out_path: Path, dtype: torc
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".verify-") as tmp:
         back = Path(tmp) / "roundtrip"
         write(in_fmt, out_source, back, desc=f"verify {out_fmt} -> {in_fmt}")
-        count, worst, problems = compare_stored(stored_tensors(in_fmt, in_path, in_source.config),
-                                                stored_tensors(in_fmt, back, in_source.config), out_dtype)
+        count, worst, problems = compare_stored(
+            stored_tensors(in_fmt, in_path, in_source.config), stored_tensors(in_fmt, back, in_source.config), out_dtype
+        )
     expected = prompt_logits(in_source, round_to=out_dtype)
     got = prompt_logits(out_source)
     logit_diff = (expected - got).abs().max().item()
     tolerance = 1e-6 * max(1.0, expected.abs().max().item())
     logits_ok = logit_diff <= tolerance
-    rows = [("check", "compared", "max |diff|", "result"),
-            (f"tensors, {in_fmt} -> {out_fmt} -> {in_fmt}", f"{count} tensors", f"{worst:.3g}",
-             "ok" if not problems else "MISMATCH"),
-            ("logits, fixed prompt (fp32)", f"{PROMPT_LEN}x{expected.shape[-1]}", f"{logit_diff:.3g}",
-             "ok" if logits_ok else f"MISMATCH (> {tolerance:.1g})")]
+    rows = [
+        ("check", "compared", "max |diff|", "result"),
+        (
+            f"tensors, {in_fmt} -> {out_fmt} -> {in_fmt}",
+            f"{count} tensors",
+            f"{worst:.3g}",
+            "ok" if not problems else "MISMATCH",
+        ),
+        (
+            "logits, fixed prompt (fp32)",
+            f"{PROMPT_LEN}x{expected.shape[-1]}",
+            f"{logit_diff:.3g}",
+            "ok" if logits_ok else f"MISMATCH (> {tolerance:.1g})",
+        ),
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -283,16 +345,25 @@ def run_gguf(args: argparse.Namespace, src: Path, out: Path) -> int:
     from mixtral.data.tokenizer import Tokenizer
 
     if args.verify or any(getattr(args, dim) is not None for dim in ("tp", "pp", "ep")):
-        raise MixtralError("--verify and --tp/--pp/--ep do not apply to gguf: llama.cpp reads the file whole "
-                           "(tests/test_gguf.py checks it against llama.cpp itself)")
+        raise MixtralError(
+            "--verify and --tp/--pp/--ep do not apply to gguf: llama.cpp reads the file whole "
+            "(tests/test_gguf.py checks it against llama.cpp itself)"
+        )
     if out.suffix != ".gguf" or out.is_dir():
         raise MixtralError(f"--output {out}: a GGUF output is one file named *.gguf, e.g. --output mixtral.gguf")
     kind = {"fp32": "f32", None: "bf16"}.get(args.dtype, args.dtype)
     source = open_source(src, args.config)[1]
     total = sum(math.prod(shape) for shape in source.shapes.values()) * 2
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"-> gguf {kind}", disable=None, file=sys.stderr) as bar:
-        write_gguf(out, source.config, source.read, Tokenizer(resolve_checkpoint(src)).path, kind,
-                   name=Path(args.input).name, on_write=bar.update)
+        write_gguf(
+            out,
+            source.config,
+            source.read,
+            Tokenizer(resolve_checkpoint(src)).path,
+            kind,
+            name=Path(args.input).name,
+            on_write=bar.update,
+        )
     print(f"wrote {out} (GGUF {kind.upper()}); llama.cpp: llama-cli -m {out}; ollama: a Modelfile with `FROM {out}`")
     return 0
 
@@ -312,12 +383,23 @@ def run(args: argparse.Namespace) -> int:
     in_fmt, source = open_source(src, args.config)
     layout = target_layout(args, source.config)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-    write(args.to, source, out, dtype, layout, extra={"converted_from": in_fmt}, desc=f"{in_fmt} -> {args.to}",
-          megatron_spec=spec, vocab_multiple=vocab_multiple)
+    write(
+        args.to,
+        source,
+        out,
+        dtype,
+        layout,
+        extra={"converted_from": in_fmt},
+        desc=f"{in_fmt} -> {args.to}",
+        megatron_spec=spec,
+        vocab_multiple=vocab_multiple,
+    )
     copied = copy_tokenizer_files([src, resolve_checkpoint(src)], out)
     shown = f", layout {layout}" if layout else ""
-    print(f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})"
-          + (f" with {', '.join(copied)}" if copied else ""))
+    print(
+        f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})"
+        + (f" with {', '.join(copied)}" if copied else "")
+    )
     if args.verify and not verify(in_fmt, src, args.to, out, dtype, args.config):
         print("verify: the output does not reproduce the input", file=sys.stderr)
         return 1

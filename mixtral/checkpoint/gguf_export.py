@@ -26,22 +26,25 @@ MIXTRAL_CHAT_TEMPLATE = (  # mistralai/Mixtral-8x7B-Instruct-v0.1's template (to
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
 
 
 def _gguf():
     try:
         import gguf
     except ImportError:
-        raise MixtralError("writing GGUF needs ggml's gguf package, which is not installed: "
-                           "pip install 'mixtral-run[gguf]'") from None
+        raise MixtralError(
+            "writing GGUF needs ggml's gguf package, which is not installed: pip install 'mixtral-run[gguf]'"
+        ) from None
     return gguf
 
 
 def permute_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """q or k rows from HF's rotate-half layout to llama.cpp's interleaved pairs (its converter's `permute`)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(
-        weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    )
 
 
 def tensor_plan(config: ModelConfig) -> list[tuple[str, str, Callable[[torch.Tensor], torch.Tensor] | None, bool]]:
@@ -52,10 +55,18 @@ def tensor_plan(config: ModelConfig) -> list[tuple[str, str, Callable[[torch.Ten
         ffn = config.intermediate_size
         plan += [
             (f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight", None, True),
-            (f"blk.{i}.attn_q.weight", p + "self_attn.q_proj.weight",
-             lambda w: permute_rope(w, config.num_attention_heads), False),
-            (f"blk.{i}.attn_k.weight", p + "self_attn.k_proj.weight",
-             lambda w: permute_rope(w, config.num_key_value_heads), False),
+            (
+                f"blk.{i}.attn_q.weight",
+                p + "self_attn.q_proj.weight",
+                lambda w: permute_rope(w, config.num_attention_heads),
+                False,
+            ),
+            (
+                f"blk.{i}.attn_k.weight",
+                p + "self_attn.k_proj.weight",
+                lambda w: permute_rope(w, config.num_key_value_heads),
+                False,
+            ),
             (f"blk.{i}.attn_v.weight", p + "self_attn.v_proj.weight", None, False),
             (f"blk.{i}.attn_output.weight", p + "self_attn.o_proj.weight", None, False),
             (f"blk.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight", None, True),
@@ -84,11 +95,20 @@ def encode(gguf, tensor: torch.Tensor, qtype) -> np.ndarray:
     return data if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(data, qtype)
 
 
-def write_gguf(path: Path, config: ModelConfig, read: Callable[[str], torch.Tensor], tokenizer_path: Path,
-               kind: str = "bf16", name: str = "Mixtral", on_write: Callable[[int], None] | None = None) -> None:
+def write_gguf(
+    path: Path,
+    config: ModelConfig,
+    read: Callable[[str], torch.Tensor],
+    tokenizer_path: Path,
+    kind: str = "bf16",
+    name: str = "Mixtral",
+    on_write: Callable[[int], None] | None = None,
+) -> None:
     """Write a GGUF file from read(parameter name) (whole parameters), metadata and vocabulary first."""
     if kind not in GGUF_TYPES:
-        raise MixtralError(f"GGUF type {kind!r} is not one this converter writes; choose one of {', '.join(GGUF_TYPES)}")
+        raise MixtralError(
+            f"GGUF type {kind!r} is not one this converter writes; choose one of {', '.join(GGUF_TYPES)}"
+        )
     gguf = _gguf()
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(tmp, "llama")
@@ -147,8 +167,13 @@ def _write_metadata(gguf, writer, config: ModelConfig, kind: str, name: str) -> 
     writer.add_expert_count(config.num_local_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[kind]
+    )
 
 
 def _write_vocabulary(gguf, writer, tokenizer_path: Path, vocab_size: int) -> None:
@@ -160,9 +185,17 @@ def _write_vocabulary(gguf, writer, tokenizer_path: Path, vocab_size: int) -> No
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i).encode("utf-8"))
         scores.append(sp.get_score(i))
-        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
-                     else gguf.TokenType.NORMAL)
+        types.append(
+            gguf.TokenType.UNKNOWN
+            if sp.is_unknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.is_control(i)
+            else gguf.TokenType.UNUSED
+            if sp.is_unused(i)
+            else gguf.TokenType.BYTE
+            if sp.is_byte(i)
+            else gguf.TokenType.NORMAL
+        )
     for i in range(sp.vocab_size(), vocab_size):  # a model vocabulary larger than the tokenizer's: unused slots
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)

@@ -15,9 +15,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,8 +26,8 @@ from mixtral.backend import Backend, Ops, get_backend
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
 from mixtral.model import Mixtral
-from mixtral.model.transformer import parameter_shapes
 from mixtral.model.rope import rope_tables
+from mixtral.model.transformer import parameter_shapes
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -57,8 +57,10 @@ def hf_layout(name: str, shape: torch.Size) -> list[tuple[str, Index]]:
 def model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise MixtralError(f"{path}: model directory not found; pass a directory holding an HF Mixtral "
-                           f"checkpoint ({CONFIG} and *.safetensors)")
+        raise MixtralError(
+            f"{path}: model directory not found; pass a directory holding an HF Mixtral "
+            f"checkpoint ({CONFIG} and *.safetensors)"
+        )
     return path
 
 
@@ -75,17 +77,23 @@ def weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = list(dict.fromkeys(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise MixtralError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc}); "
-                               f"download or save the checkpoint again") from None
+            raise MixtralError(
+                f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc}); "
+                f"download or save the checkpoint again"
+            ) from None
         for name in files:
             if not (path / name).is_file():
-                raise MixtralError(f"{index}: shard '{name}' is missing from {path}; download it again "
-                                   f"(every shard the index lists is needed)")
+                raise MixtralError(
+                    f"{index}: shard '{name}' is missing from {path}; download it again "
+                    f"(every shard the index lists is needed)"
+                )
         return [path / name for name in files]
     if (path / SINGLE).is_file():
         return [path / SINGLE]
-    raise MixtralError(f"{path}: neither {SINGLE} nor {INDEX} is here; an HF Mixtral directory needs its "
-                       f"safetensors weights (pickled .bin weights are never read)")
+    raise MixtralError(
+        f"{path}: neither {SINGLE} nor {INDEX} is here; an HF Mixtral directory needs its "
+        f"safetensors weights (pickled .bin weights are never read)"
+    )
 
 
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -99,8 +107,9 @@ def open_safetensors(file: Path) -> Iterator[Any]:
         with safe_open(file, framework="pt") as handle:
             yield handle
     except SafetensorError as exc:
-        raise MixtralError(f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: "
-                           f"download or save it again") from None
+        raise MixtralError(
+            f"{file}: not a readable safetensors file ({exc}); it is truncated or corrupt: download or save it again"
+        ) from None
 
 
 class HFSource:
@@ -128,21 +137,27 @@ class HFSource:
                 elif key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
                     continue
                 else:
-                    raise MixtralError(f"{file}: unexpected tensor '{key}'; the weights do not match {CONFIG} "
-                                       f"(another layer or expert count?): use the matching config")
+                    raise MixtralError(
+                        f"{file}: unexpected tensor '{key}'; the weights do not match {CONFIG} "
+                        f"(another layer or expert count?): use the matching config"
+                    )
                 expected = torch.empty(self.shapes[name], device="meta")[index].shape
                 if shape != expected:
-                    raise MixtralError(f"{file}: tensor '{key}' has shape {list(shape)} but {CONFIG} implies "
-                                       f"{list(expected)}; the weights do not match the config: use the config.json "
-                                       f"saved with these weights")
+                    raise MixtralError(
+                        f"{file}: tensor '{key}' has shape {list(shape)} but {CONFIG} implies "
+                        f"{list(expected)}; the weights do not match the config: use the config.json "
+                        f"saved with these weights"
+                    )
                 self.pieces[name].append((file, key, index))
                 self.stored[key] = (file, tuple(shape))
                 found.update(covers)
                 dtypes[name] = dtype
         missing = [key for key in wanted if key not in found]
         if missing:
-            raise MixtralError(f"{self.path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
-                               f"checkpoint is incomplete or saved for another config: download or save it again")
+            raise MixtralError(
+                f"{self.path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all); the "
+                f"checkpoint is incomplete or saved for another config: download or save it again"
+            )
         self.dtype = getattr(torch, SAFETENSORS_DTYPES.get(dtypes["embed_tokens.weight"], "float32"))
 
     def read(self, name: str, expert: int | None = None) -> torch.Tensor:
@@ -178,7 +193,8 @@ class HFSource:
             if out is None:
                 out = torch.empty([b.stop - b.start for b in box], dtype=tensor.dtype)
             out[tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(overlap, box))] = tensor.reshape(
-                [o.stop - o.start for o in overlap])
+                [o.stop - o.start for o in overlap]
+            )
         return out
 
 
@@ -197,29 +213,40 @@ def _region(shape: torch.Size, index: Index) -> tuple[tuple[slice, ...], tuple[b
     return tuple(region), tuple(kept)
 
 
-def load_hf_state_dict(path: str | Path, config: ModelConfig, dtype: torch.dtype | None = None,
-                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_hf_state_dict(
+    path: str | Path, config: ModelConfig, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Our parameters from an HF directory, shape-checked against config; dtype None keeps the file's."""
     source = HFSource(path, config)
     return {name: source.read(name).to(dtype=dtype or source.dtype, device=device) for name in source.shapes}
 
 
-def load_hf_model(path: str | Path, backend: Backend | Ops | str | None = None,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  moe: MoEConfig | None = None) -> Mixtral:
+def load_hf_model(
+    path: str | Path,
+    backend: Backend | Ops | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    moe: MoEConfig | None = None,
+) -> Mixtral:
     """A ready Mixtral (eval mode) from an HF directory; built on the meta device, so weights exist once."""
     config = read_hf_config(path)
     return assemble_model(config, load_hf_state_dict(path, config, dtype=dtype, device=device), backend, device, moe)
 
 
-def assemble_model(config: ModelConfig, state: dict[str, torch.Tensor], backend: Backend | Ops | str | None = None,
-                   device: torch.device | str = "cpu", moe: MoEConfig | None = None) -> Mixtral:
+def assemble_model(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    backend: Backend | Ops | str | None = None,
+    device: torch.device | str = "cpu",
+    moe: MoEConfig | None = None,
+) -> Mixtral:
     """A ready Mixtral (eval mode) around state's tensors (assigned, not copied: weights exist once)."""
     with torch.device("meta"):
         model = Mixtral(config, get_backend(backend) if isinstance(backend, str) else backend, moe)
     model.load_state_dict(state, strict=False, assign=True)  # every parameter (checked by sources); buffers below
-    model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_position_embeddings,
-                                                 config.rope_theta, device=torch.device(device))
+    model.rope_cos, model.rope_sin = rope_tables(
+        config.head_dim, config.max_position_embeddings, config.rope_theta, device=torch.device(device)
+    )
     for module in model.modules():
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_meta:  # routing state (capacity bins, expert bias): starts at zero, not in HF files
@@ -266,22 +293,40 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_hf(model: Mixtral, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-            dtype: torch.dtype | None = None, tokenizer_path: str | Path | None = None) -> None:
+def save_hf(
+    model: Mixtral,
+    path: str | Path,
+    max_shard_bytes: int = 2 * 1024**3,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | Path | None = None,
+) -> None:
     """Write model as an HF directory (original tensor names, shards + index when large, config.json) atomically."""
     state = {name: p.detach() for name, p in model.named_parameters()}  # weights only: no routing state
 
     def read(name: str, expert: int | None = None) -> torch.Tensor:
-        return state[name] if expert is None else state[name][expert:expert + 1]
+        return state[name] if expert is None else state[name][expert : expert + 1]
 
-    write_hf(path, model.config, {name: t.shape for name, t in state.items()}, read,
-             dtype or model.embed_tokens.weight.dtype, max_shard_bytes, tokenizer_path)
+    write_hf(
+        path,
+        model.config,
+        {name: t.shape for name, t in state.items()},
+        read,
+        dtype or model.embed_tokens.weight.dtype,
+        max_shard_bytes,
+        tokenizer_path,
+    )
 
 
-def write_hf(path: str | Path, config: ModelConfig, shapes: dict[str, torch.Size],
-             read: Callable[[str, int | None], torch.Tensor], dtype: torch.dtype,
-             max_shard_bytes: int = 2 * 1024**3, tokenizer_path: str | Path | None = None,
-             on_write: Callable[[int], None] | None = None) -> None:
+def write_hf(
+    path: str | Path,
+    config: ModelConfig,
+    shapes: dict[str, torch.Size],
+    read: Callable[[str, int | None], torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_bytes: int = 2 * 1024**3,
+    tokenizer_path: str | Path | None = None,
+    on_write: Callable[[int], None] | None = None,
+) -> None:
     """Write an HF directory atomically from read(name, expert) (a parameter, or one expert of a stack [1, ...]):
     each safetensors file is streamed tensor by tensor, so memory holds one expert's weight, never a shard."""
     path = Path(path)
@@ -292,8 +337,11 @@ def write_hf(path: str | Path, config: ModelConfig, shapes: dict[str, torch.Size
     piece_shapes = [torch.empty(shapes[name], device="meta")[index].shape for _, name, index in layout]
     sizes = [math.prod(shape) * dtype.itemsize for shape in piece_shapes]
     shards = plan_shards(sizes, max_shard_bytes)
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                               for i in range(len(shards))]
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     with atomic_directory(path) as tmp:
         weight_map = {}
         for file, shard in zip(names, shards):
@@ -309,23 +357,32 @@ def write_hf(path: str | Path, config: ModelConfig, shapes: dict[str, torch.Size
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
 
 
-def _piece_reader(read: Callable[[str, int | None], torch.Tensor], name: str, index: Index
-                  ) -> Callable[[], torch.Tensor]:
+def _piece_reader(
+    read: Callable[[str, int | None], torch.Tensor], name: str, index: Index
+) -> Callable[[], torch.Tensor]:
     """A reader of one HF tensor: index () is the whole parameter, (j, ...) a part of expert j."""
     if not index:
         return lambda: read(name, None)
     return lambda: read(name, index[0])[(0, *index[1:])]
 
 
-def write_safetensors(file: Path, pieces: list[tuple[str, torch.Size, Callable[[], torch.Tensor]]],
-                      dtype: torch.dtype, on_write: Callable[[int], None] | None = None) -> None:
+def write_safetensors(
+    file: Path,
+    pieces: list[tuple[str, torch.Size, Callable[[], torch.Tensor]]],
+    dtype: torch.dtype,
+    on_write: Callable[[int], None] | None = None,
+) -> None:
     """A safetensors file (the header first, every tensor's place known from its shape) written one tensor at a
     time: (name, shape, read) per tensor, each read only when its bytes are written."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, _ in pieces:
         size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_NAMES[str(dtype).removeprefix("torch.")], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_NAMES[str(dtype).removeprefix("torch.")],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it

@@ -14,8 +14,16 @@ from pathlib import Path
 from mixtral.errors import MixtralError
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
-         "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+]
 
 
 def is_model_id(text: str | Path) -> bool:
@@ -33,16 +41,24 @@ def snapshot(model_id: str) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:
-        raise MixtralError(f"{model_id} looks like a Hugging Face model ID, which needs huggingface_hub: "
-                           f"pip install huggingface_hub, or pass a local directory") from None
-    cache = os.environ.get("HF_HUB_CACHE") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
-                                                                        "huggingface")) / "hub")
+        raise MixtralError(
+            f"{model_id} looks like a Hugging Face model ID, which needs huggingface_hub: "
+            f"pip install huggingface_hub, or pass a local directory"
+        ) from None
+    cache = os.environ.get("HF_HUB_CACHE") or str(
+        Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
     try:
         return Path(snapshot_download(model_id, allow_patterns=FILES, cache_dir=cache, local_files_only=offline()))
     except LocalEntryNotFoundError:
-        how = ("unset HF_HUB_OFFLINE and run the command again online, or fetch it with "
-               f"`hf download {model_id}`") if offline() else "check the network, or fetch it elsewhere and copy it"
+        how = (
+            (f"unset HF_HUB_OFFLINE and run the command again online, or fetch it with `hf download {model_id}`")
+            if offline()
+            else "check the network, or fetch it elsewhere and copy it"
+        )
         raise MixtralError(f"{model_id}: not in the Hugging Face cache {cache}; {how}") from None
     except HfHubHTTPError as exc:
-        raise MixtralError(f"{model_id}: the Hugging Face Hub refused it ({str(exc).splitlines()[0][:160]}); check "
-                           f"the ID, and for a gated model accept its terms and log in (`hf auth login`)") from None
+        raise MixtralError(
+            f"{model_id}: the Hugging Face Hub refused it ({str(exc).splitlines()[0][:160]}); check "
+            f"the ID, and for a gated model accept its terms and log in (`hf auth login`)"
+        ) from None

@@ -47,7 +47,7 @@ class ModuleSource:
         self.dtype = self.state["embed_tokens.weight"].dtype
 
     def read(self, name: str, expert: int | None = None) -> torch.Tensor:
-        return self.state[name] if expert is None else self.state[name][expert:expert + 1]
+        return self.state[name] if expert is None else self.state[name][expert : expert + 1]
 
     def read_box(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
         return self.state[name][box]
@@ -66,9 +66,11 @@ def detect_format(path: str | Path) -> str:
         return "native"
     if (path / hf.CONFIG).is_file():
         return "hf"
-    raise MixtralError(f"{path}: not a checkpoint mixtral-run knows: an HF directory holds config.json and "
-                       f"*.safetensors, a native checkpoint {native.MANIFEST}, a Megatron torch_dist one "
-                       f"{megatron.METADATA}")
+    raise MixtralError(
+        f"{path}: not a checkpoint mixtral-run knows: an HF directory holds config.json and "
+        f"*.safetensors, a native checkpoint {native.MANIFEST}, a Megatron torch_dist one "
+        f"{megatron.METADATA}"
+    )
 
 
 def local_checkpoint(path: str | Path) -> Path:
@@ -98,8 +100,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     model ID is its cached snapshot."""
     path = local_checkpoint(path)
     if not path.is_dir():
-        raise MixtralError(f"{path}: model directory not found; pass an HF Mixtral directory, a native checkpoint, "
-                           f"a checkpoints root or a training run directory")
+        raise MixtralError(
+            f"{path}: model directory not found; pass an HF Mixtral directory, a native checkpoint, "
+            f"a checkpoints root or a training run directory"
+        )
     for latest in (path / LATEST, path / RUN_CHECKPOINTS / LATEST):
         if latest.is_dir():
             return latest.resolve()
@@ -111,8 +115,13 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
     return open_source(resolve_checkpoint(path))[1].config
 
 
-def load_model(path: str | Path, backend: Backend | Ops | str | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", moe: MoEConfig | None = None) -> Mixtral:
+def load_model(
+    path: str | Path,
+    backend: Backend | Ops | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    moe: MoEConfig | None = None,
+) -> Mixtral:
     """A ready Mixtral (eval mode) from any checkpoint: built on the meta device, materialised on device in dtype,
     then filled one tensor at a time (the weights exist once)."""
     from mixtral.build import build_on_meta, materialize
@@ -123,8 +132,12 @@ def load_model(path: str | Path, backend: Backend | Ops | str | None = None, dty
     return model.eval()
 
 
-def load_parameters(module: nn.Module, path: str | Path | Source, pieces: Pieces = held_pieces,
-                    shapes: dict[str, torch.Size] | None = None) -> None:
+def load_parameters(
+    module: nn.Module,
+    path: str | Path | Source,
+    pieces: Pieces = held_pieces,
+    shapes: dict[str, torch.Size] | None = None,
+) -> None:
     """Copy every parameter of module from any checkpoint (fine-tuning's init_from); buffers keep their values.
 
     shapes are the model's global shapes (default: the parameters' own), pieces where this rank's tensors lie in
@@ -137,8 +150,10 @@ def load_parameters(module: nn.Module, path: str | Path | Source, pieces: Pieces
             shape, want = source.shapes.get(name), (shapes or {}).get(name, param.shape)
             if shape != want:
                 held = f"has shape {list(shape)}" if shape is not None else "is missing"
-                raise MixtralError(f"{path}: parameter '{name}' {held} there but the model's is {list(want)}; "
-                                   f"fine-tune with the checkpoint's sizes (drop model.* size overrides)")
+                raise MixtralError(
+                    f"{path}: parameter '{name}' {held} there but the model's is {list(want)}; "
+                    f"fine-tune with the checkpoint's sizes (drop model.* size overrides)"
+                )
             local = local_tensor(param)
             for piece in pieces(name, param):
                 for block in blocks(piece):

@@ -26,8 +26,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from mixtral.checkpoint.hf import CONFIG
-from mixtral.checkpoint.native import (_SINGLE_PROCESS_WARNING, Box, LazyTensor, _SavePlanner, publish, read_boxes,
-                                      read_dcp_metadata, temporary_sibling, whole)
+from mixtral.checkpoint.native import (
+    _SINGLE_PROCESS_WARNING,
+    Box,
+    LazyTensor,
+    _SavePlanner,
+    publish,
+    read_boxes,
+    read_dcp_metadata,
+    temporary_sibling,
+    whole,
+)
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
 from mixtral.model.moe import EXPERT_SUFFIXES
@@ -56,8 +65,11 @@ LAYER_KEYS = {  # our per-layer name -> Megatron key (stacked over layers on dim
     "mlp.experts.gate_up_proj": FC1,  # [E, 2F, H] per layer; fc1 = [gate (w1); up (w3)], as ours
     "mlp.experts.down_proj": FC2,
 }
-TOP_KEYS = {"embed_tokens.weight": "embedding.word_embeddings.weight", "norm.weight": "decoder.final_layernorm.weight",
-            "lm_head.weight": "output_layer.weight"}
+TOP_KEYS = {
+    "embed_tokens.weight": "embedding.word_embeddings.weight",
+    "norm.weight": "decoder.final_layernorm.weight",
+    "lm_head.weight": "output_layer.weight",
+}
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")  # Megatron may pad the vocabulary rows
 PRE_MLP_NORM = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 TE_PRE_MLP_NORM = "decoder.layers.pre_mlp_layernorm.weight"  # the TE spec keeps the pre-MLP norm its own module
@@ -76,10 +88,10 @@ class LayerSpec:
     """What GPTModel.sharded_state_dict() asks for under one megatron-core layer spec, beyond the local spec's
     tensors: renamed tensors, and the modules whose get_extra_state() makes an `_extra_state` ShardedObject."""
 
-    renames: dict[str, str]         # local-spec key -> this spec's key
+    renames: dict[str, str]  # local-spec key -> this spec's key
     layer_modules: tuple[str, ...]  # one _extra_state per layer (besides EXPERT_MODULES: one per layer and expert)
     model_modules: tuple[str, ...]  # one _extra_state for the whole model
-    extra_state: Any                # what those modules' get_extra_state() returns without FP8 state
+    extra_state: Any  # what those modules' get_extra_state() returns without FP8 state
 
 
 SPECS = {
@@ -88,19 +100,25 @@ SPECS = {
     "local": LayerSpec({}, ATTENTION_MODULES, (), None),
     # get_gpt_layer_with_transformer_engine_spec: TELayerNormColumnParallelLinear, TERowParallelLinear, TENorm's RMSNorm
     # (pre-MLP and final norms) and TEGroupedMLP's grouped linears return an empty uint8 tensor without FP8 state
-    "te": LayerSpec({PRE_MLP_NORM: TE_PRE_MLP_NORM}, (*ATTENTION_MODULES, "decoder.layers.pre_mlp_layernorm"),
-                    ("decoder.final_layernorm",), torch.empty(0, dtype=torch.uint8)),
+    "te": LayerSpec(
+        {PRE_MLP_NORM: TE_PRE_MLP_NORM},
+        (*ATTENTION_MODULES, "decoder.layers.pre_mlp_layernorm"),
+        ("decoder.final_layernorm",),
+        torch.empty(0, dtype=torch.uint8),
+    ),
 }
 
 Read = Callable[[str, "int | None"], torch.Tensor]  # (our name, expert or None) -> that tensor or [1, ...] expert slice
-ReadBox = Callable[[str, Box], torch.Tensor]         # (Megatron key, box) -> that box
+ReadBox = Callable[[str, Box], torch.Tensor]  # (Megatron key, box) -> that box
 
 
 def layer_spec(name: str) -> LayerSpec:
     """The layer spec Megatron-LM builds its GPTModel with, by the name --megatron-spec takes."""
     if name not in SPECS:
-        raise MixtralError(f"Megatron layer spec {name!r} is unknown; choose --megatron-spec local (megatron-core's "
-                           f"own modules) or te (Transformer Engine, as with --moe-grouped-gemm)")
+        raise MixtralError(
+            f"Megatron layer spec {name!r} is unknown; choose --megatron-spec local (megatron-core's "
+            f"own modules) or te (Transformer Engine, as with --moe-grouped-gemm)"
+        )
     return SPECS[name]
 
 
@@ -144,8 +162,9 @@ def megatron_objects(config: ModelConfig, spec: LayerSpec) -> dict[str, list[Any
     for module in spec.layer_modules:
         objects |= {object_key(module, (layer,), (L,)): [spec.extra_state] for layer in range(L)}
     for module in EXPERT_MODULES:
-        objects |= {object_key(module, (layer, expert), (L, E)): [spec.extra_state]
-                    for layer in range(L) for expert in range(E)}
+        objects |= {
+            object_key(module, (layer, expert), (L, E)): [spec.extra_state] for layer in range(L) for expert in range(E)
+        }
     for module in spec.model_modules:
         objects[object_key(module, (0,), (1,))] = [spec.extra_state]
     return objects
@@ -216,8 +235,9 @@ def _slices(box: Box) -> tuple[slice, ...]:
 
 def to_megatron_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Megatron torch_dist tensors (global, unsharded) from our full state dict."""
+
     def read(name: str, expert: int | None) -> torch.Tensor:
-        return state[name] if expert is None else state[name][expert:expert + 1]
+        return state[name] if expert is None else state[name][expert : expert + 1]
 
     out = {}
     for key, shape in megatron_shapes(config).items():
@@ -230,8 +250,10 @@ def to_megatron_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) 
 
 def from_megatron_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our full state dict from Megatron torch_dist tensors (padded vocabulary rows are dropped)."""
-    return {name: our_piece(name, None, lambda key, box: state[key][_slices(box)], config).clone()
-            for name in parameter_shapes(config)}
+    return {
+        name: our_piece(name, None, lambda key, box: state[key][_slices(box)], config).clone()
+        for name in parameter_shapes(config)
+    }
 
 
 def iteration_dir(path: Path) -> Path:
@@ -243,8 +265,10 @@ def iteration_dir(path: Path) -> Path:
     if text == RELEASE:
         return path / RELEASE
     if not text.isdigit():
-        raise MixtralError(f"{tracker}: holds {text[:40]!r}, not an iteration number or '{RELEASE}'; pass the "
-                           f"iteration directory itself")
+        raise MixtralError(
+            f"{tracker}: holds {text[:40]!r}, not an iteration number or '{RELEASE}'; pass the "
+            f"iteration directory itself"
+        )
     return path / f"iter_{int(text):07d}"
 
 
@@ -263,8 +287,10 @@ class MegatronSource:
         except (OSError, json.JSONDecodeError, AttributeError) as exc:
             raise MixtralError(f"{meta_file}: unreadable ({exc}); not a Megatron distributed checkpoint") from None
         if backend != "torch_dist":
-            raise MixtralError(f"{meta_file}: sharded_backend is {backend!r}; only 'torch_dist' is read. Re-save "
-                               f"it with Megatron's --ckpt-format torch_dist")
+            raise MixtralError(
+                f"{meta_file}: sharded_backend is {backend!r}; only 'torch_dist' is read. Re-save "
+                f"it with Megatron's --ckpt-format torch_dist"
+            )
         self.config = self._config(config)
         self.shapes = parameter_shapes(self.config)
         self.metadata = read_dcp_metadata(self.path)
@@ -277,35 +303,45 @@ class MegatronSource:
         """The given config, else our config.json beside the weights; both must agree."""
         if not (self.path / CONFIG).is_file():
             if given is None:
-                raise MixtralError(f"{self.path}: a Megatron checkpoint does not record the model's shape in a "
-                                   f"form read without unpickling; pass --config with the HF config.json or preset")
+                raise MixtralError(
+                    f"{self.path}: a Megatron checkpoint does not record the model's shape in a "
+                    f"form read without unpickling; pass --config with the HF config.json or preset"
+                )
             return given
         saved = ModelConfig.from_json(self.path / CONFIG)
         fields, wanted = saved.to_hf_dict(), (given or saved).to_hf_dict()
         differ = [f"{k}: {wanted.get(k)!r} given, {v!r} saved" for k, v in fields.items() if v != wanted.get(k)]
         if differ:
-            raise MixtralError(f"{self.path}: --config does not match the {CONFIG} saved with these weights "
-                               f"({'; '.join(differ[:3])}); drop --config")
+            raise MixtralError(
+                f"{self.path}: --config does not match the {CONFIG} saved with these weights "
+                f"({'; '.join(differ[:3])}); drop --config"
+            )
         return saved
 
     def _resolve_keys(self) -> dict[str, str]:
         stored = self.metadata.state_dict_metadata
         if self.config.tie_word_embeddings and TOP_KEYS["lm_head.weight"] in stored:
-            raise MixtralError(f"{self.path}: holds '{TOP_KEYS['lm_head.weight']}' but the config ties the "
-                               f"embeddings (tie_word_embeddings); pass the config.json these weights were trained "
-                               f"with (--config)")
+            raise MixtralError(
+                f"{self.path}: holds '{TOP_KEYS['lm_head.weight']}' but the config ties the "
+                f"embeddings (tie_word_embeddings); pass the config.json these weights were trained "
+                f"with (--config)"
+            )
         keys = {}
         for key, shape in megatron_shapes(self.config).items():
             found = next((k for k in (key, *ALIASES.get(key, ())) if k in stored), None)
             if found is None:
                 what = " (not a mixture-of-experts model?)" if key in (FC1, FC2, QKV) else ""
-                raise MixtralError(f"{self.path}: tensor '{key}' is missing{what}; the checkpoint is not a Mixtral "
-                                   f"saved by megatron-core's GPTModel, or the config does not match it")
+                raise MixtralError(
+                    f"{self.path}: tensor '{key}' is missing{what}; the checkpoint is not a Mixtral "
+                    f"saved by megatron-core's GPTModel, or the config does not match it"
+                )
             got = tuple(getattr(stored[found], "size", ()))
             padded = key in VOCAB_KEYS and len(got) == 2 and got[1] == shape[1] and got[0] >= shape[0]
             if got != shape and not padded:
-                raise MixtralError(f"{self.path}: tensor '{found}' has shape {list(got)} but the config implies "
-                                   f"{list(shape)}; pass the config.json these weights were trained with (--config)")
+                raise MixtralError(
+                    f"{self.path}: tensor '{found}' has shape {list(got)} but the config implies "
+                    f"{list(shape)}; pass the config.json these weights were trained with (--config)"
+                )
             keys[key] = found
         return keys
 
@@ -337,22 +373,36 @@ class _ObjectSavePlanner(_SavePlanner):
         super().__init__(flatten_state_dict=False)
 
 
-def save_megatron(path: Path, read: Read, config: ModelConfig, dtype: torch.dtype,
-                  on_write: Callable[[int], None] | None = None, spec: str = "local",
-                  vocab_rows: int | None = None) -> Path:
+def save_megatron(
+    path: Path,
+    read: Read,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    on_write: Callable[[int], None] | None = None,
+    spec: str = "local",
+    vocab_rows: int | None = None,
+) -> Path:
     """Write a Megatron save dir atomically: `release/` (the torch_dist DCP files with exactly the keys spec's
     GPTModel asks for, metadata.json, our config.json) plus the tracker file Megatron's --load reads; tensors are
     built and written one box at a time, one file each. vocab_rows pads the vocabulary (padded_vocab_size)."""
     modules = layer_spec(spec)
     shapes = megatron_shapes(config, vocab_rows)
     if shapes["embedding.word_embeddings.weight"][0] < config.vocab_size:
-        raise MixtralError(f"a padded vocabulary of {vocab_rows} rows is smaller than the vocabulary "
-                           f"({config.vocab_size}); pad it to a multiple of --make-vocab-size-divisible-by x "
-                           f"--megatron-tp")
+        raise MixtralError(
+            f"a padded vocabulary of {vocab_rows} rows is smaller than the vocabulary "
+            f"({config.vocab_size}); pad it to a multiple of --make-vocab-size-divisible-by x "
+            f"--megatron-tp"
+        )
     state: dict[str, Any] = {
-        modules.renames.get(key, key): LazyTensor(shape, dtype, megatron_boxes(key, shape),
-                                                  lambda box, key=key: megatron_piece(key, box, read, config), on_write)
-        for key, shape in shapes.items()}
+        modules.renames.get(key, key): LazyTensor(
+            shape,
+            dtype,
+            megatron_boxes(key, shape),
+            lambda box, key=key: megatron_piece(key, box, read, config),
+            on_write,
+        )
+        for key, shape in shapes.items()
+    }
     state |= megatron_objects(config, modules)
     tmp = temporary_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -361,8 +411,11 @@ def save_megatron(path: Path, read: Read, config: ModelConfig, dtype: torch.dtyp
         release.mkdir(parents=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.save(state, storage_writer=FileSystemWriter(release, single_file_per_rank=False),
-                     planner=_ObjectSavePlanner())
+            dcp.save(
+                state,
+                storage_writer=FileSystemWriter(release, single_file_per_rank=False),
+                planner=_ObjectSavePlanner(),
+            )
         (release / METADATA).write_text(json.dumps(CHECKPOINTING_CONFIG))
         (release / CONFIG).write_text(json.dumps(config.to_hf_dict(), indent=2))
         (tmp / TRACKER).write_text(RELEASE)

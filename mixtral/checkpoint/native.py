@@ -29,16 +29,26 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._nested_dict import set_element  # what DefaultLoadPlanner.load_bytes uses
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
-                                                   TensorProperties, TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import ReadItem, TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from mixtral.model.transformer import parameter_shapes
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
+from mixtral.model.transformer import parameter_shapes
 
 FORMAT = "mixtral-native"
 FORMAT_VERSION = 1
@@ -59,26 +69,38 @@ def whole(shape: Iterable[int]) -> Box:
 
 # --- reading DCP directories without unpickling arbitrary objects --------------------------------
 
-_ALLOWED_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name): None
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-                 "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    # megatron-core keeps every rank's save plan in the metadata (all_local_plans), to reuse it on the next save
-    ("torch.distributed.checkpoint.planner", name): None
-    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): None,
-    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): None,
-    ("torch.serialization", "_get_layout"): None,
-    ("torch", "Size"): None,
-    ("pathlib", "PosixPath"): None,
-    ("pathlib", "PurePosixPath"): None,
-    ("pathlib", "WindowsPath"): None,
-    ("collections", "OrderedDict"): None,
-    # megatron-core >= 0.15 pickles its own subclasses of DCP's classes; plain ones hold the same fields
-    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): Metadata,
-}
+_ALLOWED_GLOBALS = (
+    {
+        ("torch.distributed.checkpoint.metadata", name): None
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        # megatron-core keeps every rank's save plan in the metadata (all_local_plans), to reuse it on the next save
+        ("torch.distributed.checkpoint.planner", name): None
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): None,
+        ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): None,
+        ("torch.serialization", "_get_layout"): None,
+        ("torch", "Size"): None,
+        ("pathlib", "PosixPath"): None,
+        ("pathlib", "PurePosixPath"): None,
+        ("pathlib", "WindowsPath"): None,
+        ("collections", "OrderedDict"): None,
+        # megatron-core >= 0.15 pickles its own subclasses of DCP's classes; plain ones hold the same fields
+        ("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): Metadata,
+    }
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -93,23 +115,29 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)] or super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise MixtralError(f"{self.source}: refers to '{module}.{name}', which a checkpoint's metadata never "
-                           f"needs; it was not loaded (only DCP record types are). Use a checkpoint from a "
-                           f"trusted source, written by torch.distributed.checkpoint")
+        raise MixtralError(
+            f"{self.source}: refers to '{module}.{name}', which a checkpoint's metadata never "
+            f"needs; it was not loaded (only DCP record types are). Use a checkpoint from a "
+            f"trusted source, written by torch.distributed.checkpoint"
+        )
 
 
 def read_dcp_metadata(path: Path) -> Metadata:
     """The DCP metadata of a checkpoint directory, through the allow-list unpickler."""
     file = Path(path) / DCP_METADATA
     if not file.is_file():
-        raise MixtralError(f"{path}: no {DCP_METADATA} file; the checkpoint is incomplete (a save that did not "
-                           f"finish) or not a torch.distributed.checkpoint directory")
+        raise MixtralError(
+            f"{path}: no {DCP_METADATA} file; the checkpoint is incomplete (a save that did not "
+            f"finish) or not a torch.distributed.checkpoint directory"
+        )
     try:
         with open(file, "rb") as handle:
             metadata = _MetadataUnpickler(handle, file).load()
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as exc:
-        raise MixtralError(f"{file}: unreadable checkpoint metadata ({type(exc).__name__}: {exc}); the file "
-                           f"is truncated or corrupt: save or copy the checkpoint again") from None
+        raise MixtralError(
+            f"{file}: unreadable checkpoint metadata ({type(exc).__name__}: {exc}); the file "
+            f"is truncated or corrupt: save or copy the checkpoint again"
+        ) from None
     if not isinstance(metadata, Metadata):
         raise MixtralError(f"{file}: holds a {type(metadata).__name__}, not DCP metadata; not a checkpoint")
     return metadata
@@ -143,8 +171,9 @@ class _BoxLoadPlanner(_LoadPlanner):
     def __init__(self) -> None:
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
 
-    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
-                       is_coordinator: bool = False) -> None:
+    def set_up_planner(
+        self, state_dict: dict[str, Any], metadata: Metadata | None = None, is_coordinator: bool = False
+    ) -> None:
         self.original_state_dict = self.state_dict = state_dict
         self.mappings = {}
         self.metadata, self.is_coordinator = metadata, is_coordinator
@@ -189,10 +218,18 @@ class LazyTensor:
 
     def __create_write_items__(self, fqn: str, obj: object) -> list[WriteItem]:
         properties = TensorProperties(dtype=self.dtype)
-        return [WriteItem(index=MetadataIndex(fqn, torch.Size(off)), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(torch.Size(off), torch.Size(sizes)),
-                                                      properties=properties, size=self.size()))
-                for off, sizes in self.boxes]
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size(off)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(torch.Size(off), torch.Size(sizes)),
+                    properties=properties,
+                    size=self.size(),
+                ),
+            )
+            for off, sizes in self.boxes
+        ]
 
 
 @dataclass
@@ -221,8 +258,9 @@ def _unwrap_failure(exc: BaseException) -> BaseException:
     return exc
 
 
-def _dcp_load(state: dict[str, Any], path: Path, planner: DefaultLoadPlanner | None = None,
-              local: bool = False) -> None:
+def _dcp_load(
+    state: dict[str, Any], path: Path, planner: DefaultLoadPlanner | None = None, local: bool = False
+) -> None:
     """dcp.load; local reads on this rank alone (no collective), so ranks may read different tensors."""
     try:
         with warnings.catch_warnings():
@@ -233,8 +271,10 @@ def _dcp_load(state: dict[str, Any], path: Path, planner: DefaultLoadPlanner | N
         if isinstance(cause, MixtralError):
             raise cause from None
         reason = str(cause).split(". ")[0].splitlines()[0][:200] if str(cause) else ""
-        raise MixtralError(f"{path}: reading the checkpoint failed ({type(cause).__name__}: {reason}); a data "
-                           f"file is truncated, corrupt or missing: save or copy the checkpoint again") from None
+        raise MixtralError(
+            f"{path}: reading the checkpoint failed ({type(cause).__name__}: {reason}); a data "
+            f"file is truncated, corrupt or missing: save or copy the checkpoint again"
+        ) from None
 
 
 def _overlap(a: Box, b: Box) -> int:
@@ -242,22 +282,27 @@ def _overlap(a: Box, b: Box) -> int:
     return math.prod(max(0, min(oa + sa, ob + sb) - max(oa, ob)) for oa, sa, ob, sb in zip(*a, *b))
 
 
-def read_boxes(path: Path, requests: dict[str, list[Box]],
-               metadata: Metadata | None = None) -> dict[str, list[torch.Tensor]]:
+def read_boxes(
+    path: Path, requests: dict[str, list[Box]], metadata: Metadata | None = None
+) -> dict[str, list[torch.Tensor]]:
     """Read boxes of tensors (by DCP key) from a checkpoint directory, in the stored dtype."""
     metadata = metadata or read_dcp_metadata(path)
     state: dict[str, Any] = {}
     for key, boxes in requests.items():
         md = metadata.state_dict_metadata.get(key)
         if not isinstance(md, TensorStorageMetadata):
-            raise MixtralError(f"{path}: tensor '{key}' is not in the checkpoint; it was saved for another "
-                               f"model or is incomplete")
+            raise MixtralError(
+                f"{path}: tensor '{key}' is not in the checkpoint; it was saved for another model or is incomplete"
+            )
         for box in boxes:
             if sum(_overlap(box, (tuple(c.offsets), tuple(c.sizes))) for c in md.chunks) != math.prod(box[1]):
-                raise MixtralError(f"{path}: tensor '{key}' is not completely stored (its chunks do not cover "
-                                   f"{box}); the checkpoint is incomplete or corrupt: save or copy it again")
-        state[key] = BoxTarget(tuple(md.size), boxes,
-                               [torch.empty(sizes, dtype=md.properties.dtype) for _, sizes in boxes])
+                raise MixtralError(
+                    f"{path}: tensor '{key}' is not completely stored (its chunks do not cover "
+                    f"{box}); the checkpoint is incomplete or corrupt: save or copy it again"
+                )
+        state[key] = BoxTarget(
+            tuple(md.size), boxes, [torch.empty(sizes, dtype=md.properties.dtype) for _, sizes in boxes]
+        )
     _dcp_load(state, path, _BoxLoadPlanner(), local=True)
     return {key: target.tensors for key, target in state.items()}
 
@@ -267,11 +312,13 @@ def dcp_save(state: dict[str, Any], path: Path, file_per_item: bool = False) -> 
     tensors until the file is written)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-        dcp.save(state, storage_writer=FileSystemWriter(path, single_file_per_rank=not file_per_item),
-                 planner=_SavePlanner())
+        dcp.save(
+            state, storage_writer=FileSystemWriter(path, single_file_per_rank=not file_per_item), planner=_SavePlanner()
+        )
 
 
 # --- manifest ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -282,9 +329,16 @@ class Manifest:
     extra: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": ARCHITECTURE,
-                "model_config": self.config.to_hf_dict(), "layout": self.layout, "step": self.step,
-                "dtype": self.dtype, "extra": self.extra}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": ARCHITECTURE,
+            "model_config": self.config.to_hf_dict(),
+            "layout": self.layout,
+            "step": self.step,
+            "dtype": self.dtype,
+            "extra": self.extra,
+        }
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -297,18 +351,29 @@ def read_manifest(path: str | Path) -> Manifest:
     except json.JSONDecodeError as exc:
         raise MixtralError(f"{file}: not valid JSON ({exc}); the checkpoint is corrupt: save it again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise MixtralError(f"{file}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}, "
-                           f"not '{FORMAT}'; this is not a native mixtral-run checkpoint manifest")
+        raise MixtralError(
+            f"{file}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}, "
+            f"not '{FORMAT}'; this is not a native mixtral-run checkpoint manifest"
+        )
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise MixtralError(f"{file}: format_version {version!r} is not supported (this mixtral-run reads version "
-                           f"{FORMAT_VERSION}); use the mixtral-run version that wrote it, or convert it there")
+        raise MixtralError(
+            f"{file}: format_version {version!r} is not supported (this mixtral-run reads version "
+            f"{FORMAT_VERSION}); use the mixtral-run version that wrote it, or convert it there"
+        )
     if data.get("architecture") != ARCHITECTURE:
-        raise MixtralError(f"{file}: architecture is {data.get('architecture')!r}, not '{ARCHITECTURE}'; "
-                           f"mixtral-run only loads Mixtral checkpoints")
+        raise MixtralError(
+            f"{file}: architecture is {data.get('architecture')!r}, not '{ARCHITECTURE}'; "
+            f"mixtral-run only loads Mixtral checkpoints"
+        )
     config = ModelConfig.from_dict(data.get("model_config") or {}, source=f"{file} (model_config)")
-    return Manifest(config, dict(data.get("layout") or {}), int(data.get("step", 0)), str(data.get("dtype", "")),
-                    dict(data.get("extra") or {}))
+    return Manifest(
+        config,
+        dict(data.get("layout") or {}),
+        int(data.get("step", 0)),
+        str(data.get("dtype", "")),
+        dict(data.get("extra") or {}),
+    )
 
 
 def _write_json(file: Path, data: dict[str, Any]) -> None:
@@ -321,6 +386,7 @@ def _write_json(file: Path, data: dict[str, Any]) -> None:
 
 
 # --- atomic publication --------------------------------------------------------------------------
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -371,15 +437,28 @@ def remove_stale_temporaries(root: Path) -> None:
 
 
 def _dtype_name(state: dict[str, Any]) -> str:
-    dtypes = sorted({str(getattr(v, "dtype", "")).removeprefix("torch.") for v in state.values()
-                     if getattr(v, "dtype", None) is not None and v.dtype.is_floating_point})
+    dtypes = sorted(
+        {
+            str(getattr(v, "dtype", "")).removeprefix("torch.")
+            for v in state.values()
+            if getattr(v, "dtype", None) is not None and v.dtype.is_floating_point
+        }
+    )
     return dtypes[0] if len(dtypes) == 1 else ",".join(dtypes)
 
 
-def save_native(path: str | Path, model_state: dict[str, Any], optimizer_state: dict[str, Any] | None = None, *,
-                config: ModelConfig, step: int = 0, layout: dict[str, int] | None = None,
-                manifest_extra: dict[str, Any] | None = None, file_per_item: bool = False,
-                add_files: Callable[[Path], None] | None = None) -> Path:
+def save_native(
+    path: str | Path,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
+    *,
+    config: ModelConfig,
+    step: int = 0,
+    layout: dict[str, int] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+    file_per_item: bool = False,
+    add_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write a native checkpoint at path; collective when a process group is up (each rank passes its shards).
 
     model_state is get_model_state_dict(model) (tensors, DTensors; LazyTensors for streaming conversions),
@@ -403,8 +482,13 @@ def save_native(path: str | Path, model_state: dict[str, Any], optimizer_state: 
             add_files(tmp)
         dcp_save(state, tmp, file_per_item)  # collective: every rank's side files exist once it returns
         if _rank() == 0:
-            manifest = Manifest(config, dict(layout or {"tp": 1, "pp": 1, "ep": 1}), step,
-                                _dtype_name(model_state), dict(manifest_extra or {}))
+            manifest = Manifest(
+                config,
+                dict(layout or {"tp": 1, "pp": 1, "ep": 1}),
+                step,
+                _dtype_name(model_state),
+                dict(manifest_extra or {}),
+            )
             _write_json(tmp / MANIFEST, manifest.to_json())
             publish(tmp, path)
     except BaseException:
@@ -434,10 +518,18 @@ def _publish_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
-def save_native_step(root: str | Path, step: int, model_state: dict[str, Any],
-                     optimizer_state: dict[str, Any] | None = None, *, config: ModelConfig,
-                     layout: dict[str, int] | None = None, manifest_extra: dict[str, Any] | None = None,
-                     keep_last: int = 0, add_files: Callable[[Path], None] | None = None) -> Path:
+def save_native_step(
+    root: str | Path,
+    step: int,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
+    *,
+    config: ModelConfig,
+    layout: dict[str, int] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
+    keep_last: int = 0,
+    add_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Save step into root/step_XXXXXXXX, then swap root/latest to it, then keep only the last keep_last.
 
     A step that `latest` already names is not rewritten (the published directory is never replaced).
@@ -452,8 +544,16 @@ def save_native_step(root: str | Path, step: int, model_state: dict[str, Any],
         if final.exists():  # written by a run that died before publishing it: never read
             shutil.rmtree(final)
     _barrier()
-    save_native(final, model_state, optimizer_state, config=config, step=step, layout=layout,
-                manifest_extra=manifest_extra, add_files=add_files)
+    save_native(
+        final,
+        model_state,
+        optimizer_state,
+        config=config,
+        step=step,
+        layout=layout,
+        manifest_extra=manifest_extra,
+        add_files=add_files,
+    )
     if _rank() == 0:
         _publish_latest(root, final.name)
         if keep_last > 0:
@@ -473,13 +573,17 @@ def resolve_native(path: str | Path) -> Path:
     if (path / LATEST).exists():
         target = published(path)
         if target is None:
-            raise MixtralError(f"{path / LATEST}: points to {os.readlink(path / LATEST)!r}, which holds no "
-                               f"{MANIFEST}; point {LATEST} at a complete step directory")
+            raise MixtralError(
+                f"{path / LATEST}: points to {os.readlink(path / LATEST)!r}, which holds no "
+                f"{MANIFEST}; point {LATEST} at a complete step directory"
+            )
         return target
     if not path.exists():
         raise MixtralError(f"{path}: no such checkpoint directory")
-    raise MixtralError(f"{path}: neither {MANIFEST} nor a '{LATEST}' link is here; pass a native checkpoint "
-                       f"directory or a checkpoints root")
+    raise MixtralError(
+        f"{path}: neither {MANIFEST} nor a '{LATEST}' link is here; pass a native checkpoint "
+        f"directory or a checkpoints root"
+    )
 
 
 # --- loading into a model ------------------------------------------------------------------------
@@ -498,12 +602,15 @@ def _check_config(manifest: Manifest, config: ModelConfig, file: Path) -> None:
     differ = [k for k in ours if ours[k] != theirs.get(k)]
     if differ:
         shown = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs model {ours[k]!r}" for k in differ[:4])
-        raise MixtralError(f"{file}: the checkpoint's model config differs from the model's ({shown}); build "
-                           f"the model from the checkpoint's config (read_manifest(path).config)")
+        raise MixtralError(
+            f"{file}: the checkpoint's model config differs from the model's ({shown}); build "
+            f"the model from the checkpoint's config (read_manifest(path).config)"
+        )
 
 
-def load_native(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                views: Any = None) -> Manifest:
+def load_native(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, views: Any = None
+) -> Manifest:
     """Load a native checkpoint into model (and optimizer) in whatever layout they are sharded now.
 
     Collective when a process group is up; a pipeline stage loads only the layers it holds (global names).
@@ -522,20 +629,29 @@ def load_native(path: str | Path, model: torch.nn.Module, optimizer: torch.optim
     missing = [k for k in state if f"model.{k}" not in stored]
     missing_params = [k for k in missing if _clean(k) in params]
     if missing_params:
-        raise MixtralError(f"{path}: parameter '{missing_params[0]}' is not in the checkpoint "
-                           f"({len(missing_params)} missing); it was saved for another model")
+        raise MixtralError(
+            f"{path}: parameter '{missing_params[0]}' is not in the checkpoint "
+            f"({len(missing_params)} missing); it was saved for another model"
+        )
     modules = {_clean(name) for name, _ in model.named_modules()}
-    unexpected = sorted(key for key in (k[len("model."):] for k in stored if k.startswith("model."))
-                        if key not in state and key.rpartition(".")[0] in modules)
+    unexpected = sorted(
+        key
+        for key in (k[len("model.") :] for k in stored if k.startswith("model."))
+        if key not in state and key.rpartition(".")[0] in modules
+    )
     if unexpected:
-        raise MixtralError(f"{path}: the checkpoint holds '{unexpected[0]}', which the model lacks; build the model "
-                           f"with the recipe it was trained with (moe.expert_bias / moe.dispatcher)")
+        raise MixtralError(
+            f"{path}: the checkpoint holds '{unexpected[0]}', which the model lacks; build the model "
+            f"with the recipe it was trained with (moe.expert_bias / moe.dispatcher)"
+        )
     loadable = {k: v for k, v in state.items() if k not in missing}
     to_load: dict[str, Any] = {"model": loadable}
     if optimizer is not None:
         if not any(k.startswith("optimizer.") for k in stored):
-            raise MixtralError(f"{path}: holds no optimizer state (a converted or weights-only checkpoint); "
-                               f"resume needs a checkpoint saved by training, or start a fresh run from it")
+            raise MixtralError(
+                f"{path}: holds no optimizer state (a converted or weights-only checkpoint); "
+                f"resume needs a checkpoint saved by training, or start a fresh run from it"
+            )
         to_load["optimizer"] = get_optimizer_state_dict(model, optimizer)
     _dcp_load({part: views(state) for part, state in to_load.items()} if views else to_load, path)
     if views is not None:
@@ -548,8 +664,11 @@ def load_native(path: str | Path, model: torch.nn.Module, optimizer: torch.optim
 
 def model_keys(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
     """The model tensors of a native checkpoint's DCP metadata, by our parameter name."""
-    return {k[len("model."):]: md for k, md in metadata.state_dict_metadata.items()
-            if k.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    return {
+        k[len("model.") :]: md
+        for k, md in metadata.state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
 
 
 class NativeSource:
@@ -563,11 +682,15 @@ class NativeSource:
         self.shapes = parameter_shapes(self.config)
         for name, shape in self.shapes.items():
             if name not in stored:
-                raise MixtralError(f"{self.path}: parameter '{name}' is not in the checkpoint; it is incomplete or "
-                                   f"its {MANIFEST} belongs to another model")
+                raise MixtralError(
+                    f"{self.path}: parameter '{name}' is not in the checkpoint; it is incomplete or "
+                    f"its {MANIFEST} belongs to another model"
+                )
             if tuple(stored[name].size) != tuple(shape):
-                raise MixtralError(f"{self.path}: tensor '{name}' has shape {list(stored[name].size)} but "
-                                   f"{MANIFEST} implies {list(shape)}; the manifest does not match the weights")
+                raise MixtralError(
+                    f"{self.path}: tensor '{name}' has shape {list(stored[name].size)} but "
+                    f"{MANIFEST} implies {list(shape)}; the manifest does not match the weights"
+                )
         self.dtype = stored["embed_tokens.weight"].properties.dtype
 
     def read(self, name: str, expert: int | None = None) -> torch.Tensor:

@@ -28,8 +28,16 @@ from mixtral.errors import MixtralError
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
-               np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
+DTYPE_CODES = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 6,
+    np.dtype(np.float32): 7,
+    np.dtype(np.uint16): 8,
+}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
@@ -71,8 +79,10 @@ class IndexedDatasetWriter:
     def add_document(self, tokens: Iterable[int] | np.ndarray) -> None:
         arr = np.asarray(tokens)
         if self._limit is not None and arr.size and (arr.min() < 0 or arr.max() > self._limit):
-            raise MixtralError(f"token ids outside [0, {self._limit}] cannot be stored as {self.dtype}; "
-                               "write the dataset with dtype int32")
+            raise MixtralError(
+                f"token ids outside [0, {self._limit}] cannot be stored as {self.dtype}; "
+                "write the dataset with dtype int32"
+            )
         self._bin.write(arr.astype(self.dtype, copy=False).tobytes(order="C"))
         self.lengths.append(arr.size)
         self.num_tokens += arr.size
@@ -118,8 +128,10 @@ class IndexedDataset:
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = Path(prefix)
         if not exists(prefix):
-            raise MixtralError(f"indexed dataset {prefix}.idx/.bin not found; "
-                               "create it with `mixtral-run preprocess --output-prefix PREFIX`")
+            raise MixtralError(
+                f"indexed dataset {prefix}.idx/.bin not found; "
+                "create it with `mixtral-run preprocess --output-prefix PREFIX`"
+            )
         with open(idx_path(prefix), "rb") as f:
             header = f.read(HEADER_SIZE)
         bad = f"{idx_path(prefix)} is not a Megatron MMIDIDX index"
@@ -127,8 +139,9 @@ class IndexedDataset:
             raise MixtralError(f"{bad} (bad magic); rebuild it with `mixtral-run preprocess`")
         version, code, count, doc_count = struct.unpack("<QBQQ", header[9:])
         if version != VERSION or code not in CODE_DTYPES:
-            raise MixtralError(f"{bad} (version {version}, dtype code {code}); "
-                               "rebuild it with `mixtral-run preprocess`")
+            raise MixtralError(
+                f"{bad} (version {version}, dtype code {code}); rebuild it with `mixtral-run preprocess`"
+            )
         self.dtype = CODE_DTYPES[code]
         index = np.memmap(idx_path(prefix), dtype=np.uint8, mode="r")
         if len(index) < HEADER_SIZE + count * 12 + doc_count * 8:
@@ -155,7 +168,7 @@ class IndexedDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize
-        return self.tokens[start:start + int(self.sequence_lengths[i])]
+        return self.tokens[start : start + int(self.sequence_lengths[i])]
 
     @property
     def num_documents(self) -> int:
@@ -163,7 +176,7 @@ class IndexedDataset:
 
     def document(self, d: int) -> np.ndarray:
         """Document d's tokens: its sequences are contiguous in the .bin, so this is one slice."""
-        return self.tokens[self.doc_starts[d]:self.doc_ends[d]]
+        return self.tokens[self.doc_starts[d] : self.doc_ends[d]]
 
     def document_lengths(self) -> np.ndarray:
         return self.doc_ends - self.doc_starts

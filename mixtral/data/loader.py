@@ -46,8 +46,10 @@ class DataConfig:
         if self.corpus not in CORPORA:
             raise MixtralError(f"data.corpus is {self.corpus!r}; choose one of {', '.join(CORPORA)}")
         if self.corpus == "indexed" and not self.prefixes:
-            raise MixtralError("data.prefixes is empty but data.corpus is 'indexed'; list dataset prefixes "
-                               "(written by `mixtral-run preprocess`) or set data.corpus=builtin")
+            raise MixtralError(
+                "data.prefixes is empty but data.corpus is 'indexed'; list dataset prefixes "
+                "(written by `mixtral-run preprocess`) or set data.corpus=builtin"
+            )
         if self.corpus == "builtin" and self.prefixes:
             raise MixtralError("data.prefixes is set but data.corpus is 'builtin'; set data.corpus=indexed to use them")
         parse_blend(self.prefixes, "data.prefixes")
@@ -55,13 +57,17 @@ class DataConfig:
         if isinstance(self.valid_fraction, bool) or not isinstance(self.valid_fraction, (int, float)):
             raise MixtralError(f"data.valid_fraction must be a number, got {self.valid_fraction!r}")
         if not self.valid_prefixes and not 0 < self.valid_fraction < 1:
-            raise MixtralError(f"data.valid_fraction is {self.valid_fraction}; it must be between 0 and 1 "
-                               "(exclusive) unless data.valid_prefixes names separate validation data")
+            raise MixtralError(
+                f"data.valid_fraction is {self.valid_fraction}; it must be between 0 and 1 "
+                "(exclusive) unless data.valid_prefixes names separate validation data"
+            )
         if not isinstance(self.cache_dir, str) or not self.cache_dir:
             raise MixtralError(f"data.cache_dir must be a directory path, got {self.cache_dir!r}")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
-            raise MixtralError(f"data.tokenizer {self.tokenizer} does not exist; give a SentencePiece .model "
-                               "file, or leave it unset for Mixtral's tokenizer")
+            raise MixtralError(
+                f"data.tokenizer {self.tokenizer} does not exist; give a SentencePiece .model "
+                "file, or leave it unset for Mixtral's tokenizer"
+            )
 
 
 def parse_blend(entries: list, key: str) -> list[tuple[float, str]]:
@@ -72,14 +78,22 @@ def parse_blend(entries: list, key: str) -> list[tuple[float, str]]:
     for entry in entries:
         if isinstance(entry, str):
             weight, prefix = 1.0, entry
-        elif (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], str)
-              and isinstance(entry[0], (int, float)) and not isinstance(entry[0], bool) and entry[0] > 0):
+        elif (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 2
+            and isinstance(entry[1], str)
+            and isinstance(entry[0], (int, float))
+            and not isinstance(entry[0], bool)
+            and entry[0] > 0
+        ):
             weight, prefix = float(entry[0]), entry[1]
         else:
             raise MixtralError(f"{key} entry {entry!r} is neither a prefix nor a [weight > 0, prefix] pair")
         if not exists(prefix):
-            raise MixtralError(f"{key}: dataset {prefix}.idx/.bin not found; create it with "
-                               f"`mixtral-run preprocess --output-prefix {prefix}`")
+            raise MixtralError(
+                f"{key}: dataset {prefix}.idx/.bin not found; create it with "
+                f"`mixtral-run preprocess --output-prefix {prefix}`"
+            )
         blend.append((weight, prefix))
     return blend
 
@@ -116,15 +130,25 @@ def _cached(paths: list[Path], build) -> list[np.ndarray]:
 class PackedSource:
     """One split of one dataset as fixed windows of seq_len + 1 tokens over its shuffled, concatenated documents."""
 
-    def __init__(self, dataset: IndexedDataset, docs: np.ndarray, seq_len: int, seed: int,
-                 cache_dir: str | Path, split: str) -> None:
+    def __init__(
+        self, dataset: IndexedDataset, docs: np.ndarray, seq_len: int, seed: int, cache_dir: str | Path, split: str
+    ) -> None:
         self.dataset, self.window = dataset, seq_len + 1
         idx = Path(f"{dataset.prefix}.idx").resolve()
         stat = idx.stat()
-        stem = _cache_stem(cache_dir, f"{dataset.prefix.name}-{split}-L{seq_len}-seed{seed}", str(idx), stat.st_size,
-                           stat.st_mtime_ns, hashlib.sha256(docs.tobytes()).hexdigest(), seq_len, seed)
-        order, self.samples = _cached([Path(f"{stem}-doc.npy"), Path(f"{stem}-sample.npy")],
-                                      lambda: self._build(docs, seq_len, seed))
+        stem = _cache_stem(
+            cache_dir,
+            f"{dataset.prefix.name}-{split}-L{seq_len}-seed{seed}",
+            str(idx),
+            stat.st_size,
+            stat.st_mtime_ns,
+            hashlib.sha256(docs.tobytes()).hexdigest(),
+            seq_len,
+            seed,
+        )
+        order, self.samples = _cached(
+            [Path(f"{stem}-doc.npy"), Path(f"{stem}-sample.npy")], lambda: self._build(docs, seq_len, seed)
+        )
         self.starts, self.ends = dataset.doc_starts[order], dataset.doc_ends[order]
 
     def _build(self, docs: np.ndarray, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +171,8 @@ class PackedSource:
         filled = 0
         while filled < self.window:
             start = self.starts[position] + offset
-            piece = self.dataset.tokens[start:min(self.ends[position], start + self.window - filled)]
-            out[filled:filled + len(piece)] = piece
+            piece = self.dataset.tokens[start : min(self.ends[position], start + self.window - filled)]
+            out[filled : filled + len(piece)] = piece
             filled, position, offset = filled + len(piece), position + 1, 0
         return torch.from_numpy(out)
 
@@ -174,8 +198,9 @@ class BlendedSource:
         self.sources = sources
         size = sum(len(s) for s in sources)
         stem = _cache_stem(cache_dir, f"blend-{name}", weights, [len(s) for s in sources])
-        self.which, self.nth = _cached([Path(f"{stem}-dataset.npy"), Path(f"{stem}-sample.npy")],
-                                       lambda: blend_indices(weights, size))
+        self.which, self.nth = _cached(
+            [Path(f"{stem}-dataset.npy"), Path(f"{stem}-sample.npy")], lambda: blend_indices(weights, size)
+        )
 
     def __len__(self) -> int:
         return len(self.which)
@@ -189,8 +214,10 @@ def split_documents(num_documents: int, valid_fraction: float) -> tuple[np.ndarr
     """(train, valid) document ids: a fixed random valid_fraction of the documents (at least one) is validation."""
     n_valid = max(1, round(num_documents * valid_fraction))
     if n_valid >= num_documents:
-        raise MixtralError(f"data.valid_fraction={valid_fraction} of {num_documents} documents leaves none for "
-                           "training; lower it or give data.valid_prefixes")
+        raise MixtralError(
+            f"data.valid_fraction={valid_fraction} of {num_documents} documents leaves none for "
+            "training; lower it or give data.valid_prefixes"
+        )
     perm = np.random.default_rng(SPLIT_SEED).permutation(num_documents)
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
@@ -198,8 +225,10 @@ def split_documents(num_documents: int, valid_fraction: float) -> tuple[np.ndarr
 def _blend(parts: list[tuple[float, PackedSource]], cache_dir: str, name: str, key: str, seq_len: int) -> SampleSource:
     for _, source in parts:
         if len(source) == 0:
-            raise MixtralError(f"{key}: {source.dataset.prefix} has fewer than seq_len + 1 = {seq_len + 1} tokens "
-                               f"in its {name} split; lower seq_len or add data")
+            raise MixtralError(
+                f"{key}: {source.dataset.prefix} has fewer than seq_len + 1 = {seq_len + 1} tokens "
+                f"in its {name} split; lower seq_len or add data"
+            )
     if len(parts) == 1:
         return parts[0][1]
     return BlendedSource([s for _, s in parts], [w for w, _ in parts], cache_dir, name)
@@ -231,8 +260,10 @@ def build_datasets(cfg: DataConfig, seq_len: int, seed: int) -> tuple[SampleSour
             train.append((weight, PackedSource(ds, train_docs, seq_len, seed, cfg.cache_dir, "train")))
             valid.append((weight, PackedSource(ds, valid_docs, seq_len, seed, cfg.cache_dir, "valid")))
     valid_key = "data.valid_prefixes" if cfg.valid_prefixes else "data.valid_fraction"
-    return (_blend(train, cfg.cache_dir, "train", "data.prefixes", seq_len),
-            _blend(valid, cfg.cache_dir, "valid", valid_key, seq_len))
+    return (
+        _blend(train, cfg.cache_dir, "train", "data.prefixes", seq_len),
+        _blend(valid, cfg.cache_dir, "valid", valid_key, seq_len),
+    )
 
 
 class Loader:
@@ -249,8 +280,10 @@ class Loader:
         if not 0 <= dp_rank < dp_size:
             raise MixtralError(f"data-parallel rank {dp_rank} is outside 0..{dp_size - 1}")
         if len(source) < micro_batch * dp_size:
-            raise MixtralError(f"the data has {len(source)} samples, fewer than one global batch of "
-                               f"{micro_batch} x {dp_size} ranks; lower batch.micro_batch or seq_len, or add data")
+            raise MixtralError(
+                f"the data has {len(source)} samples, fewer than one global batch of "
+                f"{micro_batch} x {dp_size} ranks; lower batch.micro_batch or seq_len, or add data"
+            )
         self.source, self.micro_batch, self.seed = source, micro_batch, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.epoch, self.position = 0, 0
@@ -269,7 +302,7 @@ class Loader:
         if self.position + global_batch > len(self.source):
             self.epoch, self.position = self.epoch + 1, 0
         start = self.position + self.dp_rank * self.micro_batch
-        indices = self._permutation()[start:start + self.micro_batch]
+        indices = self._permutation()[start : start + self.micro_batch]
         self.position += global_batch
         return torch.stack([self.source[int(i)] for i in indices])
 
@@ -278,7 +311,9 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["num_samples"] != len(self.source):
-            raise MixtralError(f"the saved data position is for seed {state['seed']} over {state['num_samples']} "
-                               f"samples, but this run has seed {self.seed} over {len(self.source)}; resume with "
-                               "the recipe's original train.seed, seq_len and data section")
+            raise MixtralError(
+                f"the saved data position is for seed {state['seed']} over {state['num_samples']} "
+                f"samples, but this run has seed {self.seed} over {len(self.source)}; resume with "
+                "the recipe's original train.seed, seq_len and data section"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -34,8 +34,12 @@ PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="input files, read in order")
     parser.add_argument("--output-prefix", required=True, metavar="P", help="writes P.bin and P.idx")
-    parser.add_argument("--tokenizer", default=None, metavar="PATH",
-                        help="SentencePiece model or model directory (default: Mixtral's tokenizer)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="SentencePiece model or model directory (default: Mixtral's tokenizer)",
+    )
     parser.add_argument("--format", default=None, help=f"one of {', '.join(FORMATS)} (default: from the suffix)")
     parser.add_argument("--text-key", default="text", help="JSON key / Parquet column of the text (default: text)")
     parser.add_argument("--append-eos", action="store_true", help="end every document with EOS")
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise MixtralError(f"input file {path} does not exist; check the --input paths")
     texts = itertools.chain.from_iterable(
-        read_documents(path, args.format or infer_format(path), args.text_key) for path in inputs)
+        read_documents(path, args.format or infer_format(path), args.text_key) for path in inputs
+    )
     docs, tokens, dtype = tokenize_to_indexed(texts, args.output_prefix, args.tokenizer, args.append_eos, args.workers)
     print(f"wrote {args.output_prefix}.bin and .idx: {docs} documents, {tokens} tokens ({dtype})")
     return 0
@@ -87,9 +92,11 @@ def read_documents(path: Path, fmt: str, text_key: str = "text") -> Iterator[str
         else:
             yield from (field(record, text_key, where) for where, record in records)
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
-        raise MixtralError(f"{path} cannot be read as {fmt} ({type(exc).__name__}: {str(exc)[:120]}); preprocess "
-                           f"reads UTF-8 text, JSON / JSON lines (optionally .gz), Parquet, and Alpaca records in "
-                           f"any of those: pass --format {'|'.join(FORMATS)}") from None
+        raise MixtralError(
+            f"{path} cannot be read as {fmt} ({type(exc).__name__}: {str(exc)[:120]}); preprocess "
+            f"reads UTF-8 text, JSON / JSON lines (optionally .gz), Parquet, and Alpaca records in "
+            f"any of those: pass --format {'|'.join(FORMATS)}"
+        ) from None
 
 
 def read_text(path: Path) -> Iterator[str]:
@@ -150,8 +157,9 @@ def read_parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
         import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
-        raise MixtralError(f"{path}: reading Parquet needs pyarrow, which is not installed: "
-                           f"pip install 'mixtral-run[data]'") from None
+        raise MixtralError(
+            f"{path}: reading Parquet needs pyarrow, which is not installed: pip install 'mixtral-run[data]'"
+        ) from None
     try:
         parquet = pq.ParquetFile(path)
         row = 0
@@ -160,8 +168,10 @@ def read_parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
                 yield f"{path} row {row}", record
                 row += 1
     except pyarrow.ArrowException as exc:
-        raise MixtralError(f"{path} cannot be read as Parquet ({str(exc)[:120]}); pass --format for its real "
-                           f"format ({'|'.join(FORMATS)})") from None
+        raise MixtralError(
+            f"{path} cannot be read as Parquet ({str(exc)[:120]}); pass --format for its real "
+            f"format ({'|'.join(FORMATS)})"
+        ) from None
 
 
 def batched(texts: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -189,8 +199,14 @@ def encode_documents(job: tuple[list[str], str | None, bool]) -> list[np.ndarray
     return [np.array([tok.bos_id, *ids, *tail], dtype=np.int32) for ids in tok.encode_batch(texts)]
 
 
-def tokenize_to_indexed(texts: Iterable[str], prefix: str | Path, tokenizer: str | None = None,
-                        append_eos: bool = False, workers: int = 1, progress: bool = True) -> tuple[int, int, str]:
+def tokenize_to_indexed(
+    texts: Iterable[str],
+    prefix: str | Path,
+    tokenizer: str | None = None,
+    append_eos: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> tuple[int, int, str]:
     """Tokenize texts (in order) into the indexed dataset at prefix; returns (documents, tokens, dtype)."""
     from multiprocessing import Pool
 
@@ -210,8 +226,9 @@ def tokenize_to_indexed(texts: Iterable[str], prefix: str | Path, tokenizer: str
                 for doc in docs:
                     writer.add_document(doc)
                 bar.update(len(docs))
-                bar.set_postfix_str(f"{writer.num_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"{writer.num_tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tok/s", refresh=False
+                )
     finally:
         bar.close()
         if pool:

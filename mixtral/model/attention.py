@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -30,8 +29,17 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.gather_kv = layout.gather_kv  # context parallel: K or V of this chunk -> the whole sequence's
 
-    def forward(self, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None, causal: bool, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        causal: bool,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """last_only: keys and values for every position (the KV cache's), the output for the last query only."""
         batch, seq, _ = x.shape
         queries = x[:, -1:] if last_only else x
@@ -52,8 +60,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, queries.shape[1], -1))
 
 
-def attention_mask(start: int | torch.Tensor, seq: int, kv_len: int, window: int | None,
-                   device: torch.device, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+def attention_mask(
+    start: int | torch.Tensor,
+    seq: int,
+    kv_len: int,
+    window: int | None,
+    device: torch.device,
+    pad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, bool]:
     """(mask, causal) for queries at start..start+seq over keys 0..kv_len: the cheapest exact form.
 
     pad [B] (left padding per row) masks each row's first pad[b] keys; a pad query sees only itself.

@@ -31,11 +31,10 @@ def balanced_load(tokens: int, num_experts: int, top_k: int) -> int:
     return -(-top_k * tokens // num_experts)
 
 
-def make_bins(tokens: int, num_experts: int, top_k: int, num_bins: int, exp_base: float,
-              alignment: int) -> list[int]:
+def make_bins(tokens: int, num_experts: int, top_k: int, num_bins: int, exp_base: float, alignment: int) -> list[int]:
     """N aligned edges from the balanced load up to all tokens, widths growing by exp_base."""
     lower = balanced_load(tokens, num_experts, top_k)
-    widths = [exp_base ** i for i in range(num_bins)]
+    widths = [exp_base**i for i in range(num_bins)]
     total, acc, edges = sum(widths), 0.0, []
     for width in widths:
         acc += width
@@ -46,7 +45,8 @@ def make_bins(tokens: int, num_experts: int, top_k: int, num_bins: int, exp_base
             f"moe.capacity_bins: {num_bins} bins between {lower} and {tokens} tokens per expert at "
             f"alignment {alignment} give only {len(set(edges))} distinct edges {edges}; lower "
             f"capacity_bins.num_bins, capacity_bins.alignment or capacity_bins.exp_base, or use more "
-            f"tokens per micro-batch")
+            f"tokens per micro-batch"
+        )
     return edges
 
 
@@ -83,8 +83,7 @@ class CapacityBins(nn.Module):
     """One layer's bins as model state (edges, usage, steps are saved and restored with the model).
 
     `agree` maps this rank's largest count to the largest over the ranks that must agree on the shape (expert
-    parallelism's: an all-reduce MAX over the EP group); None keeps the choice local. With tensor parallelism and no expert parallelism the parallel
-    setup raises `alignment` to at least the TP size before the first training step.
+    parallelism's: an all-reduce MAX over the EP group); None keeps the choice local.
     """
 
     def __init__(self, config: CapacityBinsConfig, num_experts: int, top_k: int, agree: Reduce | None = None) -> None:
@@ -128,8 +127,16 @@ class CapacityBins(nn.Module):
         if self.training:
             self.tokens = self.tokens or tokens
         if edges[0] == 0 and self.training:
-            self.set_edges(make_bins(self.tokens, self.num_experts, self.top_k, self.config.num_bins,
-                                     self.config.exp_base, self.alignment))
+            self.set_edges(
+                make_bins(
+                    self.tokens,
+                    self.num_experts,
+                    self.top_k,
+                    self.config.num_bins,
+                    self.config.exp_base,
+                    self.alignment,
+                )
+            )
             edges = self._edges
         largest = counts.max()
         largest = int(self.agree(largest) if self.agree is not None else largest)

@@ -36,16 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.backend import Ops
-from mixtral.kernels import reference
 from mixtral.config import CapacityBinsConfig
+from mixtral.kernels import reference
 from mixtral.model.capacity_bins import CapacityBins
 from mixtral.model.layout import Reduce
 
 
 @dataclass
 class Routing:
-    logits: torch.Tensor      # [T, E] fp32 router logits (aux and z-loss input)
-    weights: torch.Tensor     # [T, k] fp32, renormalised over the chosen experts
+    logits: torch.Tensor  # [T, E] fp32 router logits (aux and z-loss input)
+    weights: torch.Tensor  # [T, k] fp32, renormalised over the chosen experts
     expert_ids: torch.Tensor  # [T, k] int64
 
 
@@ -53,13 +53,13 @@ class Routing:
 class Context:
     """What combine needs, plus the layer's load numbers for metrics."""
 
-    index: torch.Tensor                   # dropless: pair order from permute; padded: slot of each pair
-    weights: torch.Tensor                 # [T, k] combine weights
-    counts: torch.Tensor                  # [E] pairs routed to each expert (before any drop)
-    valid: torch.Tensor | None = None     # unpadded capacity: which sorted rows reached an expert
-    dropped: torch.Tensor | None = None   # 0-dim count of dropped pairs; None where nothing can drop
-    capacity: int | None = None           # rows per expert when padded
-    bin: int | None = None                # capacity bin index (capacity_bins)
+    index: torch.Tensor  # dropless: pair order from permute; padded: slot of each pair
+    weights: torch.Tensor  # [T, k] combine weights
+    counts: torch.Tensor  # [E] pairs routed to each expert (before any drop)
+    valid: torch.Tensor | None = None  # unpadded capacity: which sorted rows reached an expert
+    dropped: torch.Tensor | None = None  # 0-dim count of dropped pairs; None where nothing can drop
+    capacity: int | None = None  # rows per expert when padded
+    bin: int | None = None  # capacity bin index (capacity_bins)
 
 
 class Dropless(nn.Module):
@@ -78,8 +78,9 @@ class Dropless(nn.Module):
         return self.unpermute(out, ctx.index, ctx.weights)
 
 
-def slot_positions(expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int, groups: int,
-                   by_probs: bool) -> torch.Tensor:
+def slot_positions(
+    expert_ids: torch.Tensor, weights: torch.Tensor, num_experts: int, groups: int, by_probs: bool
+) -> torch.Tensor:
     """Each pair's arrival position at its expert within its group, in [T*k] token-major order."""
     tokens, k = expert_ids.shape
     pairs = tokens // groups * k
@@ -112,8 +113,16 @@ def unpad_rows(out: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) ->
 class Capacity(nn.Module):
     """At most C rows per expert (see the module docstring); padded to [E, C, H] or dropped and packed."""
 
-    def __init__(self, num_experts: int, top_k: int, ops: Ops, factor: float, per: str = "batch",
-                 policy: str = "position", pad: bool = True) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        ops: Ops,
+        factor: float,
+        per: str = "batch",
+        policy: str = "position",
+        pad: bool = True,
+    ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.factor = num_experts, top_k, factor
         self.per_sequence, self.by_probs, self.pad = per == "sequence", policy == "probs", pad
@@ -144,7 +153,7 @@ class Capacity(nn.Module):
         rows, order, kept = self.permute(x, bucket, self.num_experts + 1)
         valid = (torch.arange(rows.shape[0], device=x.device) < keep.sum()).unsqueeze(-1)
         rows = torch.where(valid, rows, 0)  # the trailing rows never reach an expert
-        return rows, kept[:self.num_experts], Context(order, routing.weights, counts, valid, dropped)
+        return rows, kept[: self.num_experts], Context(order, routing.weights, counts, valid, dropped)
 
     def combine(self, out: torch.Tensor, ctx: Context) -> torch.Tensor:
         if ctx.valid is None:

@@ -93,14 +93,16 @@ def normal_values(seed: int, name: str, shape: tuple[int, ...], box: tuple[slice
                 tile.normal_(0.0, std, generator=torch.Generator().manual_seed(tile_seed(seed, name, lead, i, j)))
                 r1, c1 = max(rows.start, r0), max(cols.start, c0)
                 r2, c2 = min(rows.stop, r0 + tile.shape[0]), min(cols.stop, c0 + tile.shape[1])
-                target[r1 - rows.start:r2 - rows.start, c1 - cols.start:c2 - cols.start] = tile[r1 - r0:r2 - r0,
-                                                                                               c1 - c0:c2 - c0]
+                target[r1 - rows.start : r2 - rows.start, c1 - cols.start : c2 - cols.start] = tile[
+                    r1 - r0 : r2 - r0, c1 - c0 : c2 - c0
+                ]
     return out.view([s.stop - s.start for s in box])
 
 
 @torch.no_grad()
-def init_parameters(module: nn.Module, shapes: dict[str, torch.Size], seed: int, std: float = 0.02,
-                    pieces: Pieces = held_pieces) -> None:
+def init_parameters(
+    module: nn.Module, shapes: dict[str, torch.Size], seed: int, std: float = 0.02, pieces: Pieces = held_pieces
+) -> None:
     """Fresh training init of every parameter of module (named as in Mixtral): normal(0, std) matrices, unit
     norms; shapes are the global shapes by name, pieces where this rank's tensors lie in them."""
     for name, param in module.named_parameters():

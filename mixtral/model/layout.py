@@ -17,12 +17,12 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor combined over some r
 
 @dataclass(frozen=True)
 class ModelLayout:
-    experts: int | None = None           # experts each rank holds (expert parallelism); None: all of them
-    expert_ffn: int | None = None        # intermediate rows of each held expert (expert tensor parallelism)
-    exchange: Callable | None = None     # the MoE's dispatched rows to the ranks holding their experts and back:
-                                         # (moe, tokens, routing, batch) -> (output, dispatch context)
+    experts: int | None = None  # experts each rank holds (expert parallelism); None: all of them
+    expert_ffn: int | None = None  # intermediate rows of each held expert (expert tensor parallelism)
+    exchange: Callable | None = None  # the MoE's dispatched rows to the ranks holding their experts and back:
+    # (moe, tokens, routing, batch) -> (output, dispatch context)
     agree_capacity: Reduce | None = None  # capacity bins: the largest expert count over the ranks sharing a shape
-    context: tuple[int, int] = (0, 1)    # (this rank's chunk, chunks) of every sequence (context parallelism)
-    gather_kv: Reduce | None = None      # a chunk's keys or values -> the whole sequence's
-    attention: Callable | None = None    # replaces ops.attention (ring attention over the chunks)
-    swiglu: Callable | None = None       # replaces ops.swiglu for the experts (SPMD's interleaved gate/up rows)
+    context: tuple[int, int] = (0, 1)  # (this rank's chunk, chunks) of every sequence (context parallelism)
+    gather_kv: Reduce | None = None  # a chunk's keys or values -> the whole sequence's
+    attention: Callable | None = None  # replaces ops.attention (ring attention over the chunks)
+    swiglu: Callable | None = None  # replaces ops.swiglu for the experts (SPMD's interleaved gate/up rows)

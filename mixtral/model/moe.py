@@ -13,13 +13,22 @@ from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.kernels import reference
 from mixtral.model.capacity_bins import step_bins
-from mixtral.model.layout import ModelLayout, Reduce
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
+from mixtral.model.layout import ModelLayout, Reduce
 
 EXPERT_SUFFIXES = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")  # stacks [experts, ...] by parameter name
 
-__all__ = ["EXPERT_SUFFIXES", "MoE", "MoEStats", "Routing", "route", "router_totals", "routing_summary", "moe_metrics",
-           "moe_step_end"]
+__all__ = [
+    "EXPERT_SUFFIXES",
+    "MoE",
+    "MoEStats",
+    "Routing",
+    "route",
+    "router_totals",
+    "routing_summary",
+    "moe_metrics",
+    "moe_step_end",
+]
 
 
 @torch.compiler.disable
@@ -28,8 +37,12 @@ def run_eagerly(fn: Callable, *args):
     return fn(*args)
 
 
-def route(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
-          router: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.router) -> Routing:
+def route(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor | None = None,
+    router: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.router,
+) -> Routing:
     """Mixtral routing (the backend's `router` op): softmax in fp32, top-k, kept weights renormalised to sum to 1.
 
     bias (aux-loss-free balancing) shifts which experts are chosen, never their weights.
@@ -52,15 +65,16 @@ class GroupedExperts(nn.Module):
         e, h = layout.experts or config.num_local_experts, config.hidden_size
         f = layout.expert_ffn or config.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h))  # [w1; w3] per expert
-        self.down_proj = nn.Parameter(torch.empty(e, h, f))          # w2 per expert
+        self.down_proj = nn.Parameter(torch.empty(e, h, f))  # w2 per expert
         self.grouped_mm, self.swiglu = ops.grouped_mm, layout.swiglu or ops.swiglu
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         """rows [N, H] grouped by expert with counts [E] (grouped GEMM), or static rows [E, C, H]
         with counts None (batched matmul) -> expert outputs in the same layout."""
         if counts is None:
-            return torch.bmm(self.swiglu(torch.bmm(rows, self.gate_up_proj.transpose(1, 2))),
-                             self.down_proj.transpose(1, 2))
+            return torch.bmm(
+                self.swiglu(torch.bmm(rows, self.gate_up_proj.transpose(1, 2))), self.down_proj.transpose(1, 2)
+            )
         offs = counts.cumsum(0).to(torch.int32)
         hidden = self.swiglu(self.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
         return self.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs)
@@ -70,11 +84,11 @@ class GroupedExperts(nn.Module):
 class MoEStats:
     """One layer's routing outcome: the losses' input and the load metrics."""
 
-    logits: torch.Tensor                 # [T, E] fp32 router logits
-    counts: torch.Tensor                 # [E] pairs routed to each expert
+    logits: torch.Tensor  # [T, E] fp32 router logits
+    counts: torch.Tensor  # [E] pairs routed to each expert
     dropped: torch.Tensor | None = None  # 0-dim dropped pairs (capacity only)
-    capacity: int | None = None          # rows per expert when padded
-    bin: int | None = None               # capacity bin used (capacity_bins only)
+    capacity: int | None = None  # rows per expert when padded
+    bin: int | None = None  # capacity bin used (capacity_bins only)
 
 
 def build_dispatcher(config: ModelConfig, moe: MoEConfig, ops: Ops, agree_capacity: Reduce | None = None) -> nn.Module:
@@ -87,8 +101,9 @@ def build_dispatcher(config: ModelConfig, moe: MoEConfig, ops: Ops, agree_capaci
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None,
-                 layout: ModelLayout | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None, layout: ModelLayout | None = None
+    ) -> None:
         super().__init__()
         moe, layout = moe or MoEConfig(), layout or ModelLayout()
         self.num_experts = config.num_local_experts
@@ -142,15 +157,15 @@ def moe_step_end(moes: list[MoE], total: Reduce | None = None, first_layer: int 
     changed."""
     for moe in moes:
         moe.update_expert_bias(total)
-    return step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], total,
-                     first_layer)
+    return step_bins([m.dispatcher.bins for m in moes if isinstance(m.dispatcher, CapacityBinned)], total, first_layer)
 
 
 def routing_summary(stats: list[MoEStats]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens per expert [L, E], dropped pairs [L], capacity bin [L] (-1: none)) of some blocks' routing."""
     counts = torch.stack([s.counts for s in stats])
-    dropped = torch.stack([s.dropped.to(counts.dtype) if s.dropped is not None else counts.new_zeros(())
-                           for s in stats])
+    dropped = torch.stack(
+        [s.dropped.to(counts.dtype) if s.dropped is not None else counts.new_zeros(()) for s in stats]
+    )
     return counts, dropped, counts.new_tensor([-1 if s.bin is None else s.bin for s in stats])
 
 
@@ -183,5 +198,3 @@ def router_totals(router_logits: list[torch.Tensor], num_experts: int, top_k: in
         z = torch.logsumexp(logits.float(), dim=-1).square().sum().reshape(1)
         totals = totals + torch.stack([torch.cat([counts, rows]), torch.cat([probs.sum(dim=0), z])])
     return totals
-
-

@@ -26,7 +26,7 @@ from mixtral.model.rope import rope_tables
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor    # [B, S, V], [B, 1, V] with last_only, [B * S, V] with flat
+    logits: torch.Tensor  # [B, S, V], [B, 1, V] with last_only, [B * S, V] with flat
     routing: list[MoEStats]  # each block's: router logits (the losses' input), tokens per expert, drops, bin
 
     @property
@@ -35,8 +35,7 @@ class ModelOutput:
         return torch.stack([r.counts for r in self.routing])
 
 
-def run_blocks(blocks, x: torch.Tensor, inputs: tuple, last_only: bool = False
-               ) -> tuple[torch.Tensor, list[MoEStats]]:
+def run_blocks(blocks, x: torch.Tensor, inputs: tuple, last_only: bool = False) -> tuple[torch.Tensor, list[MoEStats]]:
     """x through blocks (the model's, or a pipeline stage's) with Mixtral.layer_inputs' (start, cos, sin, mask,
     causal); last_only: the final block computes its last position alone."""
     start, cos, sin, mask, causal = inputs
@@ -62,8 +61,14 @@ RECOMPUTE = ("none", "selective", "moe", "full")  # activation checkpointing: Mi
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, ops: Ops, moe: MoEConfig | None = None, recompute: str = "none",
-                 layout: ModelLayout | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: Ops,
+        moe: MoEConfig | None = None,
+        recompute: str = "none",
+        layout: ModelLayout | None = None,
+    ) -> None:
         """recompute: "block" recomputes the whole block in backward, "moe" its MoE layer, "none" stores all."""
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
@@ -72,18 +77,35 @@ class Block(nn.Module):
         self.mlp = MoE(config, ops, moe, layout)
         self.recompute = recompute
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None, causal: bool, last_only: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        causal: bool,
+        last_only: bool = False,
+    ):
         """last_only (the final block of a prefill that keeps the last logits): the KV cache gets every
         position, attention and the MoE run for the last one, whose output is all that is read."""
         if self.recompute == "block" and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, start, mask, causal, last_only, use_reentrant=False)
         return self._forward(x, cos, sin, start, mask, causal, last_only)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                 mask: torch.Tensor | None, causal: bool, last_only: bool):
-        attended = self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, start=start, mask=mask, causal=causal,
-                                  last_only=last_only)  # by keyword: tensor parallelism lays out x alone
+    def _forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+        causal: bool,
+        last_only: bool,
+    ):
+        attended = self.self_attn(
+            self.input_layernorm(x), cos=cos, sin=sin, start=start, mask=mask, causal=causal, last_only=last_only
+        )  # by keyword: tensor parallelism lays out x alone
         x = (x[:, -1:] if last_only else x) + attended
         if self.recompute == "moe" and torch.is_grad_enabled():
             moe_out, stats = checkpoint(self.mlp, self.post_attention_layernorm(x), use_reentrant=False)
@@ -93,8 +115,14 @@ class Block(nn.Module):
 
 
 class Mixtral(nn.Module):
-    def __init__(self, config: ModelConfig, backend: Backend | Ops | None = None,
-                 moe: MoEConfig | None = None, recompute: str = "none", layout: ModelLayout | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: Backend | Ops | None = None,
+        moe: MoEConfig | None = None,
+        recompute: str = "none",
+        layout: ModelLayout | None = None,
+    ) -> None:
         """recompute (activation checkpointing): full recomputes every block in backward instead of storing its
         activations; selective every other block (0, 2, ...), torchtitan's layer-frequency scheme: about half the
         memory for about half the recompute; moe the MoE layer of every block (Megatron's --moe-layer-recompute),
@@ -105,12 +133,19 @@ class Mixtral(nn.Module):
         self.config, self.moe = config, moe or MoEConfig()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if recompute not in RECOMPUTE:
-            raise MixtralError(f"activation_checkpointing {recompute!r} is unknown; choose one of: {', '.join(RECOMPUTE)}")
-        per_block = {"none": lambda i: "none", "full": lambda i: "block", "moe": lambda i: "moe",
-                     "selective": lambda i: "block" if i % 2 == 0 else "none"}[recompute]
+            raise MixtralError(
+                f"activation_checkpointing {recompute!r} is unknown; choose one of: {', '.join(RECOMPUTE)}"
+            )
+        per_block = {
+            "none": lambda i: "none",
+            "full": lambda i: "block",
+            "moe": lambda i: "moe",
+            "selective": lambda i: "block" if i % 2 == 0 else "none",
+        }[recompute]
         self.layout = layout or ModelLayout()
-        self.layers = nn.ModuleList(Block(config, ops, self.moe, per_block(i), self.layout)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Block(config, ops, self.moe, per_block(i), self.layout) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, ops.linear)
         self.linear = ops.linear
@@ -129,8 +164,12 @@ class Mixtral(nn.Module):
     def init_buffers(self, device: torch.device | str) -> None:
         """After materialising (to_empty): the rope tables computed on device in the buffers' dtype, and the
         routing state (expert bias and load, capacity bins) of every materialised block back to zero."""
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta,
-                               device=torch.device(device))
+        cos, sin = rope_tables(
+            self.config.head_dim,
+            self.config.max_position_embeddings,
+            self.config.rope_theta,
+            device=torch.device(device),
+        )
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         for module in self.layers.modules():
             for buffer in module.buffers(recurse=False):
@@ -142,8 +181,14 @@ class Mixtral(nn.Module):
         the embedding's weight for a tied one."""
         return self.lm_head(x) if self.lm_head is not None else self.linear(x, self.embed_tokens.weight)
 
-    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                     device: torch.device | None = None, layers: list[nn.Module] | None = None) -> None:
+    def setup_caches(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        layers: list[nn.Module] | None = None,
+    ) -> None:
         """Allocate a static KV cache for generation up to max_len positions in every layer (or in `layers`)."""
         dtype = dtype or self.embed_tokens.weight.dtype
         device = device or self.embed_tokens.weight.device
@@ -157,8 +202,15 @@ class Mixtral(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens: torch.Tensor, *, start: int | torch.Tensor = 0, last_only: bool = False,
-                pad: torch.Tensor | None = None, flat: bool = False) -> ModelOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        start: int | torch.Tensor = 0,
+        last_only: bool = False,
+        pad: torch.Tensor | None = None,
+        flat: bool = False,
+    ) -> ModelOutput:
         """Logits of tokens [B, S] at positions start..start+S, and each block's routing.
 
         last_only computes logits for the final position only (generation prefill): the last block computes
@@ -175,8 +227,9 @@ class Mixtral(nn.Module):
         x = self.norm(x)
         return ModelOutput(self.head(x.flatten(0, 1) if flat else x), routing)
 
-    def layer_inputs(self, tokens: torch.Tensor, start: int | torch.Tensor, pad: torch.Tensor | None, dtype: torch.dtype
-                     ) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    def layer_inputs(
+        self, tokens: torch.Tensor, start: int | torch.Tensor, pad: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """(start, cos, sin, mask, causal) every block takes for tokens [B, S] at positions start..start+S.
 
         Under context parallelism the tokens are chunk i of `chunks` equal chunks: their positions
@@ -186,8 +239,9 @@ class Mixtral(nn.Module):
         has_cache = self.layers[0].self_attn.kv_cache is not None
         chunk, chunks = self.layout.context
         if chunks > 1 and has_cache:
-            raise ValueError("context parallelism runs training forwards only; generate without a KV cache "
-                             "or with parallel.cp = 1")
+            raise ValueError(
+                "context parallelism runs training forwards only; generate without a KV cache or with parallel.cp = 1"
+            )
         fixed_shapes = isinstance(start, torch.Tensor)  # positions on the device: the whole cache is attended
         start = start + chunk * seq
         if fixed_shapes:
@@ -195,13 +249,16 @@ class Mixtral(nn.Module):
         else:
             kv_len = start + seq if has_cache else seq * chunks
             if start + seq > self.config.max_position_embeddings:
-                raise ValueError(f"positions up to {start + seq} exceed max_position_embeddings "
-                                 f"{self.config.max_position_embeddings}")
-        mask, causal = attention_mask(start if has_cache or chunks > 1 else 0, seq, kv_len,
-                                      self.config.sliding_window, tokens.device, pad)
+                raise ValueError(
+                    f"positions up to {start + seq} exceed max_position_embeddings "
+                    f"{self.config.max_position_embeddings}"
+                )
+        mask, causal = attention_mask(
+            start if has_cache or chunks > 1 else 0, seq, kv_len, self.config.sliding_window, tokens.device, pad
+        )
         if pad is None and not fixed_shapes:
-            cos = self.rope_cos[start:start + seq].to(dtype)
-            sin = self.rope_sin[start:start + seq].to(dtype)
+            cos = self.rope_cos[start : start + seq].to(dtype)
+            sin = self.rope_sin[start : start + seq].to(dtype)
         else:  # positions gathered: [S, D], or per row [B, 1, S, D]
             positions = start + torch.arange(seq, device=tokens.device)
             if pad is not None:

@@ -40,8 +40,10 @@ def shard_sequence(tensor: torch.Tensor, cp_mesh: DeviceMesh) -> torch.Tensor:
     """This rank's contiguous chunk of tensor [B, S, ...] along the sequence (dim 1)."""
     chunks, seq = cp_mesh.size(), tensor.shape[1]
     if seq % chunks:
-        raise MixtralError(f"sequence length {seq} is not divisible by parallel.cp = {chunks}; "
-                           f"use a sequence length that is a multiple of {chunks}")
+        raise MixtralError(
+            f"sequence length {seq} is not divisible by parallel.cp = {chunks}; "
+            f"use a sequence length that is a multiple of {chunks}"
+        )
     return tensor.chunk(chunks, dim=1)[cp_mesh.get_local_rank()]
 
 
@@ -63,8 +65,15 @@ class RingAttention:
 
     mesh: DeviceMesh
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                 causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         size, rank, seq = self.mesh.size(), self.mesh.get_local_rank(), k.shape[2]
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         groups = q.shape[1] // k.shape[1]
@@ -75,7 +84,7 @@ class RingAttention:
             block_k, block_v = kv.repeat_interleave(groups, dim=2).float().unbind(0)
             scores = torch.matmul(q.float(), block_k.transpose(-1, -2)) * scale
             if mask is not None:  # a block no query may see still runs: each rank's backward needs every shift
-                scores = scores.masked_fill(~mask[..., source * seq:(source + 1) * seq], MASKED)
+                scores = scores.masked_fill(~mask[..., source * seq : (source + 1) * seq], MASKED)
             block_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
             block_out = torch.matmul(torch.exp(scores - block_lse), block_v)
             if out is None:

@@ -39,14 +39,18 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, tp_ena
         raise MixtralError(f"parallel.zero must be one of {ZERO_LEVELS}, got {zero!r}")
     if zero == 0:
         if tp_enabled:
-            raise MixtralError("parallel.zero=0 (DDP replicate) does not compose with tensor parallelism; "
-                               "set parallel.zero to 1, 2 or 3 (FSDP2) when parallel.tp > 1")
+            raise MixtralError(
+                "parallel.zero=0 (DDP replicate) does not compose with tensor parallelism; "
+                "set parallel.zero to 1, 2 or 3 (FSDP2) when parallel.tp > 1"
+            )
         from torch.distributed._composable.replicate import replicate
 
         return replicate(model, device_mesh=dp_mesh)
+
     def shard(module: nn.Module | list[nn.Module]) -> nn.Module:
-        return fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero == 3,
-                           shard_placement_fn=spread_over(dp_mesh.size()))
+        return fully_shard(
+            module, mesh=dp_mesh, reshard_after_forward=zero == 3, shard_placement_fn=spread_over(dp_mesh.size())
+        )
 
     for block in model.layers:
         if not isinstance(block.mlp.experts, FSDPModule):  # expert parallelism shards them over edp already
@@ -63,10 +67,12 @@ def apply_data_parallel(model: nn.Module, dp_mesh: DeviceMesh, zero: int, tp_ena
 def spread_over(ranks: int) -> Callable[[nn.Parameter], Shard | None]:
     """FSDP2's placement for a parameter: dim 0, unless it has fewer rows than ranks (8 experts stacked over
     256 ranks would sit on 8 of them, whole), then its largest dim. Tensor-parallel DTensors keep dim 0."""
+
     def placement(param: nn.Parameter) -> Shard | None:
         if isinstance(param, DTensor) or param.dim() == 0 or param.shape[0] >= ranks:
             return None  # FSDP2's default, Shard(0)
         return Shard(max(range(param.dim()), key=lambda d: param.shape[d]))
+
     return placement
 
 

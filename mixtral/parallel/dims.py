@@ -22,8 +22,8 @@ EXPERT_MESH_DIMS = ("pp", "edp", "ep", "etp")
 
 @dataclass(frozen=True)
 class ParallelMeshes:
-    world: DeviceMesh                # (pp, dp, cp, tp), every name always present (size 1 when unused)
-    dp_cp: DeviceMesh                # dp and cp flattened: gradient and loss reduction, FSDP sharding
+    world: DeviceMesh  # (pp, dp, cp, tp), every name always present (size 1 when unused)
+    dp_cp: DeviceMesh  # dp and cp flattened: gradient and loss reduction, FSDP sharding
     expert: DeviceMesh | None = None  # (pp, edp, ep, etp), built only when ep or etp > 1
 
     def __getitem__(self, name: str) -> DeviceMesh:
@@ -58,20 +58,28 @@ class ParallelDims:
                 raise MixtralError(f"parallel.{name} must be a positive integer, got {value!r}")
         product = self.dp * self.cp * self.tp * self.pp
         if product != self.world_size:
-            fix = (f"set parallel.dp to {self.world_size // (self.cp * self.tp * self.pp)}"
-                   if self.world_size % (self.cp * self.tp * self.pp) == 0 else
-                   f"launch {product} processes")
-            raise MixtralError(f"parallel layout: dp ({self.dp}) x cp ({self.cp}) x tp ({self.tp}) x pp ({self.pp}) "
-                               f"= {product} does not equal the world size {self.world_size}; {fix}")
+            fix = (
+                f"set parallel.dp to {self.world_size // (self.cp * self.tp * self.pp)}"
+                if self.world_size % (self.cp * self.tp * self.pp) == 0
+                else f"launch {product} processes"
+            )
+            raise MixtralError(
+                f"parallel layout: dp ({self.dp}) x cp ({self.cp}) x tp ({self.tp}) x pp ({self.pp}) "
+                f"= {product} does not equal the world size {self.world_size}; {fix}"
+            )
         if self.tp % self.etp:
-            raise MixtralError(f"parallel.etp ({self.etp}) must divide parallel.tp ({self.tp}): expert tensor "
-                               f"parallelism folds over the tp ranks; choose etp from {divisors(self.tp)}")
+            raise MixtralError(
+                f"parallel.etp ({self.etp}) must divide parallel.tp ({self.tp}): expert tensor "
+                f"parallelism folds over the tp ranks; choose etp from {divisors(self.tp)}"
+            )
         stage = self.dp * self.cp * self.tp
         if stage % (self.ep * self.etp):
             choices = divisors(stage // self.etp)
-            raise MixtralError(f"parallel.ep ({self.ep}) x etp ({self.etp}) = {self.ep * self.etp} must divide "
-                               f"dp x cp x tp = {stage} (the ranks of one pipeline stage, over which experts fold); "
-                               f"choose ep from {choices}")
+            raise MixtralError(
+                f"parallel.ep ({self.ep}) x etp ({self.etp}) = {self.ep * self.etp} must divide "
+                f"dp x cp x tp = {stage} (the ranks of one pipeline stage, over which experts fold); "
+                f"choose ep from {choices}"
+            )
 
     @property
     def edp(self) -> int:
@@ -98,12 +106,16 @@ class ParallelDims:
                     fits = divisors(math.gcd(config.num_attention_heads, config.num_key_value_heads))
                 else:
                     fits = divisors(value)
-                raise MixtralError(f"parallel.{dim}={degree}: the model's {field} ({value}) is not divisible by "
-                                   f"{dim} ({degree}); choose {dim} from {fits}")
+                raise MixtralError(
+                    f"parallel.{dim}={degree}: the model's {field} ({value}) is not divisible by "
+                    f"{dim} ({degree}); choose {dim} from {fits}"
+                )
         if seq_len is not None and seq_len % self.sequence_divisor:
             what = "cp x tp (sequence parallel)" if self.sp and self.tp > 1 else "cp"
-            raise MixtralError(f"sequence length {seq_len} is not divisible by {what} = {self.sequence_divisor}; "
-                               f"use a sequence length that is a multiple of {self.sequence_divisor}")
+            raise MixtralError(
+                f"sequence length {seq_len} is not divisible by {what} = {self.sequence_divisor}; "
+                f"use a sequence length that is a multiple of {self.sequence_divisor}"
+            )
 
     def build_meshes(self, device_type: str) -> ParallelMeshes:
         """Named device meshes over the initialised default process group (all ranks must call this)."""
@@ -111,6 +123,7 @@ class ParallelDims:
         dp_cp = world["dp", "cp"]._flatten("dp_cp")  # private in torch 2.9 .. 2.13, same signature
         expert = None
         if self.ep > 1 or self.etp > 1:
-            expert = init_device_mesh(device_type, (self.pp, self.edp, self.ep, self.etp),
-                                      mesh_dim_names=EXPERT_MESH_DIMS)
+            expert = init_device_mesh(
+                device_type, (self.pp, self.edp, self.ep, self.etp), mesh_dim_names=EXPERT_MESH_DIMS
+            )
         return ParallelMeshes(world, dp_cp, expert)

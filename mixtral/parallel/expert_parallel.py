@@ -46,7 +46,6 @@ from mixtral.parallel.data_parallel import spread_over
 from mixtral.parallel.dims import ParallelMeshes
 
 
-
 def expert_modules(model: Mixtral) -> list[GroupedExperts]:
     """Every layer's experts: the modules whose parameters are sharded over ep and etp, replicated over edp."""
     return [layer.mlp.experts for layer in model.layers]
@@ -122,9 +121,9 @@ class ExpertExchange:
     comm: str
     ep_mesh: DeviceMesh
     ep: int
-    first: int                     # this rank's first global expert
-    local: int                     # experts per ep rank
-    etp_mesh: DeviceMesh | None    # None without expert tensor parallelism
+    first: int  # this rank's first global expert
+    local: int  # experts per ep rank
+    etp_mesh: DeviceMesh | None  # None without expert tensor parallelism
 
     def __call__(self, moe: MoE, flat: torch.Tensor, routing: Routing, batch: int) -> tuple[torch.Tensor, Context]:
         if self.comm == "allgather" and isinstance(moe.dispatcher, Dropless):
@@ -144,7 +143,8 @@ class ExpertExchange:
         rows = _GradScale.apply(rows, float(self.ep))
         if self.etp_mesh is not None:
             rows = DTensor.from_local(rows, self.etp_mesh, (Replicate(),), run_check=False).to_local(
-                grad_placements=(Partial(),))
+                grad_placements=(Partial(),)
+            )
         out = experts(rows, counts)
         if self.etp_mesh is not None:
             partial = DTensor.from_local(out, self.etp_mesh, (Partial(),), run_check=False)
@@ -158,7 +158,7 @@ class ExpertExchange:
         received = received.view(self.ep, self.local)
         send = counts.view(self.ep, self.local).sum(1).tolist()
         recv = received.sum(1).tolist()
-        got = funcol.all_to_all_single_autograd(rows[:sum(send)].contiguous(), recv, send, self.ep_mesh)
+        got = funcol.all_to_all_single_autograd(rows[: sum(send)].contiguous(), recv, send, self.ep_mesh)
         local_ids = torch.arange(self.local, device=rows.device).repeat(self.ep)
         expert_of_row = local_ids.repeat_interleave(received.flatten())
         order = torch.argsort(expert_of_row, stable=True)  # rows come source-major: regroup them by expert
@@ -177,7 +177,7 @@ class ExpertExchange:
         """Static rows [E, C, H]: gather every rank's, run my experts' slices, reduce-scatter the outputs."""
         experts_total, cap, hidden = rows.shape
         gathered = gather_dim(rows, self.ep_mesh, 0)
-        mine = gathered.view(self.ep, experts_total, cap, hidden)[:, self.first:self.first + self.local]
+        mine = gathered.view(self.ep, experts_total, cap, hidden)[:, self.first : self.first + self.local]
         out = _by_source(self._experts(experts, _by_expert(mine), None), self.ep)
         full = F.pad(out, (0, 0, 0, 0, self.first, experts_total - self.first - self.local))
         return _sum_scatter(full.reshape(self.ep * experts_total, cap, hidden), self.ep_mesh)
@@ -188,16 +188,17 @@ class ExpertExchange:
         ids = gather_dim(routing.expert_ids, self.ep_mesh, 0) - self.first
         bucket = torch.where((ids >= 0) & (ids < self.local), ids, self.local)  # other ranks' pairs sort last
         rows, order, counts = moe.dispatcher.permute(tokens, bucket, self.local + 1)
-        served = int(counts[:self.local].sum())
-        out = self._experts(moe.experts, rows[:served], counts[:self.local])
+        served = int(counts[: self.local].sum())
+        out = self._experts(moe.experts, rows[:served], counts[: self.local])
         out = moe.dispatcher.unpermute(F.pad(out, (0, 0, 0, rows.shape[0] - served)), order, weights)
         counts = torch.bincount(routing.expert_ids.reshape(-1), minlength=moe.num_experts)
         ctx = Context(order, routing.weights, counts)
         return _sum_scatter(out, self.ep_mesh), ctx
 
 
-def expert_layout(config: ModelConfig, moe: MoEConfig, meshes: ParallelMeshes, comm: str = "alltoall"
-                  ) -> dict[str, Any]:
+def expert_layout(
+    config: ModelConfig, moe: MoEConfig, meshes: ParallelMeshes, comm: str = "alltoall"
+) -> dict[str, Any]:
     """The ModelLayout fields of expert (and expert tensor) parallelism: the experts and intermediate rows this rank
     holds, the exchange that routes rows to their experts' ranks, and one capacity for every ep rank."""
     if comm not in EP_COMMS:
@@ -208,14 +209,17 @@ def expert_layout(config: ModelConfig, moe: MoEConfig, meshes: ParallelMeshes, c
     ep, etp = ep_mesh.size(), etp_mesh.size()
     total = config.num_local_experts
     if total % ep:
-        raise MixtralError(f"parallel.ep={ep}: the model's num_local_experts ({total}) is not divisible by ep; "
-                           f"choose ep from {divisors(total)}")
+        raise MixtralError(
+            f"parallel.ep={ep}: the model's num_local_experts ({total}) is not divisible by ep; "
+            f"choose ep from {divisors(total)}"
+        )
     if comm == "allgather" and moe.dispatcher == "capacity" and not moe.pad_to_capacity:
-        raise MixtralError("moe.ep_comm=allgather needs static expert rows: set moe.pad_to_capacity true, "
-                           "or use moe.ep_comm=alltoall with unpadded capacity")
+        raise MixtralError(
+            "moe.ep_comm=allgather needs static expert rows: set moe.pad_to_capacity true, "
+            "or use moe.ep_comm=alltoall with unpadded capacity"
+        )
     local = total // ep
-    exchange = ExpertExchange(comm, ep_mesh, ep, ep_mesh.get_local_rank() * local, local,
-                              etp_mesh if etp > 1 else None)
+    exchange = ExpertExchange(comm, ep_mesh, ep, ep_mesh.get_local_rank() * local, local, etp_mesh if etp > 1 else None)
     agree = functools.partial(all_reduce_max, group=ep_mesh.get_group()) if moe.dispatcher == "capacity_bins" else None
     return dict(experts=local, expert_ffn=config.intermediate_size // etp, exchange=exchange, agree_capacity=agree)
 
@@ -268,8 +272,14 @@ class ExpertCheckpointViews:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         inner = tensor.placements[0] if isinstance(tensor, DTensor) else Replicate()  # FSDP2's, over edp
         shape = torch.Size([tensor.shape[0] * self.ep, *tensor.shape[1:]])
-        return DTensor.from_local(local, self.mesh, (Shard(0), inner), run_check=False, shape=shape,
-                                  stride=torch.empty(shape, device="meta").stride())
+        return DTensor.from_local(
+            local,
+            self.mesh,
+            (Shard(0), inner),
+            run_check=False,
+            shape=shape,
+            stride=torch.empty(shape, device="meta").stride(),
+        )
 
     def _whole(self, tensor: torch.Tensor, weight: str) -> torch.Tensor:
         whole = full_expert_weight(tensor.full_tensor() if isinstance(tensor, DTensor) else tensor, weight, self.meshes)
@@ -281,11 +291,18 @@ class ExpertCheckpointViews:
         meshes = self.meshes
         with torch.no_grad():
             for shard, whole, weight in self.gathered:
-                mine = local_expert_weight(whole, weight, meshes["ep"].get_local_rank(), self.ep,
-                                           meshes["etp"].get_local_rank(), meshes["etp"].size())
+                mine = local_expert_weight(
+                    whole,
+                    weight,
+                    meshes["ep"].get_local_rank(),
+                    self.ep,
+                    meshes["etp"].get_local_rank(),
+                    meshes["etp"].size(),
+                )
                 if isinstance(shard, DTensor):  # FSDP2's edp shard of it
-                    sizes, offsets = compute_local_shape_and_global_offset(mine.shape, shard.device_mesh,
-                                                                           shard.placements)
+                    sizes, offsets = compute_local_shape_and_global_offset(
+                        mine.shape, shard.device_mesh, shard.placements
+                    )
                     mine = mine[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
                     shard = shard.to_local()
                 shard.copy_(mine)

@@ -40,16 +40,19 @@ def init_distributed(backend_name: str = "auto", timeout_s: float = 600.0) -> Di
     """
     missing = [name for name in ENV_VARS if name not in os.environ]
     if missing:
-        raise MixtralError(f"distributed start: environment variables {', '.join(missing)} are not set; "
-                           f"launch with `torchrun --nproc-per-node N ...` or `mixtral-run ... --nproc-per-node N`")
+        raise MixtralError(
+            f"distributed start: environment variables {', '.join(missing)} are not set; "
+            f"launch with `torchrun --nproc-per-node N ...` or `mixtral-run ... --nproc-per-node N`"
+        )
     backend = get_backend(backend_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = backend.device(local_rank)
     if device.type != "cpu":  # one accelerator per local rank, chosen before the group binds to it
         torch.get_device_module(device.type).set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend.dist_backend, init_method="env://",
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend.dist_backend, init_method="env://", timeout=timedelta(seconds=timeout_s)
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -130,7 +133,10 @@ def launch_workers(nproc: int, argv: list[str]) -> int:
         torchrun(["--standalone", "--nproc-per-node", str(nproc), "-m", "mixtral.cli", command, *worker])
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        print(f"mixtral-run {command}: rank {rank} failed first (exit code {failure.exitcode}); the others were "
-              f"stopped; see its messages above", flush=True)
+        print(
+            f"mixtral-run {command}: rank {rank} failed first (exit code {failure.exitcode}); the others were "
+            f"stopped; see its messages above",
+            flush=True,
+        )
         return 1
     return 0

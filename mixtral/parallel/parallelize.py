@@ -31,16 +31,23 @@ from mixtral.parallel.tensor_parallel import apply_tensor_parallel
 
 @dataclass
 class Parallelized:
-    model: nn.Module               # what holds this rank's parameters: the whole model, or its pipeline stage
-    pipeline: Pipeline | None      # set when parallel.pp > 1: run steps through it, not through model(...)
+    model: nn.Module  # what holds this rank's parameters: the whole model, or its pipeline stage
+    pipeline: Pipeline | None  # set when parallel.pp > 1: run steps through it, not through model(...)
 
 
-def model_layout(config: ModelConfig, moe: MoEConfig | None, meshes: ParallelMeshes, *, ep_comm: str = "alltoall",
-                 cp_algo: str = "allgather") -> ModelLayout:
+def model_layout(
+    config: ModelConfig,
+    moe: MoEConfig | None,
+    meshes: ParallelMeshes,
+    *,
+    ep_comm: str = "alltoall",
+    cp_algo: str = "allgather",
+) -> ModelLayout:
     """What expert and context parallelism change inside the model, for Mixtral(..., layout=) to build it with:
     this rank's experts and their exchange, its chunk of every sequence and how attention reaches the rest."""
-    return ModelLayout(**expert_layout(config, moe or MoEConfig(), meshes, ep_comm),
-                       **context_layout(meshes["cp"], cp_algo))
+    return ModelLayout(
+        **expert_layout(config, moe or MoEConfig(), meshes, ep_comm), **context_layout(meshes["cp"], cp_algo)
+    )
 
 
 def check_layout(model: Mixtral, meshes: ParallelMeshes) -> None:
@@ -48,14 +55,24 @@ def check_layout(model: Mixtral, meshes: ParallelMeshes) -> None:
     built = (model.layout.experts, model.layout.expert_ffn, model.layout.context[1])
     wanted = model_layout(model.config, model.moe, meshes)
     if built != (wanted.experts, wanted.expert_ffn, wanted.context[1]):
-        raise MixtralError(f"the model was built for (experts, expert rows, context chunks) {built} per rank but the "
-                           f"meshes hold {(wanted.experts, wanted.expert_ffn, wanted.context[1])}: build it with "
-                           f"Mixtral(..., layout=model_layout(config, moe, meshes))")
+        raise MixtralError(
+            f"the model was built for (experts, expert rows, context chunks) {built} per rank but the "
+            f"meshes hold {(wanted.experts, wanted.expert_ffn, wanted.context[1])}: build it with "
+            f"Mixtral(..., layout=model_layout(config, moe, meshes))"
+        )
 
 
-def parallelize(model: Mixtral, dims: ParallelDims, meshes: ParallelMeshes, *, zero: int = 1,
-                pp_schedule: PipelineSchedule = "1f1b", microbatches: int = 1, device: torch.device | None = None,
-                loss: Callable | None = None) -> Parallelized:
+def parallelize(
+    model: Mixtral,
+    dims: ParallelDims,
+    meshes: ParallelMeshes,
+    *,
+    zero: int = 1,
+    pp_schedule: PipelineSchedule = "1f1b",
+    microbatches: int = 1,
+    device: torch.device | None = None,
+    loss: Callable | None = None,
+) -> Parallelized:
     """Lay model (built with model_layout's ModelLayout) out over the ranks in place: tensor and sequence
     parallelism, the pipeline stage, FSDP2; microbatches is the pipeline's per step, loss what its last stage
     computes (mixtral.train.loss.TrainingLoss)."""
@@ -75,8 +92,9 @@ def parallelize(model: Mixtral, dims: ParallelDims, meshes: ParallelMeshes, *, z
     return Parallelized(part, pipeline)
 
 
-def clip_grad_norm_(dense: list[torch.Tensor], experts: list[torch.Tensor], max_norm: float,
-                    meshes: ParallelMeshes | None = None) -> torch.Tensor:
+def clip_grad_norm_(
+    dense: list[torch.Tensor], experts: list[torch.Tensor], max_norm: float, meshes: ParallelMeshes | None = None
+) -> torch.Tensor:
     """Clip every rank's gradients to one global norm, returned (before clipping).
 
     DTensor norms reduce over their own meshes (tp, FSDP's dp x cp, the experts' edp); the expert shards'
@@ -96,11 +114,15 @@ def clip_grad_norm_(dense: list[torch.Tensor], experts: list[torch.Tensor], max_
     return norm
 
 
-def _squared_norm(params: list[torch.Tensor], device: torch.device, meshes: ParallelMeshes | None,
-                  sum_over: tuple[str, ...]) -> torch.Tensor:
+def _squared_norm(
+    params: list[torch.Tensor], device: torch.device, meshes: ParallelMeshes | None, sum_over: tuple[str, ...]
+) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
-    squares = torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).square() for n in norms]).sum() \
-        if norms else torch.zeros((), device=device)
+    squares = (
+        torch.stack([(n.full_tensor() if isinstance(n, DTensor) else n).square() for n in norms]).sum()
+        if norms
+        else torch.zeros((), device=device)
+    )
     for name in sum_over if meshes is not None and meshes.expert is not None else ():
         if meshes[name].size() > 1:
             dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=meshes[name].get_group())

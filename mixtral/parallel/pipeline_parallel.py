@@ -44,11 +44,15 @@ class PipelineStageModel(nn.Module):
         super().__init__()
         layers = model.config.num_hidden_layers
         if layers % stages:
-            raise MixtralError(f"parallel.pp={stages}: the model's {layers} layers do not split evenly into "
-                               f"{stages} stages; choose pp from the divisors of {layers}")
+            raise MixtralError(
+                f"parallel.pp={stages}: the model's {layers} layers do not split evenly into "
+                f"{stages} stages; choose pp from the divisors of {layers}"
+            )
         if model.lm_head is None and stages > 1:
-            raise MixtralError("parallel.pp > 1 needs an untied lm head (the embedding lives on the first stage, the "
-                               "head on the last); set model.tie_word_embeddings=false or parallel.pp=1")
+            raise MixtralError(
+                "parallel.pp > 1 needs an untied lm head (the embedding lives on the first stage, the "
+                "head on the last); set model.tie_word_embeddings=false or parallel.pp=1"
+            )
         per = layers // stages
         self.is_first, self.is_last = stage == 0, stage == stages - 1
         self.embed_tokens = model.embed_tokens if self.is_first else None
@@ -64,8 +68,14 @@ class PipelineStageModel(nn.Module):
             if module not in owned:
                 module.to("meta")  # other stages' weights: free their memory on this rank
 
-    def forward(self, x: torch.Tensor, totals: torch.Tensor | None = None, start: int = 0, last_only: bool = False,
-                pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        totals: torch.Tensor | None = None,
+        start: int = 0,
+        last_only: bool = False,
+        pad: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """start, last_only and pad as Mixtral.forward's (generation with a KV cache)."""
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
@@ -84,16 +94,25 @@ class PipelineStageModel(nn.Module):
 class Pipeline:
     """One rank's pipeline stage and its schedule (GPipe or 1F1B) over the pp process group."""
 
-    def __init__(self, stage_model: nn.Module, pp_mesh: DeviceMesh, microbatches: int,
-                 schedule: PipelineSchedule, device: torch.device, loss: Callable | None = None) -> None:
+    def __init__(
+        self,
+        stage_model: nn.Module,
+        pp_mesh: DeviceMesh,
+        microbatches: int,
+        schedule: PipelineSchedule,
+        device: torch.device,
+        loss: Callable | None = None,
+    ) -> None:
         """loss(logits, router totals, targets) -> (loss, ce, aux, z): the trainer's (mixtral.train.loss)."""
         if schedule not in SCHEDULES:
             raise MixtralError(f"parallel.pp_schedule is {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         stages = pp_mesh.size()
         if schedule == "1f1b" and microbatches < stages:
-            raise MixtralError(f"1F1B needs at least as many micro-batches as pipeline stages: {microbatches} < "
-                               f"parallel.pp={stages}; raise batch.global_batch / (batch.micro_batch x parallel.dp) "
-                               f"to {stages} or more, or set parallel.pp_schedule=gpipe")
+            raise MixtralError(
+                f"1F1B needs at least as many micro-batches as pipeline stages: {microbatches} < "
+                f"parallel.pp={stages}; raise batch.global_batch / (batch.micro_batch x parallel.dp) "
+                f"to {stages} or more, or set parallel.pp_schedule=gpipe"
+            )
         self.model, self.mesh, self.device, self.loss = stage_model, pp_mesh, device, loss
         self.stage_index, self.stages = pp_mesh.get_local_rank(), stages
         self.is_first, self.is_last = self.stage_index == 0, self.stage_index == stages - 1
@@ -165,15 +184,17 @@ class PipelinedModel:
         self.pipeline.model.eval()
         return self
 
-    def setup_caches(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                     device: torch.device | None = None) -> None:
+    def setup_caches(
+        self, batch: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ) -> None:
         """KV caches for this stage's layers, and layer 0's (Mixtral.layer_inputs reads it to know a cache is on)."""
         mine = list(self.pipeline.model.layers)
         layers = mine if self.whole.layers[0] in mine else [self.whole.layers[0], *mine]
         self.whole.setup_caches(batch, max_len, dtype, device or self.pipeline.device, layers)
 
-    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False,
-                pad: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, tokens: torch.Tensor, start: int = 0, last_only: bool = False, pad: torch.Tensor | None = None
+    ) -> ModelOutput:
         """Mixtral.forward for generation: the logits (fp32) on every stage (the routing stays on each stage)."""
         output = self.pipeline.forward(tokens, start=start, last_only=last_only, pad=pad)
         shape = (tokens.shape[0], 1 if last_only else tokens.shape[1], self.whole.config.vocab_size)

@@ -67,6 +67,10 @@ class ShardMap:
         if isinstance(param, DTensor):
             sizes, offsets = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         runs = [window(seg, offset, size) for seg, offset, size in zip(segments, offsets, sizes)]
-        return [Piece(tuple(slice(local, local + n) for local, _, n in combo),
-                      tuple(slice(first, first + n) for _, first, n in combo))
-                for combo in itertools.product(*runs)]
+        return [
+            Piece(
+                tuple(slice(local, local + n) for local, _, n in combo),
+                tuple(slice(first, first + n) for _, first, n in combo),
+            )
+            for combo in itertools.product(*runs)
+        ]

@@ -2,8 +2,9 @@
 
 Axes: "fsdp" (weights sharded, batch split: FSDP-style data parallelism), "tensor" (Megatron-style
 tensor parallelism) and, when requested, "expert" (whole experts per device group; the batch is split
-over it too). The rules are plain data, testable without torch_xla; the XLA backend (backends/xla.py) applies them. The MLPerf rules with tensor > 1 (tensor = 1 leaves only the fsdp half of each spec, so every
-large weight is still sharded, FSDP-style):
+over it too). The rules are plain data, testable without torch_xla; the XLA backend (backends/xla.py) applies
+them. The MLPerf rules with tensor > 1 (tensor = 1 leaves only the fsdp half of each spec, so every large weight is
+still sharded, FSDP-style):
 
     q/k/v_proj, w1/w3 (gate_up_proj), lm_head   ("tensor", "fsdp")
     o_proj, w2 (down_proj), embed_tokens         ("fsdp", "tensor")
@@ -11,13 +12,13 @@ large weight is still sharded, FSDP-style):
 
 The fused gate_up_proj [E, 2F, H] holds [w1; w3]: a plain split of its 2F rows would give one device w1
 and the other w3. So with tensor > 1 its rows are stored interleaved per tensor shard
-([w1_0; w3_0; w1_1; w3_1; ...], `interleave_halves`), the experts' swiglu reads that order, and the
-module's state_dict and load_state_dict still use the canonical [w1; w3] (hooks added by `apply`).
+([w1_0; w3_0; w1_1; w3_1; ...], `interleave_halves`), the experts' swiglu reads that order (the model is built
+with spmd_layout), and the module's state_dict and load_state_dict still use the canonical [w1; w3]
+(hooks added by `use_interleaved_experts`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -38,12 +39,12 @@ DENSE_RULES: tuple[tuple[str, Spec], ...] = (
     ("v_proj.weight", ("tensor", "fsdp")),
     ("o_proj.weight", ("fsdp", "tensor")),
     ("lm_head.weight", ("tensor", "fsdp")),
-    ("experts.gate_up_proj", (None, "tensor", "fsdp")),   # per expert w1, w3 [F, H]: ("tensor", "fsdp")
-    ("experts.down_proj", (None, "fsdp", "tensor")),      # per expert w2 [H, F]: ("fsdp", "tensor")
+    ("experts.gate_up_proj", (None, "tensor", "fsdp")),  # per expert w1, w3 [F, H]: ("tensor", "fsdp")
+    ("experts.down_proj", (None, "fsdp", "tensor")),  # per expert w2 [H, F]: ("fsdp", "tensor")
 )
 EXPERT_RULES: tuple[tuple[str, Spec], ...] = (
     ("experts.gate_up_proj", ("expert", "tensor", None)),  # [E, 2F, H]: F on tensor
-    ("experts.down_proj", ("expert", None, "tensor")),     # [E, H, F]: F on tensor
+    ("experts.down_proj", ("expert", None, "tensor")),  # [E, H, F]: F on tensor
 )
 REPLICATED = ("layernorm.weight", "norm.weight", "mlp.gate.weight", "expert_bias")  # small: as the reference
 
@@ -80,8 +81,10 @@ def interleave_halves(w: torch.Tensor, parts: int, dim: int = 1) -> torch.Tensor
     then gives every shard the matching rows of both halves."""
     size = w.shape[dim]
     if size % (2 * parts):
-        raise MixtralError(f"intermediate_size ({size // 2}) must be divisible by the tensor axis ({parts}) "
-                           f"to shard the experts' w1 and w3 alike; pick a tensor size that divides it")
+        raise MixtralError(
+            f"intermediate_size ({size // 2}) must be divisible by the tensor axis ({parts}) "
+            f"to shard the experts' w1 and w3 alike; pick a tensor size that divides it"
+        )
     return w.unflatten(dim, (2, parts, size // (2 * parts))).transpose(dim, dim + 1).flatten(dim, dim + 2)
 
 
@@ -113,8 +116,10 @@ def use_interleaved_experts(experts: nn.Module, parts: int) -> None:
     """Store experts.gate_up_proj interleaved for `parts` tensor shards (the model must be built with spmd_layout,
     whose SwiGLU reads them so); state dicts stay canonical."""
     if experts.swiglu != InterleavedSwiGLU(parts):
-        raise MixtralError(f"the experts' SwiGLU does not read rows interleaved for a tensor axis of {parts}; build "
-                           f"the model with layout=spmd_layout(mesh_shape)")
+        raise MixtralError(
+            f"the experts' SwiGLU does not read rows interleaved for a tensor axis of {parts}; build "
+            f"the model with layout=spmd_layout(mesh_shape)"
+        )
     key = "gate_up_proj"
     with torch.no_grad():
         experts.gate_up_proj.copy_(interleave_halves(experts.gate_up_proj, parts))

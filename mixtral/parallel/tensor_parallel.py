@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+
 class ReplicatedMoE(ParallelStyle):
     """MoE with whole experts on every tp rank: the input is gathered to the full local sequence and the
     output (the first of the block's (output, stats)) handed back in the residual stream's layout."""
@@ -73,14 +74,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sp: bool = Fals
         return model
     seq = Shard(1) if sp else Replicate()
     if model.lm_head is None:  # tied: the model reuses the embedding as a plain F.linear weight, keep it whole
-        embed: ParallelStyle = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=seq,
-                                                   use_local_output=True)
+        embed: ParallelStyle = PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=seq, use_local_output=True
+        )
     else:
         embed = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
     top: dict[str, ParallelStyle | list[ParallelStyle]] = {"embed_tokens": embed}
     if sp:
-        top["norm"] = [SequenceParallel(),
-                       PrepareModuleOutput(output_layouts=seq, desired_output_layouts=Replicate(), use_local_output=True)]
+        top["norm"] = [
+            SequenceParallel(),
+            PrepareModuleOutput(output_layouts=seq, desired_output_layouts=Replicate(), use_local_output=True),
+        ]
     if model.lm_head is not None:
         top["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     _parallelize(model, tp_mesh, top)

@@ -47,7 +47,7 @@ def stream_text(response) -> Iterator[str]:
         line = raw.decode().strip()
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             return
         chunk = json.loads(data)

@@ -53,8 +53,9 @@ class Leader:
 
     def _announce(self, method: str, args: tuple, kwargs: dict) -> None:
         message = [(method, _to(args, torch.device("cpu")), _to(kwargs, torch.device("cpu")))]
-        dist.broadcast_object_list(message, src=dist.get_global_rank(self._group, 0) if self._group else 0,
-                                   group=self._group)
+        dist.broadcast_object_list(
+            message, src=dist.get_global_rank(self._group, 0) if self._group else 0, group=self._group
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._announce("forward", args, kwargs)
@@ -94,13 +95,17 @@ def follow(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("several ranks (rank 0 prints or serves; under torchrun or --nproc-per-node)")
-    group.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                       help="start N workers on this host through torch.distributed.run")
+    group.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="start N workers on this host through torch.distributed.run",
+    )
     group.add_argument("--tp", type=int, default=1, help="tensor parallel ranks")
     group.add_argument("--ep", type=int, default=1, help="expert parallel ranks (fold over the tp x data ranks)")
     group.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    group.add_argument("--ep-comm", choices=EP_COMMS, default="alltoall",
-                       help="expert parallel exchange")
+    group.add_argument("--ep-comm", choices=EP_COMMS, default="alltoall", help="expert parallel exchange")
 
 
 def generation_meshes(config: ModelConfig, args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
@@ -110,8 +115,10 @@ def generation_meshes(config: ModelConfig, args: argparse.Namespace, device: tor
 
     world = dist.get_world_size()
     if world % (args.tp * args.pp):
-        raise MixtralError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world} ranks; launch a multiple "
-                           f"of {args.tp * args.pp} ranks or change --tp/--pp")
+        raise MixtralError(
+            f"--tp {args.tp} x --pp {args.pp} does not divide the {world} ranks; launch a multiple "
+            f"of {args.tp * args.pp} ranks or change --tp/--pp"
+        )
     dims = ParallelDims(world_size=world, dp=world // (args.tp * args.pp), tp=args.tp, pp=args.pp, ep=args.ep)
     dims.validate_model(config)
     return dims, dims.build_meshes(device.type)

@@ -29,16 +29,18 @@ def inference_mode(device: torch.device) -> contextlib.AbstractContextManager:
 class Generator:
     """Generates token ids from a Mixtral; the model keeps its KV cache between calls (reused when it fits)."""
 
-    def __init__(self, model: Mixtral, tokenizer=None, device: torch.device | str | None = None,
-                 fixed_shapes: bool | None = None) -> None:
+    def __init__(
+        self, model: Mixtral, tokenizer=None, device: torch.device | str | None = None, fixed_shapes: bool | None = None
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         backend = backend_for_device(self.device.type)
         # backends that compile a graph per shape: every decode step keeps one shape, prompts pad to few lengths
-        self.fixed_shapes = fixed_shapes if fixed_shapes is not None else bool(
-            backend and not backend.capabilities.dynamic_shapes)
+        self.fixed_shapes = (
+            fixed_shapes if fixed_shapes is not None else bool(backend and not backend.capabilities.dynamic_shapes)
+        )
         # lazy backends run each step's graph here; otherwise the cache's in-place updates chain across steps
         self.end_step = backend.mark_step if backend else lambda: None
 
@@ -54,15 +56,22 @@ class Generator:
             raise MixtralError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for p in prompts for t in p):
-            raise MixtralError(f"a prompt token id is outside the model's vocabulary of {vocab}; use the "
-                               f"model's own tokenizer (its directory's tokenizer.model)")
+            raise MixtralError(
+                f"a prompt token id is outside the model's vocabulary of {vocab}; use the "
+                f"model's own tokenizer (its directory's tokenizer.model)"
+            )
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_positions:
             room = self.max_positions - longest
-            fix = (f"lower max tokens to at most {room}" if room > 0
-                   else f"shorten the prompt below {self.max_positions} tokens")
-            raise MixtralError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                               f"max_position_embeddings of {self.max_positions}; {fix}")
+            fix = (
+                f"lower max tokens to at most {room}"
+                if room > 0
+                else f"shorten the prompt below {self.max_positions} tokens"
+            )
+            raise MixtralError(
+                f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                f"max_position_embeddings of {self.max_positions}; {fix}"
+            )
 
     def ensure_cache(self, batch: int, length: int) -> None:
         """Allocate the static KV cache unless the current one has this batch and enough positions."""
@@ -72,10 +81,17 @@ class Generator:
         length = min(-(-length // CACHE_ROUND) * CACHE_ROUND, self.max_positions)
         self.model.setup_caches(batch, length, device=self.device)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | list[float] = 0.0,
-                 top_k: int | list[int] = 0, top_p: float | list[float] = 1.0,
-                 seed: int | list[int | None] | None = None, stop_at_eos: bool = True,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float | list[float] = 0.0,
+        top_k: int | list[int] = 0,
+        top_p: float | list[float] = 1.0,
+        seed: int | list[int | None] | None = None,
+        stop_at_eos: bool = True,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
         """The new token ids of each prompt (an EOS that ended a row is included as its last id).
 
         Sampling settings are one value or one per row; seed is one for the batch or one per row.
@@ -85,8 +101,9 @@ class Generator:
         with inference_mode(self.device):
             return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, on_token)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, on_token
-                  ) -> list[list[int]]:
+    def _generate(
+        self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, on_token
+    ) -> list[list[int]]:
         batch, longest = len(prompts), max(len(p) for p in prompts)
         if self.fixed_shapes:  # a padded length of few values, within the positions left for the new tokens
             longest = max(longest, min(-(-longest // PROMPT_ROUND) * PROMPT_ROUND, self.max_positions - max_new_tokens))
@@ -138,5 +155,5 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
+        new, self.emitted = text[self.emitted :], len(text)
         return new

@@ -12,9 +12,13 @@ from mixtral.errors import MixtralError
 from mixtral.serve.distributed import add_parallel_arguments
 from mixtral.serve.runner import DTYPES, Settings, add_compile_argument, check_settings, with_generator
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF directory, native or Megatron checkpoint, checkpoints root "
-                                                      "or training run directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="HF directory, native or Megatron checkpoint, checkpoints root or training run directory",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="text to complete")
     source.add_argument("--prompts-file", type=Path, help="complete each non-empty line; prints JSON lines")
@@ -65,7 +69,7 @@ def complete_all(generator, tokenizer, prompts: list[str], settings: Settings, b
 
     with tqdm(total=len(prompts), unit="prompt", file=sys.stderr) as bar:
         for first in range(0, len(prompts), batch_size):
-            chunk = prompts[first:first + batch_size]
+            chunk = prompts[first : first + batch_size]
             outputs = generator.generate([tokenizer.encode(p) for p in chunk], **settings.as_kwargs())
             for prompt, ids in zip(chunk, outputs):
                 print(json.dumps({"prompt": prompt, "completion": tokenizer.decode(ids)}, ensure_ascii=False))

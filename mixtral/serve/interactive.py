@@ -78,8 +78,11 @@ def chat(generator: Generator, tokenizer, settings: Settings, stdin: TextIO, out
         prompt = (history or [tokenizer.bos_id]) + turn
         pieces = TextStream(tokenizer)
         try:
-            reply = generator.generate([prompt], on_token=lambda row, token: print(
-                pieces.push(token), end="", file=out, flush=True), **settings.as_kwargs())[0]
+            reply = generator.generate(
+                [prompt],
+                on_token=lambda row, token: print(pieces.push(token), end="", file=out, flush=True),
+                **settings.as_kwargs(),
+            )[0]
         except MixtralError as exc:
             print(f"error: {exc}", file=out)
             continue

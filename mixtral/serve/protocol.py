@@ -114,8 +114,10 @@ class ChatEncoder:
         try:
             self.tokenizer = MistralTokenizer.from_file(str(tokenizer_path), mode=ValidationMode.serving)
         except (MistralCommonException, AssertionError, OSError, ValueError) as exc:
-            raise MixtralError(f"{tokenizer_path}: mistral-common cannot build Mixtral's chat format from this "
-                               f"tokenizer ({exc}); use Mixtral's tokenizer.model for chat") from None
+            raise MixtralError(
+                f"{tokenizer_path}: mistral-common cannot build Mixtral's chat format from this "
+                f"tokenizer ({exc}); use Mixtral's tokenizer.model for chat"
+            ) from None
 
     def encode(self, messages: list[ChatMessage]) -> list[int]:
         from mistral_common.exceptions import MistralCommonException
@@ -127,20 +129,30 @@ class ChatEncoder:
         try:
             return self.tokenizer.encode_chat_completion(request).tokens
         except MistralCommonException as exc:
-            raise RequestError(f"messages do not form a Mixtral conversation: {exc}; start with a system or "
-                               f"user message, alternate user and assistant, and end with a user message") from None
+            raise RequestError(
+                f"messages do not form a Mixtral conversation: {exc}; start with a system or "
+                f"user message, alternate user and assistant, and end with a user message"
+            ) from None
 
 
 def check_limit(name: str, value: int, limit: int) -> None:
     if value > limit:
-        raise RequestError(f"{name}={value} is over this server's limit of {limit}; ask for at most {limit} "
-                           f"(the server's --max-tokens-limit)")
+        raise RequestError(
+            f"{name}={value} is over this server's limit of {limit}; ask for at most {limit} "
+            f"(the server's --max-tokens-limit)"
+        )
 
 
 def openai_error(message: str, status: int) -> dict:
     kind = {401: "authentication_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status)
-    return {"error": {"message": message, "type": kind or ("invalid_request_error" if status < 500 else "server_error"),
-                      "param": None, "code": None}}
+    return {
+        "error": {
+            "message": message,
+            "type": kind or ("invalid_request_error" if status < 500 else "server_error"),
+            "param": None,
+            "code": None,
+        }
+    }
 
 
 def new_id(prefix: str) -> str:
@@ -148,18 +160,31 @@ def new_id(prefix: str) -> str:
 
 
 def completion_chunk(request_id: str, model: str, index: int, text: str, finish: str | None) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, finish: str | None) -> dict:
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 # ---- Megatron-LM's PUT /api (megatron/inference/text_generation_server.py), same fields and messages ----
@@ -203,17 +228,28 @@ def parse_megatron(body: Any) -> MegatronRequest:
         raise RequestError(f"Maximum number of prompts is {MAX_PROMPTS}")
     unknown = sorted(set(body) - set(MegatronRequest.model_fields) - {"no_log"})  # no_log: server logging only
     if unknown:
-        raise RequestError(f"{unknown[0]} is not supported by this server; remove it (supported: "
-                           f"{', '.join(MegatronRequest.model_fields)})")
+        raise RequestError(
+            f"{unknown[0]} is not supported by this server; remove it (supported: "
+            f"{', '.join(MegatronRequest.model_fields)})"
+        )
     request = MegatronRequest(prompts=prompts)
     checks = {
-        "tokens_to_generate": (_is_int, lambda v: v >= 0,
-                               "tokens_to_generate must be an integer greater than or equal to 0"),
+        "tokens_to_generate": (
+            _is_int,
+            lambda v: v >= 0,
+            "tokens_to_generate must be an integer greater than or equal to 0",
+        ),
         "logprobs": (lambda v: isinstance(v, bool), lambda v: True, "logprobs must be a boolean value"),
-        "temperature": (_is_number, lambda v: 0.0 <= v <= 100.0,
-                        "temperature must be a number from 0 (greedy) to 100.0"),
-        "top_k": (_is_int, lambda v: 0 <= v <= 1000,
-                  "top_k must be equal to or greater than 0 and less than or equal to 1000"),
+        "temperature": (
+            _is_number,
+            lambda v: 0.0 <= v <= 100.0,
+            "temperature must be a number from 0 (greedy) to 100.0",
+        ),
+        "top_k": (
+            _is_int,
+            lambda v: 0 <= v <= 1000,
+            "top_k must be equal to or greater than 0 and less than or equal to 1000",
+        ),
         "top_p": (_is_number, lambda v: 0.0 <= v <= 1.0, "top_p must be less than or equal to 1.0"),
         "add_BOS": (lambda v: isinstance(v, bool), lambda v: True, "add_BOS must be a boolean value"),
         "random_seed": (_is_int, lambda v: v >= 0, "random_seed must be a positive integer"),
@@ -233,5 +269,9 @@ def parse_megatron(body: Any) -> MegatronRequest:
 
 def megatron_sampling(request: MegatronRequest) -> dict:
     """Megatron's settings in the engine's terms (top_p 0 means off there, 1 here)."""
-    return {"temperature": float(request.temperature), "top_k": request.top_k,
-            "top_p": float(request.top_p) if request.top_p > 0 else 1.0, "seed": request.random_seed}
+    return {
+        "temperature": float(request.temperature),
+        "top_k": request.top_k,
+        "top_p": float(request.top_p) if request.top_p > 0 else 1.0,
+        "seed": request.random_seed,
+    }

@@ -24,14 +24,22 @@ class Settings:
     seed: int | None = None
 
     def as_kwargs(self) -> dict:
-        return dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=self.top_k, seed=self.seed)
+        return dict(
+            max_new_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
 
 
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model with the backend's compiler: less overhead per decoded token, "
-                             "after a one-off compile at start (about a minute on a small CPU)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model with the backend's compiler: less overhead per decoded token, "
+        "after a one-off compile at start (about a minute on a small CPU)",
+    )
 
 
 def check_settings(settings: Settings) -> None:
@@ -64,8 +72,10 @@ def load(args: argparse.Namespace, device=None):
     backend = get_backend(args.backend)
     tokenizer = Tokenizer(path)  # the directory's tokenizer.model, else Mixtral's from mistral-common
     if tokenizer.vocab_size > config.vocab_size:
-        raise MixtralError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
-                           f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {path}")
+        raise MixtralError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
+            f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {path}"
+        )
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     device = device or backend.device()
     dims = meshes = layout = None
@@ -103,12 +113,16 @@ def with_generator(args: argparse.Namespace, body: Callable) -> int:
     if args.nproc_per_node is not None and not launched():
         return launch_workers(args.nproc_per_node, args.argv)
     if args.compile and args.tp * args.ep * args.pp > 1:
-        raise MixtralError("--compile runs a single rank's model; it does not combine with --tp / --ep / --pp yet: "
-                           "drop --compile or the parallel flags")
+        raise MixtralError(
+            "--compile runs a single rank's model; it does not combine with --tp / --ep / --pp yet: "
+            "drop --compile or the parallel flags"
+        )
     if "WORLD_SIZE" not in os.environ:
         if args.tp * args.ep * args.pp > 1:
-            raise MixtralError(f"--tp {args.tp} --ep {args.ep} --pp {args.pp} need several ranks; add "
-                               f"--nproc-per-node N or launch with torchrun")
+            raise MixtralError(
+                f"--tp {args.tp} --ep {args.ep} --pp {args.pp} need several ranks; add "
+                f"--nproc-per-node N or launch with torchrun"
+            )
         model, tokenizer, device = load(args)
         return body(Generator(model, tokenizer, device), tokenizer)
     info = init_distributed(args.backend)

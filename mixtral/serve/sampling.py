@@ -21,9 +21,16 @@ class SamplingParams:
     top_p: torch.Tensor
 
     @classmethod
-    def build(cls, batch: int, temperature: float | list[float] = 0.0, top_k: int | list[int] = 0,
-              top_p: float | list[float] = 1.0, device: torch.device | str = "cpu") -> "SamplingParams":
+    def build(
+        cls,
+        batch: int,
+        temperature: float | list[float] = 0.0,
+        top_k: int | list[int] = 0,
+        top_p: float | list[float] = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> "SamplingParams":
         """From one value for every row or a list with one value per row."""
+
         def column(value, dtype):
             values = value if isinstance(value, (list, tuple)) else [value] * batch
             if len(values) != batch:
@@ -42,8 +49,9 @@ class SamplingParams:
         return bool((self.top_k > 0).any() or (self.top_p < 1).any())
 
 
-def make_generators(seed: int | list[int | None] | None, batch: int, device: torch.device | str = "cpu"
-                    ) -> list[torch.Generator] | None:
+def make_generators(
+    seed: int | list[int | None] | None, batch: int, device: torch.device | str = "cpu"
+) -> list[torch.Generator] | None:
     """One generator for the batch (int seed), one per row (list of seeds), or None (global RNG)."""
     if seed is None:
         return None
@@ -68,8 +76,9 @@ def uniforms(batch: int, generators: list[torch.Generator] | None, device: torch
     return torch.cat([torch.rand(1, device=device, generator=g) for g in generators])
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None
-           ) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
     """logits [B, V] -> next token ids [B] (int64)."""
     greedy_ids = logits.float().argmax(dim=-1)  # the same ids; PyTorch's CPU argmax is 2x slower over bf16
     if params.greedy:

@@ -91,7 +91,7 @@ class Row:
                 self.finish = "length"
         end = len(self.text) if self.finish else len(self.text) - self.held_back()
         if end > self.sent:
-            self.job.post("text", self.text[self.sent:end])
+            self.job.post("text", self.text[self.sent : end])
             self.sent = end
 
     def held_back(self) -> int:
@@ -202,9 +202,15 @@ class Scheduler:
                 raise StopBatch
 
         try:
-            self.generator.generate([j.prompt for j in jobs], max(j.max_tokens for j in jobs),
-                                    temperature=[j.temperature for j in jobs], top_k=[j.top_k for j in jobs],
-                                    top_p=[j.top_p for j in jobs], seed=seeds, on_token=on_token)
+            self.generator.generate(
+                [j.prompt for j in jobs],
+                max(j.max_tokens for j in jobs),
+                temperature=[j.temperature for j in jobs],
+                top_k=[j.top_k for j in jobs],
+                top_p=[j.top_p for j in jobs],
+                seed=seeds,
+                on_token=on_token,
+            )
         except StopBatch:
             pass
 

@@ -13,8 +13,11 @@ from mixtral.serve.runner import DTYPES, add_compile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="HF directory, native or Megatron checkpoint, checkpoints root "
-                                                      "or training run directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="HF directory, native or Megatron checkpoint, checkpoints root or training run directory",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -54,8 +57,9 @@ def serve(args: argparse.Namespace, generator, tokenizer) -> int:
     settings = ServerSettings(args.model_name or Path(args.model).resolve().name, args.max_tokens_limit, args.api_key)
     scheduler = Scheduler(generator, tokenizer, args.max_batch).start()
     server = build_server(create_app(scheduler, tokenizer, settings, chat), args.host, args.port)
-    print(f"serving {settings.model_name} on http://{args.host}:{args.port} (OpenAI /v1, Megatron PUT /api)",
-          flush=True)
+    print(
+        f"serving {settings.model_name} on http://{args.host}:{args.port} (OpenAI /v1, Megatron PUT /api)", flush=True
+    )
     try:
         server.run()
     finally:

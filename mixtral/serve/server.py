@@ -99,18 +99,21 @@ class BodyLimit:
         await response({"type": "http"}, None, send)
 
 
-def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: ChatEncoder | None = None
-               ) -> FastAPI:
+def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: ChatEncoder | None = None) -> FastAPI:
     """The FastAPI app over a started Scheduler."""
+
     async def authorize(request: Request) -> None:
         if settings.api_key and request.url.path != "/health":
             expected = f"Bearer {settings.api_key}".encode()
             if not secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
-                raise RequestError("missing or wrong API key; send the header 'Authorization: Bearer KEY' "
-                                   "with the server's --api-key", 401)
+                raise RequestError(
+                    "missing or wrong API key; send the header 'Authorization: Bearer KEY' with the server's --api-key",
+                    401,
+                )
 
-    app = FastAPI(title="mixtral-run serve", docs_url=None, redoc_url=None, openapi_url=None,
-                  dependencies=[Depends(authorize)])
+    app = FastAPI(
+        title="mixtral-run serve", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(authorize)]
+    )
     limit = settings.max_tokens_limit
 
     @app.exception_handler(RequestValidationError)
@@ -141,13 +144,21 @@ def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "waiting": len(scheduler.waiting), "batches": scheduler.batches,
-                "rows": scheduler.rows, "generated_tokens": scheduler.generated, "dropped": scheduler.dropped}
+        return {
+            "status": "ok",
+            "waiting": len(scheduler.waiting),
+            "batches": scheduler.batches,
+            "rows": scheduler.rows,
+            "generated_tokens": scheduler.generated,
+            "dropped": scheduler.dropped,
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "mixtral-run"}]}
+        return {
+            "object": "list",
+            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "mixtral-run"}],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -158,6 +169,7 @@ def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: 
         request_id = new_id("cmpl")
         echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
         if body.stream:
+
             async def chunks():
                 for index, echo in enumerate(echoes):
                     if echo:
@@ -165,20 +177,30 @@ def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: 
                 async for index, kind, value in merged(jobs):
                     text, finish = (value, None) if kind == "text" else ("", value.finish_reason)
                     yield completion_chunk(request_id, settings.model_name, index, text, finish)
+
             return sse(chunks(), jobs)
         results = await gather(jobs)
-        return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name,
-                "choices": [{"index": i, "text": echo + r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                            for i, (echo, r) in enumerate(zip(echoes, results))],
-                "usage": usage(sum(map(len, prompts)), sum(len(r.tokens) for r in results))}
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            "choices": [
+                {"index": i, "text": echo + r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                for i, (echo, r) in enumerate(zip(echoes, results))
+            ],
+            "usage": usage(sum(map(len, prompts)), sum(len(r.tokens) for r in results)),
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
         body.check_unsupported()
         if chat is None:
-            raise RequestError("chat needs a Mistral SentencePiece tokenizer, which this model directory "
-                               "does not have; use /v1/completions", 400)
+            raise RequestError(
+                "chat needs a Mistral SentencePiece tokenizer, which this model directory "
+                "does not have; use /v1/completions",
+                400,
+            )
         prompt = chat.encode(body.messages)
         room = scheduler.generator.max_positions - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(limit, room))
@@ -186,6 +208,7 @@ def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: 
         jobs = submit([prompt], max_tokens, body.sampling(), stop=body.stops(), prime=False)
         request_id = new_id("chatcmpl")
         if body.stream:
+
             async def chunks():
                 yield chat_chunk(request_id, settings.model_name, {"role": "assistant", "content": ""}, None)
                 async for _, kind, value in merged(jobs):
@@ -193,13 +216,24 @@ def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: 
                         yield chat_chunk(request_id, settings.model_name, {"content": value}, None)
                     else:
                         yield chat_chunk(request_id, settings.model_name, {}, value.finish_reason)
+
             return sse(chunks(), jobs)
         result = (await gather(jobs))[0]
-        return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-                "model": settings.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "logprobs": None, "finish_reason": result.finish_reason}],
-                "usage": usage(len(prompt), len(result.tokens))}
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage(len(prompt), len(result.tokens)),
+        }
 
     @app.put(MEGATRON_PATH)
     async def megatron(request: Request):
@@ -212,9 +246,11 @@ def create_app(scheduler: Scheduler, tokenizer, settings: ServerSettings, chat: 
         prompts = [tokenizer.encode(p, bos=req.add_BOS) for p in req.prompts]
         jobs = submit(prompts, req.tokens_to_generate, megatron_sampling(req), logprobs=req.logprobs)
         results = await gather(jobs)
-        response = {"text": [p + r.text for p, r in zip(req.prompts, results)],
-                    "segments": [[tokenizer.piece(t) for t in p + r.tokens] for p, r in zip(prompts, results)],
-                    "tokens": [p + r.tokens for p, r in zip(prompts, results)]}
+        response = {
+            "text": [p + r.text for p, r in zip(req.prompts, results)],
+            "segments": [[tokenizer.piece(t) for t in p + r.tokens] for p, r in zip(prompts, results)],
+            "tokens": [p + r.tokens for p, r in zip(prompts, results)],
+        }
         if req.logprobs:
             response["logprobs"] = [r.logprobs for r in results]
         return response
@@ -264,6 +300,7 @@ async def merged(jobs: list[Job]) -> AsyncIterator[tuple[int, str, object]]:
 
 def sse(chunks: AsyncIterator[dict], jobs: list[Job]) -> StreamingResponse:
     """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`; a disconnect cancels the jobs."""
+
     async def events():
         try:
             async for chunk in chunks:
@@ -290,7 +327,8 @@ def start_in_thread(server: uvicorn.Server, timeout: float = 30.0) -> tuple[thre
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise MixtralError(f"the server did not start on {server.config.host}:{server.config.port}; "
-                               f"is the port free?")
+            raise MixtralError(
+                f"the server did not start on {server.config.host}:{server.config.port}; is the port free?"
+            )
         time.sleep(0.01)
     return thread, server.servers[0].sockets[0].getsockname()[1]

@@ -30,8 +30,14 @@ from mixtral.parallel.expert_parallel import ExpertCheckpointViews
 
 TRAINER_KEY = "trainer"  # manifest extra: step, tokens, skipped, loader, world_size
 RNG_DIR = "rng"
-__all__ = ["LATEST", "latest_step_dir", "load_training_checkpoint", "optimized_module", "remove_stale_temporaries",
-           "save_training_checkpoint"]  # the trainer's whole interface; publishing itself is checkpoint.native's
+__all__ = [
+    "LATEST",
+    "latest_step_dir",
+    "load_training_checkpoint",
+    "optimized_module",
+    "remove_stale_temporaries",
+    "save_training_checkpoint",
+]  # the trainer's whole interface; publishing itself is checkpoint.native's
 
 
 def _rank() -> int:
@@ -97,10 +103,19 @@ def _save_fsynced(obj: Any, file: Path) -> None:
     _fsync(file)
 
 
-def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-                             config: ModelConfig, trainer_state: dict[str, Any], keep_last: int,
-                             layout: dict[str, int] | None = None, tokenizer_path: str | Path | None = None,
-                             device_type: str = "cpu", views: ExpertCheckpointViews | None = None) -> Path:
+def save_training_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: ModelConfig,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    layout: dict[str, int] | None = None,
+    tokenizer_path: str | Path | None = None,
+    device_type: str = "cpu",
+    views: ExpertCheckpointViews | None = None,
+) -> Path:
     """Publish step's checkpoint (collective on many ranks): model and optimizer shards, trainer state, RNG.
     views: the state dicts as DCP should see them (expert_parallel.expert_checkpoint_views)."""
     rng = rng_state(device_type)
@@ -116,12 +131,26 @@ def save_training_checkpoint(ckpt_dir: Path, step: int, module: nn.Module, optim
     if views is not None:
         model_state, optimizer_state = views(model_state), views(optimizer_state)
         views.gathered.clear()  # what a load would restore into: nothing to restore after a save
-    return save_native_step(ckpt_dir, step, model_state, optimizer_state, config=config, layout=layout, manifest_extra=extra, keep_last=keep_last,
-                            add_files=add_files)
+    return save_native_step(
+        ckpt_dir,
+        step,
+        model_state,
+        optimizer_state,
+        config=config,
+        layout=layout,
+        manifest_extra=extra,
+        keep_last=keep_last,
+        add_files=add_files,
+    )
 
 
-def load_training_checkpoint(step_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                             device_type: str = "cpu", views: ExpertCheckpointViews | None = None) -> dict[str, Any]:
+def load_training_checkpoint(
+    step_dir: Path,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device_type: str = "cpu",
+    views: ExpertCheckpointViews | None = None,
+) -> dict[str, Any]:
     """Load model and optimizer (resharded to module's layout) and this rank's RNG; returns the trainer state.
 
     The RNG states are restored only when the world size matches the saving run's (each rank has its own);
@@ -130,17 +159,23 @@ def load_training_checkpoint(step_dir: Path, module: nn.Module, optimizer: torch
     manifest: Manifest = load_native(step_dir, module, optimizer, views)
     state = manifest.extra.get(TRAINER_KEY)
     if not isinstance(state, dict):
-        raise MixtralError(f"{step_dir}: holds no trainer state (a converted or weights-only checkpoint); --resume "
-                           f"needs a checkpoint written by training: start a fresh run with model.init_from={step_dir}")
+        raise MixtralError(
+            f"{step_dir}: holds no trainer state (a converted or weights-only checkpoint); --resume "
+            f"needs a checkpoint written by training: start a fresh run with model.init_from={step_dir}"
+        )
     if state.get("world_size") == _world_size():
         file = rng_file(step_dir, _rank())
         try:
             set_rng_state(torch.load(file, map_location="cpu", weights_only=True), device_type)
         except (OSError, RuntimeError, EOFError, KeyError) as exc:
-            raise MixtralError(f"{file}: unreadable RNG state ({type(exc).__name__}: {exc}); resume from an older "
-                               f"checkpoint by pointing {LATEST} at it") from None
+            raise MixtralError(
+                f"{file}: unreadable RNG state ({type(exc).__name__}: {exc}); resume from an older "
+                f"checkpoint by pointing {LATEST} at it"
+            ) from None
     else:
-        warnings.warn(f"{step_dir} was saved by {state.get('world_size')} ranks, this run has {_world_size()}: "
-                      f"weights, optimizer and data position resume, the random streams restart from train.seed",
-                      stacklevel=2)
+        warnings.warn(
+            f"{step_dir} was saved by {state.get('world_size')} ranks, this run has {_world_size()}: "
+            f"weights, optimizer and data position resume, the random streams restart from train.seed",
+            stacklevel=2,
+        )
     return state

@@ -25,12 +25,12 @@ from mixtral.model.moe import MoEStats, router_totals
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor             # ce + aux coefficient * aux (+ z coefficient * z)
+    loss: torch.Tensor  # ce + aux coefficient * aux (+ z coefficient * z)
     ce_loss: torch.Tensor
     aux_loss: torch.Tensor
-    z_loss: torch.Tensor | None    # None without a z-loss coefficient
-    logits: torch.Tensor | None    # None when the loss's gradient was written over them
-    routing: list[MoEStats]        # each block's
+    z_loss: torch.Tensor | None  # None without a z-loss coefficient
+    logits: torch.Tensor | None  # None when the loss's gradient was written over them
+    routing: list[MoEStats]  # each block's
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
@@ -59,8 +59,13 @@ def router_losses(totals: torch.Tensor, group: dist.ProcessGroup | None = None) 
 class TrainingLoss:
     """The loss of a Mixtral's outputs against targets, over `group` (None: this process's batch alone)."""
 
-    def __init__(self, config: ModelConfig, moe: MoEConfig | None = None, group: dist.ProcessGroup | None = None,
-                 cross_entropy: Callable[..., torch.Tensor] = reference.cross_entropy) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        moe: MoEConfig | None = None,
+        group: dist.ProcessGroup | None = None,
+        cross_entropy: Callable[..., torch.Tensor] = reference.cross_entropy,
+    ) -> None:
         """cross_entropy: the backend's op (Ops.cross_entropy)."""
         moe = moe or MoEConfig()
         self.cross_entropy = cross_entropy
@@ -73,8 +78,9 @@ class TrainingLoss:
         """The additive router statistics of these blocks (a pipeline stage adds its own to the previous')."""
         return router_totals([r.logits for r in routing], self.num_experts, self.top_k)
 
-    def __call__(self, logits: torch.Tensor, totals: torch.Tensor, targets: torch.Tensor,
-                 in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, logits: torch.Tensor, totals: torch.Tensor, targets: torch.Tensor, in_place: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(loss, ce, aux, z or None); in_place writes the cross-entropy's gradient over logits (2-D, not a view)."""
         logits, flat = logits.flatten(0, -2), targets.reshape(-1)  # 2-D logits stay themselves
         if self.group is None:
@@ -90,8 +96,7 @@ class TrainingLoss:
             return loss, ce, aux, None
         return loss + self.z_coeff * z, ce, aux, z
 
-    def of(self, model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, keep_logits: bool = True
-           ) -> LossOutput:
+    def of(self, model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor, keep_logits: bool = True) -> LossOutput:
         """model(tokens)'s loss. keep_logits=False (the trainer's step) writes the loss's gradient over the logits
         instead of keeping them: one logits-sized tensor less per micro-batch."""
         out = model(tokens, flat=not keep_logits)

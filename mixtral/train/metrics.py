@@ -64,13 +64,21 @@ def expert_load(tokens_per_expert: torch.Tensor) -> dict[str, Any]:
     counts = tokens_per_expert.double()
     fractions = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     imbalance = counts.max(dim=1).values / counts.mean(dim=1).clamp(min=1e-9)
-    return {"expert_load": [[round(f, 5) for f in row] for row in fractions.tolist()],
-            "expert_imbalance": [round(x, 4) for x in imbalance.tolist()],
-            "max_expert_imbalance": round(imbalance.max().item(), 4)}
+    return {
+        "expert_load": [[round(f, 5) for f in row] for row in fractions.tolist()],
+        "expert_imbalance": [round(x, 4) for x in imbalance.tolist()],
+        "max_expert_imbalance": round(imbalance.max().item(), 4),
+    }
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, synchronize: Callable[[], None],
-                       size: int = 1024, seconds: float = 2.0, windows: int = 4) -> float:
+def measure_peak_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    synchronize: Callable[[], None],
+    size: int = 1024,
+    seconds: float = 2.0,
+    windows: int = 4,
+) -> float:
     """Achievable dense-matmul FLOP/s here, MFU's denominator where the backend knows no datasheet peak: the best of
     several windows after a warm-up, so a moment when the machine is busy does not lower it."""
     a = torch.randn(size, size, device=device, dtype=dtype)

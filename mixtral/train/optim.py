@@ -12,7 +12,6 @@ from mixtral.errors import MixtralError
 from mixtral.recipes import OptimizerSection, ScheduleSection
 
 
-
 def param_groups(named: Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
     """Weight decay on matrices (and the 3-D expert stacks), none on norms: the usual LLM rule."""
     decay, no_decay = [], []

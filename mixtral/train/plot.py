@@ -34,7 +34,9 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> list[Path
     records = read_metrics(run_dir)
     train = [r for r in records if "loss" in r]
     if not train:
-        raise MixtralError(f"{run_dir / METRICS}: no training lines to plot; pass a run directory of `mixtral-run train`")
+        raise MixtralError(
+            f"{run_dir / METRICS}: no training lines to plot; pass a run directory of `mixtral-run train`"
+        )
     plt = _pyplot()
     output = Path(output or run_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -40,14 +40,14 @@ from mixtral.parallel.spmd import spmd_layout
 from mixtral.planner import Device, Workload, backend_device, check_memory, get_device, stage_memory
 from mixtral.recipes import Recipe
 from mixtral.train import checkpointing as ckpt
+from mixtral.train.loss import TrainingLoss
+from mixtral.train.memory import ROWS, step_bytes
 from mixtral.train.metrics import (
     MetricsLog,
     expert_load,
     measure_peak_flops,
     truncate_after,
 )
-from mixtral.train.loss import TrainingLoss
-from mixtral.train.memory import ROWS, step_bytes
 from mixtral.train.optim import build_optimizer, lr_factor, set_lr
 
 
@@ -59,7 +59,7 @@ class StepStats:
     grad_norm: float
     tokens_per_expert: torch.Tensor  # [layers, experts], summed over the step's micro-batches
     routing: dict[str, list] = field(default_factory=dict)  # per layer: dropped_fraction, capacity_bin
-    memory: dict[str, list] = field(default_factory=dict)   # first step: bytes per rank, mixtral.train.memory
+    memory: dict[str, list] = field(default_factory=dict)  # first step: bytes per rank, mixtral.train.memory
     bin_edges: dict[str, list] = field(default_factory=dict)  # capacity_bin_edges when the bins were (re)made
 
     @property
@@ -75,23 +75,30 @@ class Trainer:
         self.backend = get_backend(r.backend).configure(r.backend_options)
         self.spmd = self.backend.capabilities.spmd and p.world_size > 1  # one process drives every device
         if self.spmd and (p.pp > 1 or p.cp > 1):
-            raise MixtralError(f"the {self.backend.name} backend runs parallel.dp, tp and ep as one SPMD program; "
-                               f"pipeline and context parallelism are not supported there: set parallel.pp=1 cp=1")
+            raise MixtralError(
+                f"the {self.backend.name} backend runs parallel.dp, tp and ep as one SPMD program; "
+                f"pipeline and context parallelism are not supported there: set parallel.pp=1 cp=1"
+            )
         # the MLPerf mesh: batch over fsdp x expert, experts over expert, Megatron TP over tensor
-        self.spmd_mesh = {"fsdp": p.dp // p.ep, "tensor": p.tp, **({"expert": p.ep} if p.ep > 1 else {})} \
-            if self.spmd else None
+        self.spmd_mesh = (
+            {"fsdp": p.dp // p.ep, "tensor": p.tp, **({"expert": p.ep} if p.ep > 1 else {})} if self.spmd else None
+        )
         if not dist.is_initialized() and p.world_size > 1 and not self.spmd:
-            raise MixtralError(f"this recipe's layout needs {p.world_size} ranks (parallel.dp x tp x pp x cp); launch "
-                               f"it with `mixtral-run train --recipe ... --nproc-per-node {p.world_size}` or torchrun")
+            raise MixtralError(
+                f"this recipe's layout needs {p.world_size} ranks (parallel.dp x tp x pp x cp); launch "
+                f"it with `mixtral-run train --recipe ... --nproc-per-node {p.world_size}` or torchrun"
+            )
         world = dist.get_world_size() if dist.is_initialized() else p.world_size if self.spmd else 1
         self.dims = ParallelDims(p.dp, p.tp, p.pp, p.cp, p.ep, p.etp, p.sp, world_size=world)
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0  # logs, prints and writes run files
         self.device = self.backend.device(int(os.environ.get("LOCAL_RANK", "0")))
         self.config = r.model_config()
         if r.seq_len > self.config.max_position_embeddings:
-            raise MixtralError(f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
-                               f"{self.config.max_position_embeddings}; lower seq_len or raise "
-                               f"model.max_position_embeddings")
+            raise MixtralError(
+                f"seq_len {r.seq_len} exceeds the model's max_position_embeddings "
+                f"{self.config.max_position_embeddings}; lower seq_len or raise "
+                f"model.max_position_embeddings"
+            )
         self.dims.validate_model(self.config, r.seq_len)
         self.workload, self.planned_device = Workload.from_recipe(r), self._planned_device()
         if self.planned_device is not None:  # refuse a layout that cannot fit before allocating anything
@@ -100,7 +107,9 @@ class Trainer:
         torch.manual_seed(r.train.seed)
         random.seed(r.train.seed)
         group = self.meshes.dp_cp.get_group() if self.meshes is not None else None
-        self.loss = TrainingLoss(self.config, r.moe, group, self.backend.ops.cross_entropy)  # each rank's share of the data x context ranks' batch
+        self.loss = TrainingLoss(
+            self.config, r.moe, group, self.backend.ops.cross_entropy
+        )  # each rank's share of the data x context ranks' batch
         self.model, self.pipeline = self._build_model()
         self.checkpoint_views = expert_checkpoint_views(self.meshes) if self.meshes else None
         named = list(self.model.named_parameters())
@@ -125,8 +134,9 @@ class Trainer:
         part materialised on this device and filled: from model.init_from, or the seed's layout-independent init."""
         r = self.recipe
         layout = spmd_layout(self.spmd_mesh) if self.spmd_mesh else None
-        model, parts = build_for_training(r, self.backend, self.dims, self.meshes, self.device, loss=self.loss,
-                                          layout=layout)
+        model, parts = build_for_training(
+            r, self.backend, self.dims, self.meshes, self.device, loss=self.loss, layout=layout
+        )
         init = dict(seed=r.train.seed, init_from=r.model.init_from)
         if self.spmd_mesh:
             materialize(model, model, self.device, **init)  # lazy XLA tensors, sharded by parallelize below
@@ -138,8 +148,9 @@ class Trainer:
     def _peak_flops(self) -> float:
         """MFU's denominator: the backend's datasheet peak for this device and precision, else measured here."""
         dtype = torch.float32 if self.recipe.precision == "fp32" else torch.bfloat16
-        return self.backend.peak_flops(self.device, dtype) or measure_peak_flops(self.device, dtype,
-                                                                                  self.backend.synchronize)
+        return self.backend.peak_flops(self.device, dtype) or measure_peak_flops(
+            self.device, dtype, self.backend.synchronize
+        )
 
     def _checked_peak(self, peak: float, achieved: float) -> float:
         """peak, unless this step beat it (an MFU above 1: the denominator is wrong): then measured again, and said."""
@@ -147,9 +158,11 @@ class Trainer:
             return peak
         given = "train.peak_flops" if self.recipe.train.peak_flops else "the peak FLOP/s"
         fixed = max(self._peak_flops(), achieved)
-        tqdm.write(f"step {self.step}: {achieved / 1e12:.3g} TFLOP/s beats {given} {peak / 1e12:.3g} (MFU would be "
-                   f"{achieved / peak:.2f}); measured again: {fixed / 1e12:.3g} TFLOP/s from here on"
-                   + (" (set train.peak_flops to the device's datasheet figure)" if self.recipe.train.peak_flops else ""))
+        tqdm.write(
+            f"step {self.step}: {achieved / 1e12:.3g} TFLOP/s beats {given} {peak / 1e12:.3g} (MFU would be "
+            f"{achieved / peak:.2f}); measured again: {fixed / 1e12:.3g} TFLOP/s from here on"
+            + (" (set train.peak_flops to the device's datasheet figure)" if self.recipe.train.peak_flops else "")
+        )
         return fixed
 
     def _planned_device(self) -> Device | None:
@@ -172,21 +185,27 @@ class Trainer:
             dist.all_gather(everyone, row)
             row = torch.stack(everyone)
         table = row.view(-1, 4).tolist()
-        record = {key: [round(r[i]) for r in table]
-                  for i, key in enumerate(("param_bytes", "grad_bytes", "optim_bytes", "planned_bytes"))}
+        record = {
+            key: [round(r[i]) for r in table]
+            for i, key in enumerate(("param_bytes", "grad_bytes", "optim_bytes", "planned_bytes"))
+        }
         for rank, (*held, planned) in enumerate(table):
             if self.is_main and abs(sum(held) - planned) > 0.1 * planned:
-                tqdm.write(f"warning: rank {rank} holds {sum(held) / 2**20:.1f} MiB of weights, gradients and "
-                           f"optimizer states, the planner expects {planned / 2**20:.1f} MiB (more than 10% apart): "
-                           f"`mixtral-run recipe validate {self.recipe.name} --dry-run` compares them row by row")
+                tqdm.write(
+                    f"warning: rank {rank} holds {sum(held) / 2**20:.1f} MiB of weights, gradients and "
+                    f"optimizer states, the planner expects {planned / 2**20:.1f} MiB (more than 10% apart): "
+                    f"`mixtral-run recipe validate {self.recipe.name} --dry-run` compares them row by row"
+                )
         return record
 
     def _build_data(self) -> tuple[SampleSource, SampleSource]:
         r = self.recipe
         tokenizer = load_tokenizer(r.data.tokenizer)
         if tokenizer.vocab_size > self.config.vocab_size:
-            raise MixtralError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                               f"{self.config.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+            raise MixtralError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.config.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
+            )
         return build_datasets(r.data, r.seq_len, r.train.seed)
 
     @property
@@ -203,7 +222,8 @@ class Trainer:
         return self.masters or list(self.model.parameters())
 
     def train_step(self, batches: list[torch.Tensor]) -> StepStats:
-        """Forward and backward over the micro-batches, then clip and AdamW unless the loss or a gradient is not finite."""
+        """Forward and backward over the micro-batches, then clip and AdamW unless the loss or a gradient is not
+        finite."""
         self._zero_grad()
         if self.pipeline is not None:  # the pipeline's micro-batches are the step's micro-batches
             tokens, targets = self._inputs(torch.cat(batches))
@@ -233,8 +253,10 @@ class Trainer:
         loss, ce_loss, aux_loss = self._data_mean(totals / len(batches)).tolist()
         stats = StepStats(loss, ce_loss, aux_loss, grad_norm.item(), self._data_sum(counts).cpu())
         pairs = stats.tokens_per_expert.sum(1).clamp_min(1)
-        stats.routing = {"dropped_fraction": [round(x, 5) for x in (self._data_sum(dropped).cpu() / pairs).tolist()],
-                         "capacity_bin": bins.tolist()}
+        stats.routing = {
+            "dropped_fraction": [round(x, 5) for x in (self._data_sum(dropped).cpu() / pairs).tolist()],
+            "capacity_bin": bins.tolist(),
+        }
         if stats.finite:
             self.optimizer.step()
             if self.masters:
@@ -373,20 +395,30 @@ class Trainer:
         r = self.recipe
         layout = {d: getattr(r.parallel, d) for d in ("dp", "tp", "pp", "cp", "ep")}
         module = ckpt.optimized_module(self.model, self.masters)
-        return ckpt.save_training_checkpoint(r.checkpoint_dir, self.step, module, self.optimizer, self.config,
-                                             self.state_dict(), r.checkpoint.keep_last, layout,
-                                             r.data.tokenizer or default_tokenizer_path(), self.device.type,
-                                             self.checkpoint_views)
+        return ckpt.save_training_checkpoint(
+            r.checkpoint_dir,
+            self.step,
+            module,
+            self.optimizer,
+            self.config,
+            self.state_dict(),
+            r.checkpoint.keep_last,
+            layout,
+            r.data.tokenizer or default_tokenizer_path(),
+            self.device.type,
+            self.checkpoint_views,
+        )
 
     def restore(self) -> Path:
         """Continue from `latest`: weights, optimizer, data position, RNG states and the step."""
         step_dir = ckpt.latest_step_dir(self.recipe.checkpoint_dir)
         if step_dir is None:
-            raise MixtralError(f"--resume: no complete checkpoint in {self.recipe.checkpoint_dir} (no "
-                               f"{ckpt.LATEST}/manifest.json); start the run without --resume")
+            raise MixtralError(
+                f"--resume: no complete checkpoint in {self.recipe.checkpoint_dir} (no "
+                f"{ckpt.LATEST}/manifest.json); start the run without --resume"
+            )
         module = ckpt.optimized_module(self.model, self.masters)
-        state = ckpt.load_training_checkpoint(step_dir, module, self.optimizer, self.device.type,
-                                              self.checkpoint_views)
+        state = ckpt.load_training_checkpoint(step_dir, module, self.optimizer, self.device.type, self.checkpoint_views)
         with torch.no_grad():
             for param, master in zip(self.model.parameters(), self.masters):
                 param.copy_(master)
@@ -427,8 +459,14 @@ class Trainer:
             log = MetricsLog(self.run_dir, r.train.tensorboard)
         flops_per_token = self.config.flops_per_token(r.seq_len)
         tokens_per_step = r.batch.global_batch * r.seq_len
-        bar = tqdm(total=r.train.steps, initial=self.step, desc=f"train {r.name}", unit="step", dynamic_ncols=True,
-                   disable=not self.is_main)
+        bar = tqdm(
+            total=r.train.steps,
+            initial=self.step,
+            desc=f"train {r.name}",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.is_main,
+        )
         summary: dict = {"step": self.step}
         if r.eval.at_start and r.eval.interval and self.step == 0:
             summary["eval_loss"] = self._log_eval(log)
@@ -447,9 +485,17 @@ class Trainer:
                     self._bad_step(stats, log)
                     continue
                 self.bad_in_a_row = 0
-                record = {"step": self.step, "loss": stats.loss, "ce_loss": stats.ce_loss, "aux_loss": stats.aux_loss,
-                          "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": round(tokens_per_s, 1),
-                          "mfu": None, "tokens": self.tokens}
+                record = {
+                    "step": self.step,
+                    "loss": stats.loss,
+                    "ce_loss": stats.ce_loss,
+                    "aux_loss": stats.aux_loss,
+                    "lr": lr,
+                    "grad_norm": stats.grad_norm,
+                    "tokens_per_s": round(tokens_per_s, 1),
+                    "mfu": None,
+                    "tokens": self.tokens,
+                }
                 if self.is_main:
                     peak = self._checked_peak(peak, flops_per_token * tokens_per_s)
                     record["mfu"] = round(flops_per_token * tokens_per_s / peak, 5)
@@ -457,7 +503,12 @@ class Trainer:
                 every = r.train.expert_load_interval
                 if every and self.step % every == 0:
                     record.update(expert_load(stats.tokens_per_expert), **stats.routing)
-                if self.step % r.train.log_interval == 0 or self.step == r.train.steps or stats.memory or stats.bin_edges:
+                if (
+                    self.step % r.train.log_interval == 0
+                    or self.step == r.train.steps
+                    or stats.memory
+                    or stats.bin_edges
+                ):
                     self._log(log, record)
                 summary.update(record)
                 bar.update(1)
@@ -497,11 +548,21 @@ class Trainer:
         """A NaN/Inf loss or gradient: no update was made; stop after max_bad_steps in a row."""
         self.skipped += 1
         self.bad_in_a_row += 1
-        self._log(log, {"step": self.step, "skipped": True, "bad_loss": str(stats.loss),
-                        "bad_grad_norm": str(stats.grad_norm), "skipped_steps": self.skipped})
+        self._log(
+            log,
+            {
+                "step": self.step,
+                "skipped": True,
+                "bad_loss": str(stats.loss),
+                "bad_grad_norm": str(stats.grad_norm),
+                "skipped_steps": self.skipped,
+            },
+        )
         limit = self.recipe.train.max_bad_steps
         if self.bad_in_a_row >= limit:
             latest = ckpt.latest_step_dir(self.recipe.checkpoint_dir)
             kept = f"the last good checkpoint {latest} is intact" if latest else "no checkpoint was written yet"
-            raise MixtralError(f"{limit} consecutive steps had a NaN/Inf loss or gradient (last at step {self.step}); "
-                               f"the run stopped and {kept}: lower optimizer.lr, check the data, then --resume")
+            raise MixtralError(
+                f"{limit} consecutive steps had a NaN/Inf loss or gradient (last at step {self.step}); "
+                f"the run stopped and {kept}: lower optimizer.lr, check the data, then --resume"
+            )

@@ -1,13 +1,15 @@
-"""A tiny Mixtral on every available backend against the reference ops on the CPU: loss, every gradient, greedy tokens."""
+"""A tiny Mixtral on every available backend against the reference ops on the CPU: loss, every gradient,
+greedy tokens."""
 
 from __future__ import annotations
 
 import torch
 
-from conformance import ON_AVAILABLE, assert_close
-from conftest import model_loss, small_config
 from mixtral.backend import Backend, Ops
 from mixtral.model import Mixtral
+
+from conformance import ON_AVAILABLE, assert_close
+from conftest import model_loss, small_config
 
 FP32_TOLERANCE = 1e-5  # relative, loss and each parameter's gradient
 BF16_LOSS_TOLERANCE = 2e-2

@@ -7,15 +7,22 @@ from typing import Callable
 import pytest
 import torch
 
-from conformance import AVAILABLE, BACKENDS, GRAD_TOLERANCE, ON_AVAILABLE, TOLERANCE, assert_close
 from mixtral.kernels import native, reference
 from mixtral.model.rope import rope_tables
+
+from conformance import AVAILABLE, BACKENDS, GRAD_TOLERANCE, ON_AVAILABLE, TOLERANCE, assert_close
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
-def compare(fn: Callable[..., torch.Tensor], ref_fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
-            device: torch.device, dtype: torch.dtype, what: str) -> None:
+def compare(
+    fn: Callable[..., torch.Tensor],
+    ref_fn: Callable[..., torch.Tensor],
+    inputs: list[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    what: str,
+) -> None:
     """fn on the backend's device vs ref_fn on float64 copies of the same values: output, then every input's grad."""
     dev_in = [t.to(device, copy=True).requires_grad_() for t in inputs]
     ref_in = [t.to(torch.float64, copy=True).requires_grad_() for t in inputs]
@@ -62,32 +69,55 @@ def test_attention_gqa(backend, dtype, case) -> None:
     s, t, causal, kind = ATTENTION_CASES[case]
     mask = make_mask(kind, s, t)
     dev_mask = None if mask is None else mask.to(backend.device())
-    inputs = [torch.randn(2, 6, s, 16).to(dtype), torch.randn(2, 2, t, 16).to(dtype), torch.randn(2, 2, t, 16).to(dtype)]
-    compare(lambda q, k, v: backend.ops.attention(q, k, v, mask=dev_mask, causal=causal),
-            lambda q, k, v: reference.attention(q, k, v, mask=mask, causal=causal),
-            inputs, backend.device(), dtype, f"attention[{case}]")
+    inputs = [
+        torch.randn(2, 6, s, 16).to(dtype),
+        torch.randn(2, 2, t, 16).to(dtype),
+        torch.randn(2, 2, t, 16).to(dtype),
+    ]
+    compare(
+        lambda q, k, v: backend.ops.attention(q, k, v, mask=dev_mask, causal=causal),
+        lambda q, k, v: reference.attention(q, k, v, mask=mask, causal=causal),
+        inputs,
+        backend.device(),
+        dtype,
+        f"attention[{case}]",
+    )
 
 
 @ON_AVAILABLE
 @DTYPES
-@pytest.mark.parametrize("counts, k, m", [([3, 0, 7, 0, 5], 32, 24), ([0, 0, 12], 20, 12), ([9], 48, 8),
-                                          ([4, 4, 0], 32, 24)], ids=["zeros_inside", "odd_shape", "one_group", "last_empty"])
+@pytest.mark.parametrize(
+    "counts, k, m",
+    [([3, 0, 7, 0, 5], 32, 24), ([0, 0, 12], 20, 12), ([9], 48, 8), ([4, 4, 0], 32, 24)],
+    ids=["zeros_inside", "odd_shape", "one_group", "last_empty"],
+)
 def test_grouped_mm(backend, dtype, counts, k, m) -> None:
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     dev_offs = offs.to(backend.device())
     inputs = [torch.randn(sum(counts), k).to(dtype), torch.randn(len(counts), m, k).to(dtype)]
     # Weights arrive transposed ([G, M, K] parameters viewed as [G, K, M]), as the experts pass them.
-    compare(lambda x, w: backend.ops.grouped_mm(x, w.transpose(1, 2), dev_offs),
-            lambda x, w: reference.grouped_mm(x, w.transpose(1, 2), offs),
-            inputs, backend.device(), dtype, f"grouped_mm{counts}")
+    compare(
+        lambda x, w: backend.ops.grouped_mm(x, w.transpose(1, 2), dev_offs),
+        lambda x, w: reference.grouped_mm(x, w.transpose(1, 2), offs),
+        inputs,
+        backend.device(),
+        dtype,
+        f"grouped_mm{counts}",
+    )
 
 
 @ON_AVAILABLE
 @DTYPES
 @pytest.mark.parametrize("rows", [1, 3, 37], ids=["gemv", "few_rows", "many_rows"])
 def test_linear(backend, dtype, rows) -> None:
-    compare(backend.ops.linear, reference.linear, [torch.randn(1, rows, 48).to(dtype), torch.randn(40, 48).to(dtype)],
-            backend.device(), dtype, f"linear[{rows} rows]")
+    compare(
+        backend.ops.linear,
+        reference.linear,
+        [torch.randn(1, rows, 48).to(dtype), torch.randn(40, 48).to(dtype)],
+        backend.device(),
+        dtype,
+        f"linear[{rows} rows]",
+    )
 
 
 @ON_AVAILABLE
@@ -147,6 +177,7 @@ def test_permute_unpermute_weighting(backend, dtype, case) -> None:
         def fn(x, scale, weights):
             rows, order, _ = ops.permute(x, ids, 6)
             return ops.unpermute(rows * scale, order, weights)
+
         return fn
 
     inputs = [torch.randn(13, 24).to(dtype), torch.randn(13 * k, 24).to(dtype), weights]
@@ -156,22 +187,36 @@ def test_permute_unpermute_weighting(backend, dtype, case) -> None:
 @ON_AVAILABLE
 @DTYPES
 def test_rms_norm(backend, dtype) -> None:
-    compare(lambda x, w: backend.ops.rms_norm(x, w, 1e-5), lambda x, w: reference.rms_norm(x, w, 1e-5),
-            [torch.randn(3, 7, 40).to(dtype), (1 + 0.1 * torch.randn(40)).to(dtype)], backend.device(), dtype, "rms_norm")
+    compare(
+        lambda x, w: backend.ops.rms_norm(x, w, 1e-5),
+        lambda x, w: reference.rms_norm(x, w, 1e-5),
+        [torch.randn(3, 7, 40).to(dtype), (1 + 0.1 * torch.randn(40)).to(dtype)],
+        backend.device(),
+        dtype,
+        "rms_norm",
+    )
 
 
 @ON_AVAILABLE
 @DTYPES
 def test_rope(backend, dtype) -> None:
     cos, sin = rope_tables(16, 64, 1e6)
-    compare(backend.ops.rope, reference.rope, [torch.randn(2, 3, 9, 16).to(dtype), cos[5:14].to(dtype),
-                                               sin[5:14].to(dtype)], backend.device(), dtype, "rope")
+    compare(
+        backend.ops.rope,
+        reference.rope,
+        [torch.randn(2, 3, 9, 16).to(dtype), cos[5:14].to(dtype), sin[5:14].to(dtype)],
+        backend.device(),
+        dtype,
+        "rope",
+    )
 
 
 @ON_AVAILABLE
 @DTYPES
 def test_swiglu(backend, dtype) -> None:
-    compare(backend.ops.swiglu, reference.swiglu, [torch.randn(17, 2 * 40).to(dtype)], backend.device(), dtype, "swiglu")
+    compare(
+        backend.ops.swiglu, reference.swiglu, [torch.randn(17, 2 * 40).to(dtype)], backend.device(), dtype, "swiglu"
+    )
 
 
 @DTYPES
@@ -180,8 +225,9 @@ def test_native_swiglu_backward_is_autograds_bit_for_bit(dtype, layout) -> None:
     """native.swiglu's hand-written backward (no concatenation, silu recomputed) rounds as autograd does through
     reference.swiglu: the same bits, eager and under torch.compile. A column-major input takes PyTorch's
     non-vectorised silu kernels, whose last bit may differ (torch.testing's default tolerance for the dtype)."""
-    x = {"2d": torch.randn(33, 2 * 48), "3d": torch.randn(4, 9, 2 * 48),
-         "strided": torch.randn(2 * 48, 33).t()}[layout].to(dtype)
+    x = {"2d": torch.randn(33, 2 * 48), "3d": torch.randn(4, 9, 2 * 48), "strided": torch.randn(2 * 48, 33).t()}[
+        layout
+    ].to(dtype)
     grad = torch.randn(*x.shape[:-1], 48).to(dtype)
     for fn in (native.swiglu, torch.compile(native.swiglu, backend="aot_eager")):
         ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()

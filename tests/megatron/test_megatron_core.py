@@ -22,7 +22,6 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed: these tests run in ci/megatron.sh's venv")
 
-from conftest import small_config  # noqa: E402
 from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
@@ -43,6 +42,8 @@ from mixtral.config import ModelConfig  # noqa: E402
 from mixtral.model import Mixtral  # noqa: E402
 from mixtral.model.transformer import parameter_shapes  # noqa: E402
 
+from conftest import small_config  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("megatron_world")
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = small_config()  # vocabulary 101: Megatron-LM's default padding (128 x tp) changes it
@@ -51,13 +52,28 @@ CONFIG = small_config()  # vocabulary 101: Megatron-LM's default padding (128 x 
 def transformer_config(config: ModelConfig, **overrides: object) -> TransformerConfig:
     """megatron-core's TransformerConfig of a Mixtral: fp32, built on the CPU."""
     c = config
-    fields = dict(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, ffn_hidden_size=c.intermediate_size,
-                  num_attention_heads=c.num_attention_heads, num_query_groups=c.num_key_value_heads,
-                  kv_channels=c.head_dim, num_moe_experts=c.num_local_experts, moe_router_topk=c.num_experts_per_tok,
-                  normalization="RMSNorm", layernorm_epsilon=c.rms_norm_eps, gated_linear_unit=True,
-                  activation_func=torch.nn.functional.silu, add_bias_linear=False, hidden_dropout=0.0,
-                  attention_dropout=0.0, moe_token_dispatcher_type="allgather", init_method_std=0.1,
-                  use_cpu_initialization=True, params_dtype=torch.float32, bf16=False)
+    fields = dict(
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        ffn_hidden_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads,
+        num_query_groups=c.num_key_value_heads,
+        kv_channels=c.head_dim,
+        num_moe_experts=c.num_local_experts,
+        moe_router_topk=c.num_experts_per_tok,
+        normalization="RMSNorm",
+        layernorm_epsilon=c.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_token_dispatcher_type="allgather",
+        init_method_std=0.1,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        bf16=False,
+    )
     return TransformerConfig(**(fields | overrides))
 
 
@@ -65,10 +81,15 @@ def gpt_model(config: ModelConfig, vocab_size: int | None = None) -> GPTModel:
     """megatron-core's GPTModel (eval mode) with Megatron-LM's MoE block spec (--transformer-impl local)."""
     mcore = transformer_config(config)
     spec = gpt_layer_specs.get_gpt_decoder_block_spec(mcore, use_transformer_engine=False, normalization="RMSNorm")
-    return GPTModel(config=mcore, transformer_layer_spec=spec, vocab_size=vocab_size or config.vocab_size,
-                    max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
-                    rotary_base=int(config.rope_theta),
-                    share_embeddings_and_output_weights=config.tie_word_embeddings).eval()
+    return GPTModel(
+        config=mcore,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size or config.vocab_size,
+        max_sequence_length=config.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(config.rope_theta),
+        share_embeddings_and_output_weights=config.tie_word_embeddings,
+    ).eval()
 
 
 def load_megatron(model: GPTModel, release: Path) -> None:
@@ -83,14 +104,18 @@ def load_megatron(model: GPTModel, release: Path) -> None:
 
 def requested(model: GPTModel) -> set[str]:
     """The DCP keys model.sharded_state_dict() asks for: ShardedTensor keys, ShardedObject unique keys."""
-    return {value.unique_key if isinstance(value, ShardedObject) else value.key
-            for value in nested_values(model.sharded_state_dict())}
+    return {
+        value.unique_key if isinstance(value, ShardedObject) else value.key
+        for value in nested_values(model.sharded_state_dict())
+    }
 
 
 def stored(release: Path) -> dict[str, tuple]:
     """DCP key -> (shape, dtype) of each tensor, None for each object, read through our allow-list unpickler."""
-    return {key: (tuple(md.size), md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
-            for key, md in read_dcp_metadata(release).state_dict_metadata.items()}
+    return {
+        key: (tuple(md.size), md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
+        for key, md in read_dcp_metadata(release).state_dict_metadata.items()
+    }
 
 
 def megatron_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -155,8 +180,24 @@ def test_megatron_core_save_converts_with_the_cli(tmp_path):
     saved.mkdir()
     dist_checkpointing.save(model.sharded_state_dict(), str(saved))
     (tmp_path / "config.json").write_text(json.dumps(CONFIG.to_hf_dict()))
-    subprocess.run([sys.executable, "-m", "mixtral.cli", "convert", "--input", saved, "--output", tmp_path / "hf",
-                    "--to", "hf", "--config", tmp_path / "config.json"], cwd=REPO, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mixtral.cli",
+            "convert",
+            "--input",
+            saved,
+            "--output",
+            tmp_path / "hf",
+            "--to",
+            "hf",
+            "--config",
+            tmp_path / "config.json",
+        ],
+        cwd=REPO,
+        check=True,
+    )
     assert_logits_close(transformers_logits(tmp_path / "hf", TOKENS), megatron_logits(model, TOKENS))
 
     convert("--input", tmp_path / "hf", "--output", tmp_path / "meg", "--to", "megatron")
@@ -165,14 +206,24 @@ def test_megatron_core_save_converts_with_the_cli(tmp_path):
 
 @pytest.mark.parametrize("divisible_by, tp", [(128, 1), (32, 4)])
 def test_padded_vocabulary_loads_into_a_padded_model(hf_model, tmp_path, divisible_by, tp):
-    convert("--input", hf_model, "--output", tmp_path / "meg", "--to", "megatron",
-            "--make-vocab-size-divisible-by", divisible_by, "--megatron-tp", tp)
+    convert(
+        "--input",
+        hf_model,
+        "--output",
+        tmp_path / "meg",
+        "--to",
+        "megatron",
+        "--make-vocab-size-divisible-by",
+        divisible_by,
+        "--megatron-tp",
+        tp,
+    )
     model = gpt_model(CONFIG, vocab_size=128)
     load_megatron(model, tmp_path / "meg" / "release")
-    assert not model.embedding.word_embeddings.weight[CONFIG.vocab_size:].any()
+    assert not model.embedding.word_embeddings.weight[CONFIG.vocab_size :].any()
     logits = megatron_logits(model, TOKENS)
-    assert not logits[..., CONFIG.vocab_size:].any()  # the padded rows of the output layer are zeros
-    assert_logits_close(logits[..., :CONFIG.vocab_size], transformers_logits(hf_model, TOKENS))
+    assert not logits[..., CONFIG.vocab_size :].any()  # the padded rows of the output layer are zeros
+    assert_logits_close(logits[..., : CONFIG.vocab_size], transformers_logits(hf_model, TOKENS))
 
 
 # Transformer Engine modules' state_dict entries, bias-free and without FP8 (TE's LayerNormLinear, Linear and RMSNorm
@@ -197,12 +248,14 @@ def test_transformer_engine_spec_asks_for_what_the_te_export_writes(monkeypatch,
     block = gpt_layer_specs.get_gpt_decoder_block_spec(mcore, use_transformer_engine=True, normalization="RMSNorm")
     layer = block.layer_specs[0].submodules
     attention = layer.self_attention.submodules
-    modules = {"decoder.layers.input_layernorm": layer.input_layernorm,  # IdentityOp: fused into linear_qkv
-               "decoder.layers.self_attention.linear_qkv": attention.linear_qkv,
-               "decoder.layers.self_attention.core_attention": attention.core_attention,
-               "decoder.layers.self_attention.linear_proj": attention.linear_proj,
-               "decoder.layers.pre_mlp_layernorm": layer.pre_mlp_layernorm,
-               "decoder.final_layernorm": block.layer_norm}
+    modules = {
+        "decoder.layers.input_layernorm": layer.input_layernorm,  # IdentityOp: fused into linear_qkv
+        "decoder.layers.self_attention.linear_qkv": attention.linear_qkv,
+        "decoder.layers.self_attention.core_attention": attention.core_attention,
+        "decoder.layers.self_attention.linear_proj": attention.linear_proj,
+        "decoder.layers.pre_mlp_layernorm": layer.pre_mlp_layernorm,
+        "decoder.final_layernorm": block.layer_norm,
+    }
     expected = {f"{path}.{entry}" for path, module in modules.items() for entry in TE_STATE[module]}
     assert not [key for key in layer.sharded_state_dict_keys_map if key.startswith(("input_", "pre_mlp", "self_"))]
 
@@ -212,7 +265,12 @@ def test_transformer_engine_spec_asks_for_what_the_te_export_writes(monkeypatch,
     expected |= {f"{module}.{entry}" for module in megatron.EXPERT_MODULES for entry in ("weight", "_extra_state")}
 
     state = {name: torch.zeros(shape) for name, shape in parameter_shapes(CONFIG).items()}
-    megatron.save_megatron(tmp_path / "te", lambda name, expert: state[name] if expert is None else state[name][:1],
-                           CONFIG, torch.float32, spec="te")
+    megatron.save_megatron(
+        tmp_path / "te",
+        lambda name, expert: state[name] if expert is None else state[name][:1],
+        CONFIG,
+        torch.float32,
+        spec="te",
+    )
     written = {key.split("/")[0] for key in stored(tmp_path / "te" / "release")} - {"common_state"}
     assert written == expected

@@ -16,13 +16,14 @@ import torch_xla  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
 import torch_xla.runtime as xr  # noqa: E402
 
-from conftest import model_loss, small_config  # noqa: E402
 from mixtral.backend import get_backend  # noqa: E402
 from mixtral.config import MoEConfig  # noqa: E402
 from mixtral.kernels import reference  # noqa: E402
 from mixtral.model import Mixtral  # noqa: E402
 from mixtral.parallel import spmd  # noqa: E402
 from mixtral.serve.engine import Generator  # noqa: E402
+
+from conftest import model_loss, small_config  # noqa: E402
 
 DEVICES = 4
 CAPACITY = MoEConfig(dispatcher="capacity", capacity_factor=1.25)
@@ -65,8 +66,12 @@ def test_ops_match_reference(xla):
     torch.testing.assert_close(got, reference.grouped_mm(x, w, offs), rtol=1e-5, atol=1e-5)
     gate_up, weight = torch.randn(5, 2, 16), torch.rand(16) + 0.5
     torch.testing.assert_close(ops.swiglu(gate_up.to(dev)).cpu(), reference.swiglu(gate_up), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ops.rms_norm(gate_up.to(dev), weight.to(dev), 1e-5).cpu(),
-                               reference.rms_norm(gate_up, weight, 1e-5), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ops.rms_norm(gate_up.to(dev), weight.to(dev), 1e-5).cpu(),
+        reference.rms_norm(gate_up, weight, 1e-5),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("mesh", MESHES.values(), ids=MESHES.keys())
@@ -100,8 +105,12 @@ def test_sharded_loss_and_gradients_equal_eager_cpu(xla, mesh):
         scale = ref.grad.abs().max().item()
         torch.testing.assert_close(grad, ref.grad, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
     saved = model.state_dict()  # canonical layout again: loadable by the CPU model
-    torch.testing.assert_close(saved["layers.1.mlp.experts.gate_up_proj"].cpu(),
-                               cpu.state_dict()["layers.1.mlp.experts.gate_up_proj"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        saved["layers.1.mlp.experts.gate_up_proj"].cpu(),
+        cpu.state_dict()["layers.1.mlp.experts.gate_up_proj"],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_greedy_generation_on_sharded_xla_equals_cpu(xla):
@@ -120,6 +129,7 @@ def test_greedy_generation_on_sharded_xla_equals_cpu(xla):
     generator.generate(prompts, max_new_tokens=6, stop_at_eos=False)
     compiles = met.counter_value("UncachedCompile")  # XLA graph compilations (CompileTime also counts cache hits)
     longer = [[7, 1, 30], [12, 9, 4, 4, 6, 11, 2]]
-    assert generator.generate(longer, max_new_tokens=12, stop_at_eos=False) == \
-        Generator(cpu).generate(longer, max_new_tokens=12, stop_at_eos=False)
+    assert generator.generate(longer, max_new_tokens=12, stop_at_eos=False) == Generator(cpu).generate(
+        longer, max_new_tokens=12, stop_at_eos=False
+    )
     assert met.counter_value("UncachedCompile") == compiles

@@ -15,15 +15,36 @@ import pytest
 pytest.importorskip("torch_xla", reason="torch_xla is not installed: the XLA tests run in ci/xla.sh's venv")
 
 # cpu-tiny, shrunk so that the XLA compile of one step stays a few seconds; the capacity dispatcher (MLPerf's 1.25)
-SMALL = ["moe.dispatcher=capacity", "moe.capacity_factor=1.25", "train.steps=10", "eval.interval=0",
-         "train.peak_flops=1e12", "batch.micro_batch=2", "batch.global_batch=2", "seq_len=32",
-         "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "checkpoint.interval=0"]
+SMALL = [
+    "moe.dispatcher=capacity",
+    "moe.capacity_factor=1.25",
+    "train.steps=10",
+    "eval.interval=0",
+    "train.peak_flops=1e12",
+    "batch.micro_batch=2",
+    "batch.global_batch=2",
+    "seq_len=32",
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "checkpoint.interval=0",
+]
 
 
 def train(backend: str, out, *overrides: str, expect: str = "") -> list[dict]:
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, "-m", "mixtral.cli", "train", "--recipe", "cpu-tiny", *SMALL, f"backend={backend}",
-           f"train.output_dir={out}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mixtral.cli",
+        "train",
+        "--recipe",
+        "cpu-tiny",
+        *SMALL,
+        f"backend={backend}",
+        f"train.output_dir={out}",
+        *overrides,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained cpu-tiny to step 10" in done.stdout and expect in done.stdout
@@ -42,16 +63,27 @@ def test_ten_training_steps_on_xla_equal_cpu(tmp_path):
     assert (tmp_path / "xla" / "checkpoints" / "latest").exists()
 
 
-@pytest.mark.parametrize("layout, mesh", [("parallel.dp=4", "fsdp=4 tensor=1"),
-                                          ("parallel.dp=2 parallel.tp=2", "fsdp=2 tensor=2"),
-                                          ("parallel.dp=4 parallel.ep=2", "fsdp=2 tensor=1 expert=2")],
-                         ids=["fsdp4", "fsdp2_tensor2", "fsdp2_expert2"])
+@pytest.mark.parametrize(
+    "layout, mesh",
+    [
+        ("parallel.dp=4", "fsdp=4 tensor=1"),
+        ("parallel.dp=2 parallel.tp=2", "fsdp=2 tensor=2"),
+        ("parallel.dp=4 parallel.ep=2", "fsdp=2 tensor=1 expert=2"),
+    ],
+    ids=["fsdp4", "fsdp2_tensor2", "fsdp2_expert2"],
+)
 def test_recipe_layout_trains_as_one_spmd_program(tmp_path, layout, mesh):
     """parallel.dp / tp / ep on xla shard one program over the 4 devices (the MLPerf mesh); its losses equal one
     CPU process fed the same whole batch (4 sequences a step)."""
     dp = 4 if "dp=4" in layout else 2
-    xla = train("xla", tmp_path / "xla", *layout.split(), f"batch.micro_batch={4 // dp}", "batch.global_batch=4",
-                expect=f"one SPMD program over 4 xla devices, mesh {mesh}")
+    xla = train(
+        "xla",
+        tmp_path / "xla",
+        *layout.split(),
+        f"batch.micro_batch={4 // dp}",
+        "batch.global_batch=4",
+        expect=f"one SPMD program over 4 xla devices, mesh {mesh}",
+    )
     cpu = train("cpu", tmp_path / "cpu", "batch.micro_batch=4", "batch.global_batch=4")
     for a, b in zip(xla, cpu):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -60,8 +92,20 @@ def test_recipe_layout_trains_as_one_spmd_program(tmp_path, layout, mesh):
 
 def test_pipeline_layout_refused_on_xla(tmp_path):
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, "-m", "mixtral.cli", "train", "--recipe", "cpu-tiny", *SMALL, "backend=xla",
-           "parallel.dp=2", "parallel.pp=2", "batch.micro_batch=1", f"train.output_dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mixtral.cli",
+        "train",
+        "--recipe",
+        "cpu-tiny",
+        *SMALL,
+        "backend=xla",
+        "parallel.dp=2",
+        "parallel.pp=2",
+        "batch.micro_batch=1",
+        f"train.output_dir={tmp_path}",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "pipeline and context parallelism are not supported" in done.stderr
     assert "Traceback" not in done.stderr
