@@ -15,10 +15,17 @@ from typing import Any, Callable
 import torch
 
 from mixtral.backend import Backend, Capabilities, Device, Ops, hookimpl
-from mixtral.kernels import blocked_cross_entropy, causal_blocks, fp32_compute, native, packed_experts, row_products
+from mixtral.kernels import (
+    blocked_cross_entropy,
+    causal_blocks,
+    fp32_compute,
+    int8_weights,
+    native,
+    packed_experts,
+    row_products,
+)
 from mixtral.model.moe import GroupedExperts
 
-ONE_TOKEN_ROWS = 2  # Mixtral sends each token to 2 experts: a sequence's decode step has 2 expert rows
 L2_BLOCK_ELEMENTS = 1 << 19  # cross-entropy's fp32 block: 2 MB, half for each of 2 threads' L2 (16 MB: slower)
 
 
@@ -26,7 +33,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """fp32_compute.grouped_mm, and in a compiled inference graph: one token's rows, each on another expert, fused
     whole (row_products.grouped_mm); more rows as one opaque node multiplying packed weights (packed_experts)."""
     if row_products.compiled_inference():
-        if x.shape[0] <= ONE_TOKEN_ROWS:
+        if x.shape[0] <= row_products.ONE_TOKEN_ROWS:
             return row_products.grouped_mm(x, w, offs)
         return packed_experts.packed_grouped_mm(x, w, offs)
     return fp32_compute.grouped_mm(x, w, offs)
@@ -40,6 +47,8 @@ class CPUBackend(Backend):
             grouped_mm=grouped_mm,
             rms_norm=native.rms_norm,
             swiglu=native.swiglu,
+            int8_linear=int8_weights.linear,
+            int8_grouped_mm=int8_weights.grouped_mm,
             cross_entropy=functools.partial(blocked_cross_entropy.cross_entropy, block_elements=L2_BLOCK_ELEMENTS),
         )
 

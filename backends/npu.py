@@ -176,6 +176,8 @@ def make_ops(torch_npu: ModuleType | object) -> Ops:
         rope=functools.partial(rope, torch_npu.npu_rotary_position_embedding),
         swiglu=functools.partial(swiglu, torch_npu.npu_swiglu),
         cross_entropy=blocked_cross_entropy.cross_entropy,
+        int8_linear=reference.int8_linear,
+        int8_grouped_mm=reference.int8_grouped_mm,
     )
 
 

@@ -118,3 +118,30 @@ def cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(wide, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8, symmetric per output channel: w [..., N, K] (each row an output channel) -> (q int8
+    [..., N, K], scale [..., N] in scale_dtype) with w ~ q * scale and |q| <= 127. The scale is rounded to its dtype
+    before q is computed, so q is the best int8 for the scale it is used with."""
+    amax = w.detach().float().abs().amax(dim=-1)
+    scale = (amax / 127).clamp_min(torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    q = (w.detach().float() / scale.float().unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """F.linear with an int8 weight [N, K] and per-output-channel scale [N]: x [..., K] times the int8 values,
+    accumulated in fp32, each output channel times its scale, rounded once to x's dtype."""
+    return ((x.float() @ weight.float().t()) * scale.float()).to(x.dtype)
+
+
+def int8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """grouped_mm with int8 experts as stored ([E, N, K], each row an output channel; scale [E, N]): x [R, K] grouped
+    by expert at offs (cumulative row ends) -> [R, N], each group by int8_linear with its expert."""
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for expert, end in enumerate(offs.tolist()):
+        out[start:end] = int8_linear(x[start:end], weight[expert], scale[expert])
+        start = end
+    return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+ONE_TOKEN_ROWS = 2  # Mixtral sends each token to 2 experts: a sequence's decode step has 2 expert rows
+
 
 def compiled_inference() -> bool:
     """Tracing a torch.compile graph without autograd (generation)."""

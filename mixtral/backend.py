@@ -77,6 +77,8 @@ class Ops:
     rope: Callable[..., torch.Tensor]
     swiglu: Callable[..., torch.Tensor]
     cross_entropy: Callable[..., torch.Tensor]
+    int8_linear: Callable[..., torch.Tensor]
+    int8_grouped_mm: Callable[..., torch.Tensor]
 
     @classmethod
     def reference(cls, **overrides: Callable[..., Any]) -> "Ops":

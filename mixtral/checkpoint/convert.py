@@ -10,6 +10,7 @@ compares the logits of a fixed prompt computed from the input and from the outpu
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import shutil
@@ -27,13 +28,15 @@ from mixtral.checkpoint import hf
 from mixtral.checkpoint.loading import Source, detect_format, local_checkpoint, open_source, resolve_checkpoint
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
+from mixtral.kernels import reference
 from mixtral.model import Mixtral
+from mixtral.model.linear import int8_scale_name, int8_weight
 from mixtral.model.moe import EXPERT_SUFFIXES
 
 # native and megatron import torch.distributed.checkpoint (seconds): loaded inside the functions that use
 # them, so that building the mixtral-run parser stays cheap.
 FORMATS = ("hf", "native", "megatron", "gguf")
-DTYPE_NAMES = ("bf16", "fp32", "q8_0")  # q8_0: GGUF only
+DTYPE_NAMES = ("bf16", "fp32", "q8_0", "int8")  # q8_0: GGUF only; int8: native only (generate / serve --dtype int8)
 PROMPT_LEN = 16
 # what HF and SentencePiece tooling reads beside the weights
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -126,9 +129,11 @@ def write(
     desc: str = "convert",
     megatron_spec: str = "local",
     vocab_multiple: int = 1,
+    int8: bool = False,
 ) -> None:
     """Write source's parameters to out in format fmt (dtype None keeps the source's); megatron output is laid out
-    for megatron_spec, its vocabulary padded to a multiple of vocab_multiple."""
+    for megatron_spec, its vocabulary padded to a multiple of vocab_multiple; int8 (native only) stores the
+    projections and experts as int8 with their per-channel scales, the rest in dtype."""
     from mixtral.checkpoint import megatron, native
 
     _replaceable(out, fmt)
@@ -136,16 +141,19 @@ def write(
     total = sum(math.prod(shape) for shape in source.shapes.values()) * dtype.itemsize
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, file=sys.stderr) as bar:
         if fmt == "native":
-            state = {
-                name: native.LazyTensor(
+            state = {}
+            for name, shape in source.shapes.items():
+                boxes = boxes_for(name, tuple(shape))
+                if int8 and int8_weight(name):
+                    state.update(int8_tensors(source, name, tuple(shape), boxes, dtype, bar.update))
+                    continue
+                state[name] = native.LazyTensor(
                     tuple(shape),
                     dtype,
-                    boxes_for(name, tuple(shape)),
+                    boxes,
                     lambda box, name=name: source.read(name, _expert_of(name, box)),
                     bar.update,
                 )
-                for name, shape in source.shapes.items()
-            }
             native.save_native(
                 out, state, config=source.config, layout=layout, manifest_extra=extra, file_per_item=True
             )
@@ -154,6 +162,31 @@ def write(
             megatron.save_megatron(out, source.read, source.config, dtype, bar.update, megatron_spec, vocab_rows)
         else:
             hf.write_hf(out, source.config, source.shapes, source.read, dtype, on_write=bar.update)
+
+
+def int8_tensors(
+    source: Source, name: str, shape: tuple[int, ...], boxes: list, scale_dtype: torch.dtype, on_write: Callable
+) -> dict[str, Any]:
+    """Parameter name as int8 and its scales (reference.quantize_int8), each box quantized when DCP writes it."""
+    from mixtral.checkpoint import native
+
+    @functools.lru_cache(maxsize=1)  # the scales' box follows the weight's: quantized once for both
+    def quantized(box: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        return reference.quantize_int8(source.read(name, _expert_of(name, box)), scale_dtype)
+
+    def scale_box(box: tuple) -> tuple:
+        return box[0] + (0,), box[1] + (shape[-1],)
+
+    return {
+        name: native.LazyTensor(shape, torch.int8, boxes, lambda box: quantized(box)[0], on_write),
+        int8_scale_name(name): native.LazyTensor(
+            shape[:-1],
+            scale_dtype,
+            [(offsets[:-1], sizes[:-1]) for offsets, sizes in boxes],
+            lambda box: quantized(scale_box(box))[1],
+            on_write,
+        ),
+    }
 
 
 def copy_tokenizer_files(sources: list[Path], out: Path) -> list[str]:
@@ -373,6 +406,11 @@ def run(args: argparse.Namespace) -> int:
         raise MixtralError(f"--dtype {args.dtype!r} is not one convert writes; choose one of {', '.join(DTYPE_NAMES)}")
     if args.dtype == "q8_0" and args.to != "gguf":
         raise MixtralError("--dtype q8_0 is a GGUF type; use --to gguf, or bf16 / fp32 for the other formats")
+    if args.dtype == "int8" and (args.to != "native" or args.verify):
+        raise MixtralError(
+            "--dtype int8 (int8 weights with per-channel scales, for generate / serve --dtype int8) is written as a "
+            "native checkpoint: use --to native (without --verify: int8 does not round-trip exactly)"
+        )
     src, out = local_checkpoint(args.input), Path(args.output)  # a Hub model ID: its cached snapshot
     spec, vocab_multiple = megatron_target(args)
     if args.to == "gguf":
@@ -381,8 +419,13 @@ def run(args: argparse.Namespace) -> int:
     if a == b or a in b.parents or b in a.parents:
         raise MixtralError(f"--output {out} overlaps --input {src}; write the conversion to a separate directory")
     in_fmt, source = open_source(src, args.config)
+    if any(name.endswith("_scale") for name in source.shapes):
+        raise MixtralError(
+            f"{src} holds int8 weights (convert --dtype int8): generate and serve load it directly; convert from the "
+            f"float checkpoint it was made from"
+        )
     layout = target_layout(args, source.config)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16}.get(args.dtype)
     write(
         args.to,
         source,
@@ -393,13 +436,12 @@ def run(args: argparse.Namespace) -> int:
         desc=f"{in_fmt} -> {args.to}",
         megatron_spec=spec,
         vocab_multiple=vocab_multiple,
+        int8=args.dtype == "int8",
     )
     copied = copy_tokenizer_files([src, resolve_checkpoint(src)], out)
     shown = f", layout {layout}" if layout else ""
-    print(
-        f"wrote {args.to} checkpoint {out} ({str(dtype or source.dtype).removeprefix('torch.')}{shown})"
-        + (f" with {', '.join(copied)}" if copied else "")
-    )
+    stored = "int8 weights" if args.dtype == "int8" else str(dtype or source.dtype).removeprefix("torch.")
+    print(f"wrote {args.to} checkpoint {out} ({stored}{shown})" + (f" with {', '.join(copied)}" if copied else ""))
     if args.verify and not verify(in_fmt, src, args.to, out, dtype, args.config):
         print("verify: the output does not reproduce the input", file=sys.stderr)
         return 1

@@ -16,8 +16,10 @@ from mixtral.backend import Backend, Ops
 from mixtral.checkpoint import hf, hub
 from mixtral.config import ModelConfig, MoEConfig
 from mixtral.errors import MixtralError
+from mixtral.kernels import reference
 from mixtral.model import Mixtral
 from mixtral.model.init import Pieces, blocks, held_pieces, local_tensor
+from mixtral.model.linear import int8_scale_name
 
 LATEST = "latest"  # native.LATEST; native imports torch.distributed.checkpoint (seconds), so it loads lazily
 RUN_CHECKPOINTS = "checkpoints"
@@ -138,13 +140,16 @@ def load_parameters(
     pieces: Pieces = held_pieces,
     shapes: dict[str, torch.Size] | None = None,
 ) -> None:
-    """Copy every parameter of module from any checkpoint (fine-tuning's init_from); buffers keep their values.
+    """Copy every parameter of module from any checkpoint (fine-tuning's init_from); buffers keep their values, but
+    for the scales of int8 weights, which come with them.
 
     shapes are the model's global shapes (default: the parameters' own), pieces where this rank's tensors lie in
     them (mixtral.parallel.ShardMap): each rank reads only what it holds, expert stacks one expert at a time, so
-    memory stays about the rank's shards plus one tensor.
+    memory stays about the rank's shards plus one tensor. Float weights are quantized as they are read into int8
+    parameters; a checkpoint stored in int8 (with its scales) fills int8 parameters as it is, float ones dequantized.
     """
     source = open_source(resolve_checkpoint(path))[1] if isinstance(path, (str, Path)) else path
+    buffers = dict(module.named_buffers())
     with torch.no_grad():
         for name, param in module.named_parameters():
             shape, want = source.shapes.get(name), (shapes or {}).get(name, param.shape)
@@ -155,6 +160,29 @@ def load_parameters(
                     f"fine-tune with the checkpoint's sizes (drop model.* size overrides)"
                 )
             local = local_tensor(param)
+            scale = local_tensor(buffers[int8_scale_name(name)]) if param.dtype == torch.int8 else None
             for piece in pieces(name, param):
                 for block in blocks(piece):
-                    local[block.local].copy_(source.read_box(name, block.box))
+                    if scale is not None and block.box[-1] != slice(0, want[-1]):
+                        raise MixtralError(
+                            f"int8 weights need whole rows on each rank, but '{name}' is split along its "
+                            f"columns here (tensor parallelism): drop --tp, or use --dtype bf16"
+                        )
+                    value, scales = read_int8_aware(source, name, block.box, scale)
+                    local[block.local].copy_(value)
+                    if scale is not None:
+                        scale[block.local[:-1]].copy_(scales)
+
+
+def read_int8_aware(
+    source: Source, name: str, box: tuple[slice, ...], scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values, scales) of parameter name inside box, for an int8 parameter (scale: its scale buffer) or a float one
+    (scale None): stored int8 read as it is or dequantized, float quantized or read as it is."""
+    value = source.read_box(name, box)
+    if int8_scale_name(name) not in source.shapes:
+        return reference.quantize_int8(value, scale.dtype) if scale is not None else (value, None)
+    scales = source.read_box(int8_scale_name(name), box[:-1])
+    if scale is not None:
+        return value, scales
+    return value.float() * scales.float().unsqueeze(-1), None

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from mixtral.config import ModelConfig
 from mixtral.errors import MixtralError
+from mixtral.model.linear import int8_scale_name
 from mixtral.model.transformer import parameter_shapes
 
 FORMAT = "mixtral-native"
@@ -691,6 +692,9 @@ class NativeSource:
                     f"{self.path}: tensor '{name}' has shape {list(stored[name].size)} but "
                     f"{MANIFEST} implies {list(shape)}; the manifest does not match the weights"
                 )
+        for name in list(self.shapes):  # an int8 checkpoint (convert --dtype int8): the scales of its int8 weights
+            if f"{int8_scale_name(name)}" in stored:
+                self.shapes[int8_scale_name(name)] = torch.Size(stored[int8_scale_name(name)].size)
         self.dtype = stored["embed_tokens.weight"].properties.dtype
 
     def read(self, name: str, expert: int | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from mixtral.backend import Ops
 from mixtral.config import ModelConfig
 from mixtral.model.kv_cache import KVCache
 from mixtral.model.layout import ModelLayout
-from mixtral.model.linear import Linear
+from mixtral.model.linear import projection
 
 
 class Attention(nn.Module):
@@ -21,10 +21,11 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = Linear(config.hidden_size, self.n_heads * self.head_dim, ops.linear)
-        self.k_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, ops.linear)
-        self.v_proj = Linear(config.hidden_size, self.n_kv_heads * self.head_dim, ops.linear)
-        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, ops.linear)
+        h, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = projection(h, q, ops, layout.int8)
+        self.k_proj = projection(h, kv, ops, layout.int8)
+        self.v_proj = projection(h, kv, ops, layout.int8)
+        self.o_proj = projection(q, h, ops, layout.int8)
         self.attend, self.rope = layout.attention or ops.attention, ops.rope
         self.kv_cache: KVCache | None = None
         self.gather_kv = layout.gather_kv  # context parallel: K or V of this chunk -> the whole sequence's

@@ -1,8 +1,8 @@
-"""What a parallel layout changes inside the model, handed to Mixtral when it is built.
+"""What this rank holds of the model and how, handed to Mixtral when it is built.
 
 mixtral.parallel makes one from the device meshes (parallel.model_layout); the model only calls what it holds, so it
 names no process group, and nothing outside the model reaches in to change it afterwards. The default is one process
-that holds every expert and every position.
+that holds every expert and every position in floating point; generation may hold the large weights as int8.
 """
 
 from __future__ import annotations
@@ -26,3 +26,4 @@ class ModelLayout:
     gather_kv: Reduce | None = None  # a chunk's keys or values -> the whole sequence's
     attention: Callable | None = None  # replaces ops.attention (ring attention over the chunks)
     swiglu: Callable | None = None  # replaces ops.swiglu for the experts (SPMD's interleaved gate/up rows)
+    int8: bool = False  # projections and experts held as int8 with per-output-channel scales (generation)

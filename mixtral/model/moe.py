@@ -11,6 +11,7 @@ from torch import nn
 
 from mixtral.backend import Ops
 from mixtral.config import ModelConfig, MoEConfig
+from mixtral.errors import MixtralError
 from mixtral.kernels import reference
 from mixtral.model.capacity_bins import step_bins
 from mixtral.model.dispatch import Capacity, CapacityBinned, Dropless, Routing
@@ -64,8 +65,14 @@ class GroupedExperts(nn.Module):
         layout = layout or ModelLayout()
         e, h = layout.experts or config.num_local_experts, config.hidden_size
         f = layout.expert_ffn or config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h))  # [w1; w3] per expert
-        self.down_proj = nn.Parameter(torch.empty(e, h, f))  # w2 per expert
+        self.int8 = layout.int8  # int8 weights, each output channel (row) with a scale: generation only
+        dtype = torch.int8 if self.int8 else None
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h, dtype=dtype), requires_grad=not self.int8)  # [w1; w3]
+        self.down_proj = nn.Parameter(torch.empty(e, h, f, dtype=dtype), requires_grad=not self.int8)  # w2 per expert
+        if self.int8:
+            self.register_buffer("gate_up_proj_scale", torch.empty(e, 2 * f))
+            self.register_buffer("down_proj_scale", torch.empty(e, h))
+            self.int8_grouped_mm = ops.int8_grouped_mm
         self.grouped_mm, self.swiglu = ops.grouped_mm, layout.swiglu or ops.swiglu
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
@@ -76,6 +83,9 @@ class GroupedExperts(nn.Module):
                 self.swiglu(torch.bmm(rows, self.gate_up_proj.transpose(1, 2))), self.down_proj.transpose(1, 2)
             )
         offs = counts.cumsum(0).to(torch.int32)
+        if self.int8:
+            hidden = self.swiglu(self.int8_grouped_mm(rows, self.gate_up_proj, self.gate_up_proj_scale, offs))
+            return self.int8_grouped_mm(hidden, self.down_proj, self.down_proj_scale, offs)
         hidden = self.swiglu(self.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs))
         return self.grouped_mm(hidden, self.down_proj.transpose(1, 2), offs)
 
@@ -111,6 +121,11 @@ class MoE(nn.Module):
         self.jitter = config.router_jitter_noise if moe.jitter is None else moe.jitter
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.router = ops.router
+        if layout.int8 and moe.dispatcher != "dropless":
+            raise MixtralError(
+                f"int8 expert weights run with the dropless dispatcher, not moe.dispatcher={moe.dispatcher}: "
+                f"use --dtype bf16 on this backend, or the dropless dispatcher"
+            )
         self.experts = GroupedExperts(config, ops, layout)
         self.dispatcher = build_dispatcher(config, moe, ops, layout.agree_capacity)
         self.exchange = layout.exchange  # expert parallelism: (moe, x, routing, batch) -> (out, ctx)

@@ -19,7 +19,7 @@ from mixtral.model.attention import Attention, attention_mask
 from mixtral.model.init import init_parameters
 from mixtral.model.kv_cache import KVCache
 from mixtral.model.layout import ModelLayout
-from mixtral.model.linear import Linear
+from mixtral.model.linear import projection
 from mixtral.model.moe import MoE, MoEStats, moe_step_end
 from mixtral.model.rope import rope_tables
 
@@ -147,7 +147,11 @@ class Mixtral(nn.Module):
             Block(config, ops, self.moe, per_block(i), self.layout) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, ops.linear)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else projection(config.hidden_size, config.vocab_size, ops, self.layout.int8)
+        )
         self.linear = ops.linear
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 from mixtral.backend import add_backend_argument
 from mixtral.errors import MixtralError
 from mixtral.serve.distributed import add_parallel_arguments
-from mixtral.serve.runner import DTYPES, Settings, add_compile_argument, check_settings, with_generator
+from mixtral.serve.runner import DTYPE_HELP, DTYPES, Settings, add_compile_argument, check_settings, with_generator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=Settings.top_p, help="nucleus mass (1 = off)")
     parser.add_argument("--top-k", type=int, default=Settings.top_k, help="keep the k likeliest (0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same output)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help=DTYPE_HELP)
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompts-file")
     add_compile_argument(parser)

@@ -6,11 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mixtral.errors import MixtralError
 
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "int8")
+DTYPE_HELP = "weights and activations; int8: int8 weights (per-channel scales), bf16 activations and KV cache"
 
 
 @dataclass
@@ -64,6 +65,7 @@ def load(args: argparse.Namespace, device=None):
     from mixtral.build import build_on_meta, materialize
     from mixtral.checkpoint.loading import checkpoint_config, resolve_checkpoint
     from mixtral.data.tokenizer import Tokenizer
+    from mixtral.model.layout import ModelLayout
     from mixtral.parallel import model_layout
     from mixtral.serve.distributed import generation_meshes, parallel_model
 
@@ -76,13 +78,14 @@ def load(args: argparse.Namespace, device=None):
             f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's "
             f"vocab_size is {config.vocab_size}; put the model's own tokenizer.model in {path}"
         )
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     device = device or backend.device()
-    dims = meshes = layout = None
+    dims = meshes = None
+    layout = ModelLayout()
     if dist.is_initialized():
         dims, meshes = generation_meshes(config, args, device)
         layout = model_layout(config, None, meshes, ep_comm=args.ep_comm)
-    model = build_on_meta(config, backend, dtype=dtype, layout=layout)
+    model = build_on_meta(config, backend, dtype=dtype, layout=replace(layout, int8=args.dtype == "int8"))
     runner, part = parallel_model(model, dims, meshes, device) if meshes is not None else (model, model)
     materialize(model, part, device, meshes, init_from=path)
     model.eval()

@@ -9,7 +9,7 @@ from pathlib import Path
 from mixtral.backend import add_backend_argument
 from mixtral.errors import MixtralError
 from mixtral.serve.distributed import add_parallel_arguments
-from mixtral.serve.runner import DTYPES, add_compile_argument
+from mixtral.serve.runner import DTYPE_HELP, DTYPES, add_compile_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help=DTYPE_HELP)
     parser.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
     parser.add_argument("--max-tokens-limit", type=int, default=2048, help="new tokens one request may ask for")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
