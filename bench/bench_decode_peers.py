@@ -159,9 +159,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     bandwidth = read_bandwidth()
-    print(
-        f"torch {torch.__version__}, 2 threads, memory reads {bandwidth / 1e9:.1f} GB/s; median of {args.repeats}"
-    )
+    print(f"torch {torch.__version__}, 2 threads, memory reads {bandwidth / 1e9:.1f} GB/s; median of {args.repeats}")
     print("| config | implementation | decode tok/s | vs llama.cpp BF16 | floor tok/s | of floor |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
