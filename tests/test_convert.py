@@ -229,3 +229,17 @@ def test_convert_carries_the_tokenizer_files(hf_dir, capsys):
         assert (root / out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes(), out
         assert (root / out / "tokenizer_config.json").read_text() == '{"model_max_length": 4096}', out
     assert Tokenizer(root / "hf2").encode("The with statement") == Tokenizer(src).encode("The with statement")
+
+
+def test_a_training_run_directory_converts_its_latest_step(hf_dir, capsys):
+    """--input takes what generate takes: a run directory (or checkpoints root) means the step `latest` names."""
+    src, model = hf_dir
+    run = src.parent / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    src.rename(run / "checkpoints" / "step_00000010")
+    (run / "checkpoints" / "latest").symlink_to("step_00000010")
+    assert convert("--input", run, "--output", src.parent / "out", "--to", "hf") == 0
+    assert "wrote hf checkpoint" in capsys.readouterr().out
+    back = hf.load_hf_model(src.parent / "out", "cpu")
+    for (name, a), (_, b) in zip(back.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name

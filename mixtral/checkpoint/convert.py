@@ -411,7 +411,8 @@ def run(args: argparse.Namespace) -> int:
             "--dtype int8 (int8 weights with per-channel scales, for generate / serve --dtype int8) is written as a "
             "native checkpoint: use --to native (without --verify: int8 does not round-trip exactly)"
         )
-    src, out = local_checkpoint(args.input), Path(args.output)  # a Hub model ID: its cached snapshot
+    given = local_checkpoint(args.input)  # a Hub model ID: its cached snapshot
+    src, out = resolve_checkpoint(given), Path(args.output)  # a run or checkpoints root: its latest step
     spec, vocab_multiple = megatron_target(args)
     if args.to == "gguf":
         return run_gguf(args, src, out)
@@ -438,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         vocab_multiple=vocab_multiple,
         int8=args.dtype == "int8",
     )
-    copied = copy_tokenizer_files([src, resolve_checkpoint(src)], out)
+    copied = copy_tokenizer_files([given, src], out)
     shown = f", layout {layout}" if layout else ""
     stored = "int8 weights" if args.dtype == "int8" else str(dtype or source.dtype).removeprefix("torch.")
     print(f"wrote {args.to} checkpoint {out} ({stored}{shown})" + (f" with {', '.join(copied)}" if copied else ""))
