@@ -258,13 +258,15 @@ def test_cross_entropy(backend, dtype, reduction, in_place) -> None:
     assert_close(dev.grad, ref.grad, GRAD_TOLERANCE[dtype], "cross_entropy: gradient of the logits")
 
 
-@ON_AVAILABLE
+COMPILING = [b for b in AVAILABLE if b.capabilities.compile_backend is not None]  # XLA traces its own graphs
+
+
+@pytest.mark.parametrize("backend", COMPILING, ids=[b.name for b in COMPILING])
 @DTYPES
 @pytest.mark.parametrize("counts", [[0, 1, 0, 1], [1, 0, 0, 0], [2, 0, 3, 1]], ids=["one_token", "one_row", "batch"])
 def test_grouped_mm_in_a_compiled_inference_graph(backend, dtype, counts) -> None:
-    """What generation's compiled graphs run (a backend may fuse one token's rows, or multiply packed weights)."""
-    if backend.capabilities.compile_backend is None:
-        pytest.skip(f"the {backend.name} backend does not compile with torch.compile")
+    """What generation's compiled graphs run (a backend may fuse one token's rows, or multiply packed weights), on
+    every available backend that compiles with torch.compile."""
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     x, w = torch.randn(sum(counts), 32).to(dtype), torch.randn(len(counts), 24, 32).to(dtype).transpose(1, 2)
     device = backend.device()
