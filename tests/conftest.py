@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -76,3 +81,41 @@ def single_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(model_dir, *args: str, start_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`mixtral-run serve --model model_dir *args` on a free port, as a user starts it: (its URL once /health
+    answers, the process); stopped on leaving, its output left to read."""
+    import httpx
+
+    port = free_port()
+    command = ["serve", "--model", str(model_dir), "--port", str(port), "--backend", "cpu", *args]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mixtral.cli", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_s
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"server did not start in {start_s} s"
+                time.sleep(0.2)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -8,10 +8,8 @@ with EP: #1576).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -27,7 +25,7 @@ from mixtral.serve.distributed import Leader, follow
 from mixtral.serve.engine import Generator
 from mixtral.serve.scheduler import score
 
-from conftest import small_config
+from conftest import serve_process, small_config
 from dist_utils import laid_out_copy, run_ranks
 
 PROMPTS = [[5, 17, 3, 44, 9, 12], [8, 2], [30, 31, 32]]  # different lengths: the left-padded path
@@ -146,39 +144,7 @@ def test_cli_parallel_flags_without_ranks_say_how_to_launch(model_dir, capsys):
 
 def _serve_and_ask(model_dir, *layout: str) -> tuple[dict, dict]:
     """Start `mixtral-run serve` (with layout's ranks), ask /api and /v1/completions greedily, stop it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mixtral.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--backend",
-            "cpu",
-            *layout,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                httpx.get(f"{url}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start in 120 s"
-                time.sleep(0.3)
+    with serve_process(model_dir, *layout) as (url, _):
         api = httpx.put(
             f"{url}/api",
             json={
@@ -195,9 +161,6 @@ def _serve_and_ask(model_dir, *layout: str) -> tuple[dict, dict]:
             timeout=120,
         ).json()
         return api, completion
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def test_server_on_two_expert_parallel_ranks_answers_as_one_process(model_dir):

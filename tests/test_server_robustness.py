@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import socket
 import subprocess
-import sys
-import time
 
 import httpx
 import openai
@@ -16,6 +13,8 @@ import pytest
 from test_server import TIMEOUT, Served, one_thread, tiny_model_dir  # noqa: F401  (one_thread: autouse fixture)
 
 from mixtral.cli import build_parser
+
+from conftest import serve_process
 
 KEY = "s3cret-key"
 LIMIT = 40
@@ -171,55 +170,19 @@ def test_api_key(model_dir):
         guarded.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_command_binds_localhost_by_default(model_dir):
     assert build_parser().parse_args(["serve", "--model", "m"]).host == "127.0.0.1"
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mixtral.cli",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--backend",
-            "cpu",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start in 60 s"
-                time.sleep(0.2)
+    with serve_process(model_dir, start_s=60) as (url, process):
+        health = httpx.get(f"{url}/health", timeout=2)
         assert health.json()["status"] == "ok"
         reply = httpx.put(
-            f"http://127.0.0.1:{port}/api",
+            f"{url}/api",
             json={"prompts": ["Hello"], "tokens_to_generate": 3, "temperature": 0.0},
             timeout=TIMEOUT,
         )
         assert reply.status_code == 200 and reply.json()["text"][0].startswith("Hello")
         # bound to the loopback address only
+        port = url.rsplit(":", 1)[1]
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
     assert "serving" in process.stdout.read()
