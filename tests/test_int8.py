@@ -5,6 +5,7 @@ stored int8 checkpoint read back."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,17 +25,6 @@ from mixtral.serve.engine import Generator
 from conftest import small_config
 
 INT8 = ModelLayout(int8=True)
-
-
-@dataclasses.dataclass
-class StoredSource:
-    """A checkpoint directory, with its config."""
-
-    path: object
-
-    @property
-    def config(self):
-        return checkpoint_config(self.path)
 
 
 def test_quantization_is_the_nearest_int8_per_output_channel():
@@ -85,9 +75,11 @@ def float_model(config=None) -> Mixtral:
 
 
 def int8_model(source, ops: Ops | None = None, dtype: torch.dtype = torch.float32) -> Mixtral:
-    """An int8 model filled from source the way generate loads one (meta build, then each tensor quantized)."""
-    model = build_on_meta(source.config, ops or get_backend("cpu"), dtype=dtype, layout=INT8)
-    materialize(model, model, "cpu", init_from=source.path if isinstance(source, StoredSource) else source)
+    """An int8 model filled from source (a checkpoint directory, or a model in memory) the way generate loads one:
+    built on meta, then each tensor quantized as it is read."""
+    config = checkpoint_config(source) if isinstance(source, Path) else source.config
+    model = build_on_meta(config, ops or get_backend("cpu"), dtype=dtype, layout=INT8)
+    materialize(model, model, "cpu", init_from=source)
     return model.eval()
 
 
@@ -166,7 +158,7 @@ def test_convert_stores_int8_that_generate_loads(hf_dir, tmp_path, capsys):
     assert main(["convert", "--input", str(hf_dir), "--output", str(out), "--to", "native", "--dtype", "int8"]) == 0
     assert "int8 weights" in capsys.readouterr().out
     from_float = int8_model(ModuleSource(float_model(small_config(**CLI_CONFIG))), dtype=torch.bfloat16)
-    from_int8 = int8_model(StoredSource(out), dtype=torch.bfloat16)
+    from_int8 = int8_model(out, dtype=torch.bfloat16)
     for (name, a), (_, b) in zip(from_float.state_dict().items(), from_int8.state_dict().items()):
         assert torch.equal(a, b), name
     assert generated(capsys, "--model", str(hf_dir), "--dtype", "int8") == generated(
